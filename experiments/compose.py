@@ -1,0 +1,126 @@
+"""Hydra composition for the entry points and the tests: compose, expand sweeps, pre-validate."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from importlib import resources
+from typing import Any
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+from scaling.config import ConfigError, RunConfig, from_dict
+
+__all__ = ["ConfigError", "compose", "expand_sweep", "precheck", "to_run_config"]
+
+CONFIG_MODULE = "configs"
+# Flags that make Hydra print instead of run: leave those command lines to Hydra untouched.
+INFO_FLAGS = {"-h", "--help", "--hydra-help", "-i", "--info", "-c", "--cfg", "-sc",
+              "--shell-completion", "--experimental-rerun", "-cp", "--config-path", "-cd",
+              "--config-dir"}
+FLAGS_WITH_VALUE = {"-cn", "--config-name", "-p", "--package"}
+MULTIRUN_FLAGS = {"-m", "--multirun"}
+
+
+def group_options(group: str) -> list[str] | None:
+    """Option names of a config group, or None if `group` is not a group."""
+    folder = resources.files(CONFIG_MODULE) / group
+    if not folder.is_dir():
+        return None
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def compose(overrides: list[str], config_name: str = "config") -> dict[str, Any]:
+    """The resolved job config (no `hydra` node) as plain dicts, via Hydra's compose API."""
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        cfg = hydra_compose(config_name=config_name, overrides=overrides)
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def to_run_config(values: dict[str, Any]) -> RunConfig:
+    return from_dict(values)
+
+
+def expand_sweep(overrides: list[str]) -> list[list[str]]:
+    """Every point of a Hydra sweep (`a=1,2 b=range(3)`) as a list of plain overrides."""
+    choices = []
+    for o in OverridesParser.create().parse_overrides(overrides):
+        if o.is_sweep_override():
+            choices.append([f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()])
+        else:
+            choices.append([o.input_line])
+    return [list(point) for point in itertools.product(*choices)]
+
+
+def _check_groups(overrides: list[str]) -> None:
+    for o in OverridesParser.create().parse_overrides(overrides):
+        options = group_options(o.key_or_group)
+        if options is None or o.is_delete():
+            continue
+        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
+        for value in values:
+            if value not in options:
+                raise ConfigError(o.key_or_group, value, f"one of {options}")
+
+
+def _compose_or_explain(point: list[str], config_name: str) -> dict[str, Any]:
+    try:
+        return compose(point, config_name)
+    except Exception as whole:  # Hydra's errors are many-lined; find the override to blame
+        for override in point:
+            try:
+                compose([override], config_name)
+            except Exception as error:
+                key, _, value = override.partition("=")
+                first_line = str(error).strip().splitlines()[0]
+                reason = ("a key of the config (see `scaling-train --cfg job`)"
+                          if "not in struct" in str(error) or "Could not override" in first_line
+                          else f"a valid override ({first_line})")
+                raise ConfigError(key, value, reason) from None
+        raise ConfigError("overrides", " ".join(point),
+                          f"a valid combination ({str(whole).strip().splitlines()[0]})") from None
+
+
+def precheck(argv: list[str]) -> list[str]:
+    """Composes and validates every run the command line asks for; returns argv for Hydra.
+
+    For a multirun sweep without `logging.group`, adds a group named after the command so the
+    sweep's runs group together in W&B.
+    """
+    if any(a in INFO_FLAGS or a.split("=")[0] in INFO_FLAGS for a in argv):
+        return argv
+    config_name, overrides, multirun, i = "config", [], False, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in FLAGS_WITH_VALUE:
+            config_name = argv[i + 1] if arg in ("-cn", "--config-name") else config_name
+            i += 2
+            continue
+        if arg in MULTIRUN_FLAGS:
+            multirun = True
+        elif not arg.startswith("-") and not arg.lstrip("+~").startswith("hydra"):
+            overrides.append(arg)
+        i += 1
+    _check_groups(overrides)
+    points = expand_sweep(overrides)
+    if len(points) > 1 and not multirun:
+        raise ConfigError("overrides", " ".join(overrides),
+                          "a single value per key, or -m (--multirun) for a sweep")
+    from scaling import data  # numpy only; checks each distinct source before any run starts
+
+    checked_sources = set()
+    for point in points:
+        cfg = to_run_config(_compose_or_explain(point, config_name))
+        source = (cfg.data, cfg.train.seq_len)
+        if source not in checked_sources:
+            data.load(cfg.data, cfg.train.seq_len)
+            checked_sources.add(source)
+    if multirun and not any(o.lstrip("+").startswith("logging.group=") for o in overrides):
+        digest = hashlib.sha256(" ".join(sorted(overrides)).encode()).hexdigest()[:8]
+        argv = [*argv, f"logging.group=sweep-{digest}"]
+    return argv

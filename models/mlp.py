@@ -1,0 +1,65 @@
+"""Byte MLP LM: predicts the next token from the last `context` tokens; for fast checks."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.layers import LayerTransform, rms, scan_layers
+from models.tagged import tagged_param
+from scaling.config import ModelConfig
+
+
+class ByteMLP(nnx.Module):
+    """One embedding table per context offset (summed), `depth` hidden layers, a readout.
+
+    Position t sees tokens t-context+1..t (zero-padded at the start), so it is causal by
+    construction and trains with the same next-token loop as the Transformer.
+    """
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, *, logit_multiplier: float,
+                 attention_scale: float, rngs: nnx.Rngs):
+        del attention_scale  # no attention in this model
+        K, D, L, V = cfg.context, cfg.width, cfg.depth, vocab_size
+        self.logit_multiplier = logit_multiplier
+        self.embed = tagged_param(rngs.params(), (K, V, D), role="input", fan_in_axes=(-2,),
+                                  fan_out_axes=(-1,), logical_axes=("context", "vocab", "embed"),
+                                  init_scale=cfg.embed_std)
+        self.embed_bias = tagged_param(None, (D,), role="vector", fan_in_axes=(),
+                                       fan_out_axes=(-1,), logical_axes=("embed",), init="zeros")
+        self.layers = nnx.Dict(
+            w=tagged_param(rngs.params(), (L, D, D), role="hidden", fan_in_axes=(-2,),
+                           fan_out_axes=(-1,), logical_axes=("layers", "embed", "mlp")),
+            b=tagged_param(None, (L, D), role="vector", fan_in_axes=(), fan_out_axes=(-1,),
+                           logical_axes=("layers", "mlp"), init="zeros"),
+        )
+        readout_init = "zeros" if cfg.readout_init == "zero" else "normal"
+        self.readout = tagged_param(rngs.params(), (D, V), role="output", fan_in_axes=(-2,),
+                                    fan_out_axes=(-1,), logical_axes=("embed", "vocab"),
+                                    init=readout_init)
+
+    def forward(self, tokens_BxT: jax.Array, layer_transform: LayerTransform | None = None):
+        embed_KxVxD = self.embed[...]
+        K = embed_KxVxD.shape[0]
+        padded_BxT = jnp.pad(tokens_BxT, ((0, 0), (K - 1, 0)))
+        T = tokens_BxT.shape[1]
+        h_BxTxD = sum(jnp.take(embed_KxVxD[k], padded_BxT[:, K - 1 - k:K - 1 - k + T], axis=0)
+                      for k in range(K))
+        h_BxTxD = jax.nn.gelu(h_BxTxD + self.embed_bias[...])
+        embed_rms = rms(h_BxTxD)
+
+        def layer(h, p):
+            h = jax.nn.gelu(h @ p["w"] + p["b"])
+            return h, {"block_out": rms(h)}
+
+        stacked = {name: param[...] for name, param in self.layers.items()}
+        h_BxTxD, layer_stats = scan_layers(layer, h_BxTxD, stacked, layer_transform)
+        logits_BxTxV = (h_BxTxD @ self.readout[...]) * self.logit_multiplier
+        return logits_BxTxV, {"embed_out": embed_rms, **layer_stats, "logits": rms(logits_BxTxV)}
+
+    def attention_flops_per_token(self, seq_len: int) -> float:
+        return 0.0
+
+    def __call__(self, tokens_BxT, layer_transform: LayerTransform | None = None):
+        return self.forward(tokens_BxT, layer_transform)[0]

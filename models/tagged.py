@@ -1,0 +1,111 @@
+"""Parameters that carry their scaling metadata (role, fan axes, residual flag, logical axes)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+ROLES = ("input", "hidden", "output", "vector")
+INITS = ("normal", "zeros", "ones")
+
+
+def tagged_param(
+    key: jax.Array | None,
+    shape: tuple[int, ...],
+    *,
+    role: str,
+    fan_in_axes: tuple[int, ...],
+    fan_out_axes: tuple[int, ...],
+    logical_axes: tuple[str, ...],
+    residual: bool = False,
+    init: str = "normal",
+    init_scale: float = 1.0,
+) -> nnx.Param:
+    """A Param drawn unscaled (unit normal, zeros or ones); the parametrization sets its std.
+
+    Fan axes are negative so that a leading stacked-layer axis never shifts them.
+    """
+    assert role in ROLES and init in INITS, (role, init)
+    assert all(a < 0 for a in fan_in_axes + fan_out_axes), "fan axes must be negative"
+    assert len(logical_axes) == len(shape), (logical_axes, shape)
+    if init == "normal":
+        value = jax.random.normal(key, shape, jnp.float32)
+    elif init == "zeros":
+        value = jnp.zeros(shape, jnp.float32)
+    else:
+        value = jnp.ones(shape, jnp.float32)
+    return nnx.Param(
+        value, role=role, fan_in_axes=fan_in_axes, fan_out_axes=fan_out_axes,
+        logical_axes=logical_axes, residual=residual, init=init, init_scale=init_scale)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    """Shape and scaling metadata of one parameter, read off a (possibly abstract) model."""
+
+    path: tuple[Any, ...]
+    shape: tuple[int, ...]
+    role: str
+    fan_in_axes: tuple[int, ...]
+    fan_out_axes: tuple[int, ...]
+    logical_axes: tuple[str, ...]
+    residual: bool
+    init: str
+    init_scale: float
+
+    @property
+    def fan_in(self) -> int:
+        return _prod(self.shape, self.fan_in_axes)
+
+    @property
+    def fan_out(self) -> int:
+        return _prod(self.shape, self.fan_out_axes)
+
+
+def _prod(shape: tuple[int, ...], axes: tuple[int, ...]) -> int:
+    out = 1
+    for a in axes:
+        out *= shape[a]
+    return out
+
+
+def iter_params(model: nnx.Module) -> Iterator[tuple[tuple[Any, ...], nnx.Param]]:
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Param):
+            yield tuple(path), node
+
+
+def param_specs(model: nnx.Module) -> dict[tuple[Any, ...], ParamSpec]:
+    """Every Param's spec by path; a Param without a role is a bug in the model."""
+    specs = {}
+    for path, p in iter_params(model):
+        meta = p.get_metadata()
+        missing = [k for k in ("role", "fan_in_axes", "fan_out_axes", "logical_axes") if k not in meta]
+        if missing:
+            raise ValueError(f"parameter {'/'.join(map(str, path))} lacks scaling metadata {missing}")
+        specs[path] = ParamSpec(
+            path=path, shape=tuple(p.shape), role=meta["role"],
+            fan_in_axes=tuple(meta["fan_in_axes"]), fan_out_axes=tuple(meta["fan_out_axes"]),
+            logical_axes=tuple(meta["logical_axes"]), residual=bool(meta["residual"]),
+            init=meta["init"], init_scale=float(meta["init_scale"]))
+    return specs
+
+
+def tree_from_paths(values: dict[tuple[Any, ...], Any]) -> dict:
+    """Nested dict with the structure of `nnx.state(model).to_pure_dict()`."""
+    tree: dict = {}
+    for path, value in values.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return tree
+
+
+def label_tree(model: nnx.Module) -> dict:
+    """The role of every parameter, as a tree matching the parameter tree (for optax.partition)."""
+    return tree_from_paths({path: spec.role for path, spec in param_specs(model).items()})

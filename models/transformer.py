@@ -1,0 +1,87 @@
+"""Decoder-only Transformer LM: pre-norm RMSNorm, causal RoPE attention, stacked scanned blocks."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.layers import LayerTransform, causal_attention, rms, rms_norm, rope, scan_layers
+from models.tagged import tagged_param
+from scaling.config import ModelConfig
+
+
+class Transformer(nnx.Module):
+    """Width grows the number of heads (fixed head dim) and the MLP; depth is the block count.
+
+    Embedding and readout are untied; Q, K and V are separate matrices so each can be treated
+    on its own by matrix optimizers.
+    """
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, *, logit_multiplier: float,
+                 attention_scale: float, rngs: nnx.Rngs):
+        D, L, F, V = cfg.width, cfg.depth, cfg.mlp_ratio * cfg.width, vocab_size
+        self.head_dim, self.rope_base = cfg.head_dim, cfg.rope_base
+        self.logit_multiplier, self.attention_scale = logit_multiplier, attention_scale
+
+        def block_matrix(shape, axes):
+            return tagged_param(rngs.params(), (L, *shape), role="hidden", fan_in_axes=(-2,),
+                                fan_out_axes=(-1,), logical_axes=("layers", *axes), residual=True)
+
+        def block_gain():
+            return tagged_param(None, (L, D), role="vector", fan_in_axes=(), fan_out_axes=(-1,),
+                                logical_axes=("layers", "embed"), residual=True, init="ones")
+
+        self.embed = tagged_param(rngs.params(), (V, D), role="input", fan_in_axes=(-2,),
+                                  fan_out_axes=(-1,), logical_axes=("vocab", "embed"),
+                                  init_scale=cfg.embed_std)
+        self.blocks = nnx.Dict(
+            attn_norm=block_gain(),
+            wq=block_matrix((D, D), ("embed", "heads")),
+            wk=block_matrix((D, D), ("embed", "heads")),
+            wv=block_matrix((D, D), ("embed", "heads")),
+            wo=block_matrix((D, D), ("heads", "embed")),
+            mlp_norm=block_gain(),
+            w_up=block_matrix((D, F), ("embed", "mlp")),
+            w_down=block_matrix((F, D), ("mlp", "embed")),
+        )
+        self.final_norm = tagged_param(None, (D,), role="vector", fan_in_axes=(),
+                                       fan_out_axes=(-1,), logical_axes=("embed",), init="ones")
+        readout_init = "zeros" if cfg.readout_init == "zero" else "normal"
+        self.readout = tagged_param(rngs.params(), (D, V), role="output", fan_in_axes=(-2,),
+                                    fan_out_axes=(-1,), logical_axes=("embed", "vocab"),
+                                    init=readout_init)
+
+    def _block(self, x_BxTxD, p):
+        B, T, D = x_BxTxD.shape
+        N, H = D // self.head_dim, self.head_dim
+        h_BxTxD = rms_norm(x_BxTxD, p["attn_norm"])
+        q_BxTxNxH = rope((h_BxTxD @ p["wq"]).reshape(B, T, N, H), self.rope_base)
+        k_BxTxNxH = rope((h_BxTxD @ p["wk"]).reshape(B, T, N, H), self.rope_base)
+        v_BxTxNxH = (h_BxTxD @ p["wv"]).reshape(B, T, N, H)
+        o_BxTxNxH = causal_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, self.attention_scale)
+        attn_BxTxD = o_BxTxNxH.reshape(B, T, D) @ p["wo"]
+        x_BxTxD = x_BxTxD + attn_BxTxD
+        h_BxTxD = rms_norm(x_BxTxD, p["mlp_norm"])
+        mlp_BxTxD = jax.nn.gelu(h_BxTxD @ p["w_up"]) @ p["w_down"]
+        x_BxTxD = x_BxTxD + mlp_BxTxD
+        stats = {"attn_out": rms(attn_BxTxD), "mlp_out": rms(mlp_BxTxD), "block_out": rms(x_BxTxD)}
+        return x_BxTxD, stats
+
+    def forward(self, tokens_BxT: jax.Array, layer_transform: LayerTransform | None = None):
+        """Returns (logits_BxTxV, stats): stats holds the RMS of every block's outputs."""
+        embed_BxTxD = jnp.take(self.embed[...], tokens_BxT, axis=0)
+        stacked = {name: param[...] for name, param in self.blocks.items()}
+        x_BxTxD, layer_stats = scan_layers(self._block, embed_BxTxD, stacked, layer_transform)
+        h_BxTxD = rms_norm(x_BxTxD, self.final_norm[...])
+        logits_BxTxV = (h_BxTxD @ self.readout[...]) * self.logit_multiplier
+        stats = {"embed_out": rms(embed_BxTxD), **layer_stats, "logits": rms(logits_BxTxV)}
+        return logits_BxTxV, stats
+
+    def attention_flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs of the attention scores and mixing, 6·depth·seq_len·width."""
+        depth, width = self.blocks["wq"].shape[0], self.blocks["wq"].shape[-1]
+        return 6.0 * depth * seq_len * width
+
+    def __call__(self, tokens_BxT, layer_transform: LayerTransform | None = None):
+        return self.forward(tokens_BxT, layer_transform)[0]

@@ -1,0 +1,196 @@
+"""Typed run configuration: library code takes these dataclasses, never Hydra objects."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, Mapping
+
+
+class ConfigError(ValueError):
+    """A bad config value: names the field, the value and what was expected."""
+
+    def __init__(self, field: str, value: Any, expected: str):
+        self.field, self.value, self.expected = field, value, expected
+        super().__init__(f"{field}={value!r}: expected {expected}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    kind: str = "transformer"  # transformer | mlp
+    width: int = 128
+    depth: int = 4
+    head_dim: int = 32
+    mlp_ratio: int = 4
+    context: int = 8  # mlp only: bytes of context seen by the byte MLP
+    readout_init: str = "normal"  # normal | zero
+    embed_std: float = 1.0
+    rope_base: float = 10000.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamConfig:
+    name: str = "mup"  # sp | mup
+    base_width: int = 64
+    base_depth: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    name: str = "adamw"  # adamw | sgd
+    lr: float = 1e-2
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = False  # sgd only
+    weight_decay: float = 0.0
+    schedule: str = "cosine"  # cosine | wsd | constant
+    warmup_steps: int = 20
+    decay_fraction: float = 0.2  # wsd: fraction of steps spent decaying
+    final_lr_fraction: float = 0.1
+    clip_norm: float = 1.0  # 0 disables global-norm clipping
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    path: str | None = None  # None: the interpreter's standard library
+    dtype: str = "uint16"  # .bin token files only: uint16 | uint32
+    vocab_size: int = 256  # bytes give 256; set it for .bin token files
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 600
+    batch_size: int = 32
+    seq_len: int = 128
+    seed: int = 0
+    eval_every: int = 100
+    eval_batches: int = 8
+    log_every: int = 10
+    checkpoint_every: int = 200
+    out_dir: str = "runs"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+    wandb_mode: str = "offline"  # offline | online | disabled
+    project: str = "scaling"
+    group: str | None = None
+    progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = ModelConfig()
+    param: ParamConfig = ParamConfig()
+    optim: OptimConfig = OptimConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+
+def _coerce(field: str, value: Any, annotation: Any) -> Any:
+    """Checks one leaf against its annotation; ints are accepted where floats are expected."""
+    options = typing.get_args(annotation)
+    if type(None) in options:  # an optional field
+        if value is None:
+            return None
+        annotation = next(t for t in options if t is not type(None))
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(field, value, "true or false")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(field, value, "an integer")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(field, value, "a number")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(field, value, "a string")
+    raise TypeError(f"unsupported annotation {annotation} for {field}")
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in known:
+            raise ConfigError(f"{prefix}{key}", values[key], f"one of the fields {sorted(known)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            sub = values[f.name]
+            if not isinstance(sub, Mapping):
+                raise ConfigError(f"{prefix}{f.name}", sub, "a config group")
+            kwargs[f.name] = _build(hint, sub, f"{prefix}{f.name}.")
+        else:
+            kwargs[f.name] = _coerce(f"{prefix}{f.name}", values[f.name], hint)
+    return cls(**kwargs)
+
+
+def _require(ok: bool, field: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(field, value, expected)
+
+
+def _choice(field: str, value: str, options: tuple[str, ...]) -> None:
+    _require(value in options, field, value, f"one of {list(options)}")
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Raises ConfigError on the first bad field; returns cfg unchanged otherwise."""
+    m, p, o, d, t, lg = cfg.model, cfg.param, cfg.optim, cfg.data, cfg.train, cfg.logging
+    _choice("model.kind", m.kind, ("transformer", "mlp"))
+    for name in ("width", "depth", "head_dim", "mlp_ratio", "context"):
+        _require(getattr(m, name) > 0, f"model.{name}", getattr(m, name), "a positive integer")
+    if m.kind == "transformer":
+        _require(m.width % m.head_dim == 0, "model.width", m.width,
+                 f"a multiple of model.head_dim={m.head_dim}")
+    _choice("model.readout_init", m.readout_init, ("normal", "zero"))
+    _require(m.embed_std > 0, "model.embed_std", m.embed_std, "a positive number")
+    _choice("param.name", p.name, ("sp", "mup"))
+    _require(p.base_width > 0, "param.base_width", p.base_width, "a positive integer")
+    _require(p.base_depth > 0, "param.base_depth", p.base_depth, "a positive integer")
+    if m.kind == "transformer":
+        _require(p.base_width % m.head_dim == 0, "param.base_width", p.base_width,
+                 f"a multiple of model.head_dim={m.head_dim}")
+    _choice("optim.name", o.name, ("adamw", "sgd"))
+    _require(o.lr > 0, "optim.lr", o.lr, "a positive learning rate")
+    for name in ("b1", "b2", "momentum"):
+        _require(0 <= getattr(o, name) < 1, f"optim.{name}", getattr(o, name), "a value in [0, 1)")
+    _require(o.eps >= 0, "optim.eps", o.eps, "a non-negative number")
+    _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a non-negative number")
+    _choice("optim.schedule", o.schedule, ("cosine", "wsd", "constant"))
+    _require(0 <= o.warmup_steps < t.steps, "optim.warmup_steps", o.warmup_steps,
+             f"a non-negative integer below train.steps={t.steps}")
+    _require(0 < o.decay_fraction <= 1, "optim.decay_fraction", o.decay_fraction,
+             "a fraction in (0, 1]")
+    _require(0 <= o.final_lr_fraction <= 1, "optim.final_lr_fraction", o.final_lr_fraction,
+             "a fraction in [0, 1]")
+    _require(o.clip_norm >= 0, "optim.clip_norm", o.clip_norm, "a non-negative number (0: off)")
+    _choice("data.dtype", d.dtype, ("uint16", "uint32"))
+    _require(d.vocab_size > 1, "data.vocab_size", d.vocab_size, "an integer above 1")
+    for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "log_every",
+                 "checkpoint_every"):
+        _require(getattr(t, name) > 0, f"train.{name}", getattr(t, name), "a positive integer")
+    _require(t.seed >= 0, "train.seed", t.seed, "a non-negative integer")
+    _choice("logging.wandb_mode", lg.wandb_mode, ("offline", "online", "disabled"))
+    return cfg
+
+
+def from_dict(values: Mapping[str, Any]) -> RunConfig:
+    """Builds and validates a RunConfig from plain nested dicts (e.g. a resolved Hydra config)."""
+    return validate(_build(RunConfig, values, ""))
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

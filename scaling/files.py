@@ -1,0 +1,60 @@
+"""Atomic result files and the metrics log that stays consistent with checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write to a temporary name in the same folder, then rename: readers never see half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Complete lines only: a line cut short by a kill is dropped."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return records
+
+
+class MetricsLog:
+    """Append-only JSONL of per-step metrics, truncated on resume to the restored step."""
+
+    def __init__(self, path: Path, keep_through_step: int):
+        self.path = path
+        self.records = [r for r in read_jsonl(path) if r["step"] <= keep_through_step]
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        os.replace(tmp, path)
+        self._file = open(path, "a")
+
+    def write(self, record: dict) -> None:
+        self.records.append(record)
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def last(self, key: str) -> Any:
+        return next((r[key] for r in reversed(self.records) if key in r), None)
+
+    def close(self) -> None:
+        self._file.close()
