@@ -11,7 +11,9 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from scaling.config import ConfigError, RunConfig, from_dict
 
@@ -24,6 +26,7 @@ INFO_FLAGS = {"-h", "--help", "--hydra-help", "-i", "--info", "-c", "--cfg", "-s
               "--config-dir"}
 FLAGS_WITH_VALUE = {"-cn", "--config-name", "-p", "--package"}
 MULTIRUN_FLAGS = {"-m", "--multirun"}
+COMPOSE_ERRORS = (HydraException, OmegaConfBaseException, ValueError)
 
 
 def group_options(group: str) -> list[str] | None:
@@ -71,11 +74,11 @@ def _check_groups(overrides: list[str]) -> None:
 def _compose_or_explain(point: list[str], config_name: str) -> dict[str, Any]:
     try:
         return compose(point, config_name)
-    except Exception as whole:  # Hydra's errors are many-lined; find the override to blame
+    except COMPOSE_ERRORS as whole:  # Hydra's errors are many-lined; find the override to blame
         for override in point:
             try:
                 compose([override], config_name)
-            except Exception as error:
+            except COMPOSE_ERRORS as error:
                 key, _, value = override.partition("=")
                 first_line = str(error).strip().splitlines()[0]
                 reason = ("a key of the config (see `scaling-train --cfg job`)"

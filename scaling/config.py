@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -61,14 +62,14 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 600
+    steps: int = 300
     batch_size: int = 32
     seq_len: int = 128
     seed: int = 0
-    eval_every: int = 100
+    eval_every: int = 50
     eval_batches: int = 8
     log_every: int = 10
-    checkpoint_every: int = 200
+    checkpoint_every: int = 100
     out_dir: str = "runs"
 
 
@@ -170,6 +171,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     _require(o.eps >= 0, "optim.eps", o.eps, "a non-negative number")
     _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a non-negative number")
     _choice("optim.schedule", o.schedule, ("cosine", "wsd", "constant"))
+    # a bad train.steps is reported as itself, not as a warmup that is too long for it
+    _require(t.steps > 0, "train.steps", t.steps, "a positive integer")
     _require(0 <= o.warmup_steps < t.steps, "optim.warmup_steps", o.warmup_steps,
              f"a non-negative integer below train.steps={t.steps}")
     _require(0 < o.decay_fraction <= 1, "optim.decay_fraction", o.decay_fraction,

@@ -46,7 +46,7 @@ class MetricsLog:
         tmp = path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
         os.replace(tmp, path)
-        self._file = open(path, "a")
+        self._file = open(path, "a")  # noqa: SIM115 (kept open for the whole run)
 
     def write(self, record: dict) -> None:
         self.records.append(record)

@@ -61,7 +61,7 @@ TABLES: dict[str, dict[str, RoleRule]] = {
     "mup": {
         #                 init_std     forward   adam_lr   adam_eps  adam_wd  sgd_lr        sgd_wd
         "input":  RoleRule(ONE,        ONE,      ONE,      ONE,      ONE,     W(b=1),       ONE),
-        "hidden": RoleRule(W(a=-0.5),  ONE,      W(a=-1),  W(a=-1),  W(a=1),  W(a=-1, b=1), W(a=1, b=-1)),  # noqa: E501
+        "hidden": RoleRule(W(a=-0.5),  ONE,      W(a=-1),  W(a=-1),  W(a=1),  W(a=-1, b=1), W(a=1, b=-1)),
         "output": RoleRule(ONE,        W(a=-1),  ONE,      ONE,      ONE,     W(a=1),       ONE),
         "vector": RoleRule(ONE,        ONE,      ONE,      ONE,      ZERO,    W(b=1),       W(b=-1)),
     },

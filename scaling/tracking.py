@@ -25,6 +25,10 @@ class Tracker:
         if self.run is not None:
             self.run.log(metrics, step=step)
 
+    def abort(self) -> None:
+        if self.run is not None:
+            self.run.finish(exit_code=1)
+
     def finish(self, summary: dict) -> None:
         if self.run is not None:
             self.run.summary.update(summary)

@@ -80,7 +80,6 @@ def train(cfg: RunConfig) -> dict:
     train_step = make_train_step(graphdef, tx)
     evaluate = make_eval(graphdef, data.val_batches(splits.val, t.eval_batches, t.batch_size,
                                                     t.seq_len))
-    lr_at = optim.learning_rate(cfg.optim, t.steps)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpointer = Checkpointer(run_dir / "checkpoints")
@@ -90,12 +89,43 @@ def train(cfg: RunConfig) -> dict:
         wall_before = meta["wall_seconds"]
     metrics = MetricsLog(run_dir / "metrics.jsonl", keep_through_step=step)
     tracker = Tracker(cfg, run_dir, name)
+    started = time.perf_counter()
+    try:
+        step, diverged = _loop(cfg, state, step, splits, train_step, evaluate, checkpointer,
+                               metrics, tracker, wall_before)
+    except BaseException:
+        tracker.abort()  # so a later run in this process does not inherit the open W&B run
+        raise
+    finally:
+        checkpointer.close()
+        metrics.close()
+    tokens = step * t.batch_size * t.seq_len
+    result = {
+        # a diverged run has no meaningful loss, whatever was measured before it blew up
+        "train_loss": None if diverged else metrics.last("train_loss"),
+        "val_loss": None if diverged else metrics.last("val_loss"),
+        "diverged": diverged, "steps": step, "tokens": tokens,
+        "params": int(n_params), "flops_per_token": cost,
+        "wall_seconds": wall_before + time.perf_counter() - started,
+        "run_dir": str(run_dir), "name": name, "data": splits.description,
+    }
+    tracker.finish({k: v for k, v in result.items() if isinstance(v, (int, float, bool))})
+    result |= {"config": to_dict(cfg)}  # what a re-run of the finished run returns, too
+    write_json_atomic(run_dir / "result.json", result)
+    return result
+
+
+def _loop(cfg: RunConfig, state, step: int, splits, train_step, evaluate, checkpointer,
+          metrics: MetricsLog, tracker: Tracker, wall_before: float) -> tuple[int, bool]:
+    """Steps until done or diverged; logs, evaluates and checkpoints. Returns (step, diverged)."""
+    t = cfg.train
+    lr_at = optim.learning_rate(cfg.optim, t.steps)
     tokens_per_step = t.batch_size * t.seq_len
     diverged = any(not math.isfinite(r.get("train_loss", 0.0)) for r in metrics.records)
     started = time.perf_counter()
     window = (started, step)  # wall time and step of the last record, for tokens/s
-    bar = tqdm(total=t.steps, initial=step, desc=name, disable=not cfg.logging.progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=t.steps, initial=step, desc=run_name(cfg),
+               disable=not cfg.logging.progress, dynamic_ncols=True)
     while step < t.steps and not diverged:
         inputs, targets = data.train_batch(splits.train, t.seed, step, t.batch_size, t.seq_len)
         state = train_step(state, inputs, targets)
@@ -123,21 +153,4 @@ def train(cfg: RunConfig) -> dict:
             wall = wall_before + time.perf_counter() - started
             checkpointer.save(step, state, {"wall_seconds": wall})
     bar.close()
-    checkpointer.close()
-    result = {
-        "train_loss": _json_float(metrics.last("train_loss")),
-        "val_loss": _json_float(metrics.last("val_loss")),
-        "diverged": diverged, "steps": step, "tokens": step * tokens_per_step,
-        "params": int(n_params), "flops_per_token": cost,
-        "wall_seconds": wall_before + time.perf_counter() - started,
-        "run_dir": str(run_dir), "name": name, "data": splits.description,
-    }
-    metrics.close()
-    tracker.finish({k: v for k, v in result.items() if isinstance(v, (int, float, bool))})
-    write_json_atomic(run_dir / "result.json", result | {"config": to_dict(cfg)})
-    return result
-
-
-def _json_float(x: float | None) -> float | None:
-    """Strict JSON has no NaN: a diverged loss is recorded as null beside `diverged: true`."""
-    return x if x is not None and math.isfinite(x) else None
+    return step, diverged

@@ -21,7 +21,7 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 TINY_RUN = [
     "model.width=64", "model.depth=2", "param.base_width=32", "train.steps=12",
     "train.batch_size=4", "train.seq_len=32", "train.eval_every=6", "train.eval_batches=2",
-    "train.log_every=3", "train.checkpoint_every=6", "logging.wandb_mode=disabled",
+    "train.log_every=3", "train.checkpoint_every=6", "optim.warmup_steps=2", "logging.wandb_mode=disabled",
     "logging.progress=false",
 ]
 

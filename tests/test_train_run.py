@@ -1,0 +1,249 @@
+"""End-to-end runs of the training loop: learning, result files, resume, divergence, multirun."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import chex
+import pytest
+
+import experiments.train
+import scaling.data
+from experiments.compose import compose, to_run_config
+from scaling.checkpoint import Checkpointer
+from scaling.files import read_jsonl
+from scaling.rundir import run_name
+from scaling.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+RESULT_KEYS = {"train_loss", "val_loss", "diverged", "steps", "tokens", "params",
+               "flops_per_token", "wall_seconds"}
+# Mean per-byte entropy of the stdlib corpus under a unigram model is ~3.24 nats, so a
+# validation loss below 3.0 needs context, far below the uniform ln(256) = 5.545.
+LEARNED_VAL_LOSS = 3.0
+# The 12-step tiny run needs a warmup shorter than its steps (optim.warmup_steps < train.steps).
+SHORT_WARMUP = ["optim.warmup_steps=2"]
+# A longer tiny run for the kill -9 test: many checkpoints, a metrics line every 2 steps.
+LONG = ["train.steps=120", "train.checkpoint_every=10", "train.log_every=2",
+        "train.eval_every=60"]
+
+
+@pytest.fixture
+def tiny(tiny_run) -> list[str]:
+    return [*tiny_run, *SHORT_WARMUP]
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logging():
+    """Hydra's job logging rebinds the root logger to this test's stdout; undo that after."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def _config(overrides: list[str]):
+    return to_run_config(compose(overrides))
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return read_jsonl(Path(run_dir) / "metrics.jsonl")
+
+
+def _deterministic(records: list[dict]) -> list[dict]:
+    """Metrics without the wall-clock throughput, which no two runs share."""
+    return [{k: v for k, v in r.items() if k != "tokens_per_second"} for r in records]
+
+
+def _result(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "result.json").read_text())
+
+
+def _final_state(run_dir: Path) -> tuple[int, dict]:
+    """(step, train state) of the newest checkpoint: parameters, optimizer state, loss sums."""
+    checkpointer = Checkpointer(Path(run_dir) / "checkpoints")
+    try:
+        step, state, _ = checkpointer.restore_latest(None)
+    finally:
+        checkpointer.close()
+    return step, state
+
+
+def _crash_at(monkeypatch, crash_step: int) -> None:
+    """Makes the batch for `crash_step` raise once, like a process dying mid-run."""
+    original, crashed = scaling.data.train_batch, []
+
+    def train_batch(tokens, seed, step, batch_size, seq_len):
+        if step == crash_step and not crashed:
+            crashed.append(step)
+            raise RuntimeError(f"simulated crash at step {step}")
+        return original(tokens, seed, step, batch_size, seq_len)
+
+    monkeypatch.setattr(scaling.data, "train_batch", train_batch)
+
+
+def test_short_run_learns_the_default_corpus(tmp_path):
+    """A 60-step tiny Transformer on the stdlib bytes beats the unigram entropy; files complete."""
+    overrides = ["model.width=64", "model.depth=2", "param.base_width=32", "train.steps=60",
+                 "train.batch_size=16", "train.seq_len=32", "train.eval_every=20",
+                 "train.eval_batches=4", "train.log_every=5", "train.checkpoint_every=60",
+                 "optim.lr=0.03", "optim.warmup_steps=4", "logging.wandb_mode=disabled",
+                 "logging.progress=false", f"train.out_dir={tmp_path / 'runs'}"]
+    cfg = _config(overrides)
+    assert cfg.data.path is None
+
+    result = train(cfg)
+
+    saved = _result(result["run_dir"])
+    assert RESULT_KEYS <= saved.keys()
+    assert saved["diverged"] is False
+    assert saved["val_loss"] < LEARNED_VAL_LOSS, saved["val_loss"]
+    assert math.isfinite(saved["train_loss"]) and saved["train_loss"] < math.log(256)
+    assert saved["steps"] == 60 and saved["tokens"] == 60 * 16 * 32
+    assert saved["params"] > 0 and saved["flops_per_token"] > 0 and saved["wall_seconds"] > 0
+    assert saved["data"].startswith("stdlib")
+    records = _metrics(result["run_dir"])
+    assert [r["step"] for r in records] == list(range(5, 61, 5))
+    assert [r["step"] for r in records if "val_loss" in r] == [20, 40, 60]
+    assert all({"step", "tokens", "lr", "train_loss", "tokens_per_second"} <= r.keys()
+               for r in records)
+    assert records[-1]["val_loss"] == saved["val_loss"]
+    assert records[-1]["train_loss"] == saved["train_loss"]
+
+
+def test_resume_after_an_in_process_crash_is_bit_exact(tiny, tmp_path, monkeypatch):
+    """A run crashed after a checkpoint, then re-run, ends identical to an uninterrupted one."""
+    whole = train(_config([*tiny, f"train.out_dir={tmp_path / 'a'}"]))
+
+    cfg = _config([*tiny, f"train.out_dir={tmp_path / 'b'}"])
+    _crash_at(monkeypatch, crash_step=10)  # checkpoint at 6, a metrics line at 9, then the crash
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg)
+    run_dir = tmp_path / "b" / run_name(cfg)
+    assert not (run_dir / "result.json").exists()
+    assert [r["step"] for r in _metrics(run_dir)] == [3, 6, 9]
+
+    resumed = train(cfg)
+
+    assert Path(resumed["run_dir"]).name == Path(whole["run_dir"]).name
+    assert _deterministic(_metrics(resumed["run_dir"])) == _deterministic(
+        _metrics(whole["run_dir"]))
+    assert [r["step"] for r in _metrics(resumed["run_dir"])] == [3, 6, 9, 12]
+    assert (resumed["train_loss"], resumed["val_loss"]) == (whole["train_loss"],
+                                                           whole["val_loss"])
+    assert _result(resumed["run_dir"])["val_loss"] == _result(whole["run_dir"])["val_loss"]
+    (step_b, state_b), (step_a, state_a) = (_final_state(resumed["run_dir"]),
+                                            _final_state(whole["run_dir"]))
+    assert step_a == step_b == 12
+    chex.assert_trees_all_equal(state_b, state_a)  # bit for bit, optimizer state included
+
+
+def test_resume_after_kill_9_is_bit_exact(tiny, tmp_path, monkeypatch):
+    """`kill -9` mid-run, then the same command again: metrics equal an uninterrupted run's."""
+    long_run = [*tiny, *LONG]
+    whole = train(_config([*long_run, f"train.out_dir={tmp_path / 'whole'}"]))  # warms the cache
+
+    argv = [*long_run, f"train.out_dir={tmp_path / 'killed'}"]
+    run_dir = tmp_path / "killed" / Path(whole["run_dir"]).name
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "WANDB_MODE": "disabled",
+           "JAX_COMPILATION_CACHE_DIR": str(REPO / ".jax_cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.train", *argv], cwd=tmp_path,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and proc.poll() is None:
+            steps = [r["step"] for r in _metrics(run_dir)]
+            if steps and steps[-1] >= 30:  # past the checkpoints at steps 10 and 20
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, f"run ended before the kill: {proc.stderr.read().decode()}"
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    assert not (run_dir / "result.json").exists()
+    killed_at = _metrics(run_dir)[-1]["step"]
+    assert 30 <= killed_at < 120
+    assert any(p.name.isdigit() for p in (run_dir / "checkpoints").iterdir())
+
+    monkeypatch.setattr(sys, "argv", ["scaling-train"])
+    experiments.train.main(argv)  # the same command line, to completion
+
+    assert _deterministic(_metrics(run_dir)) == _deterministic(_metrics(whole["run_dir"]))
+    resumed = _result(run_dir)
+    assert (resumed["train_loss"], resumed["val_loss"], resumed["steps"]) == (
+        whole["train_loss"], whole["val_loss"], 120)
+    chex.assert_trees_all_equal(_final_state(run_dir), _final_state(whole["run_dir"]))
+
+
+def test_rerunning_a_finished_run_reports_without_training(tiny, monkeypatch):
+    """A second call on a finished run returns the saved result and trains nothing."""
+    cfg = _config(tiny)
+    first = train(cfg)
+    result_file = Path(first["run_dir"]) / "result.json"
+    saved, mtime = result_file.read_bytes(), result_file.stat().st_mtime_ns
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run must not train again")
+
+    monkeypatch.setattr(scaling.data, "train_batch", no_training)
+    monkeypatch.setattr("scaling.train.make_train_step", no_training)
+    second = train(cfg)
+
+    assert second == first == json.loads(saved)
+    assert result_file.read_bytes() == saved and result_file.stat().st_mtime_ns == mtime
+
+
+def test_run_name_is_deterministic_and_tracks_what_is_trained(tiny, tmp_path):
+    """The run directory name is a function of the trained config, not of where it is written."""
+    cfg = _config(tiny)
+    assert run_name(cfg) == run_name(_config(tiny))
+    assert run_name(cfg) == run_name(_config([*tiny, f"train.out_dir={tmp_path / 'other'}",
+                                              "logging.group=g"]))
+    assert run_name(cfg) != run_name(_config([*tiny, "optim.lr=0.02"]))
+    assert run_name(cfg) != run_name(_config([*tiny, "train.seed=1"]))
+    assert run_name(cfg) != run_name(_config([*tiny, "optim.b2=0.99"]))
+    assert run_name(cfg).startswith("transformer-w64-d2-mup-adamw-lr0.01-s0-")
+
+
+def test_divergence_is_recorded_and_exits_cleanly(tiny, tmp_path, monkeypatch):
+    """An absurd learning rate ends the run early with diverged: true, null losses, exit 0."""
+    argv = [*tiny, "model=mlp", "optim=sgd", "optim.lr=1e30", "optim.clip_norm=0",
+            "optim.warmup_steps=0"]
+    monkeypatch.setattr(sys, "argv", ["scaling-train"])
+
+    experiments.train.main(argv)  # returns normally: exit code 0
+
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    result = _result(run_dir)
+    assert result["diverged"] is True
+    assert result["train_loss"] is None and result["val_loss"] is None
+    assert 0 < result["steps"] < 12
+    assert not math.isfinite(_metrics(run_dir)[-1]["train_loss"])
+
+
+def test_hydra_multirun_trains_every_point(tiny, tmp_path, monkeypatch):
+    """`-m optim.lr=1e-3,1e-2` runs two jobs through Hydra, each with its own result."""
+    monkeypatch.setattr(sys, "argv", ["scaling-train"])
+
+    experiments.train.main(["-m", "optim.lr=1e-3,1e-2", *tiny])
+
+    run_dirs = sorted(p for p in (tmp_path / "runs").iterdir() if p.is_dir())
+    results = [_result(p) for p in run_dirs]
+    assert sorted(r["config"]["optim"]["lr"] for r in results) == [1e-3, 1e-2]
+    assert all(r["steps"] == 12 and r["diverged"] is False for r in results)
+    groups = {r["config"]["logging"]["group"] for r in results}
+    assert len(groups) == 1 and groups.pop().startswith("sweep-")
