@@ -17,14 +17,16 @@ from omegaconf.errors import OmegaConfBaseException
 
 from scaling.config import ConfigError, RunConfig, from_dict
 
-__all__ = ["ConfigError", "compose", "expand_sweep", "precheck", "to_run_config"]
+__all__ = ["ConfigError", "compose", "expand_sweep", "precheck", "split_command",
+           "to_run_config"]
 
 CONFIG_MODULE = "configs"
 # Flags that make Hydra print instead of run: leave those command lines to Hydra untouched.
 INFO_FLAGS = {"-h", "--help", "--hydra-help", "-i", "--info", "-c", "--cfg", "-sc",
               "--shell-completion", "--experimental-rerun", "-cp", "--config-path", "-cd",
               "--config-dir"}
-FLAGS_WITH_VALUE = {"-cn", "--config-name", "-p", "--package"}
+FLAGS_WITH_VALUE = {"-cn", "--config-name", "-p", "--package", "-c", "--cfg", "-cp",
+                    "--config-path", "-cd", "--config-dir"}
 MULTIRUN_FLAGS = {"-m", "--multirun"}
 COMPOSE_ERRORS = (HydraException, OmegaConfBaseException, ValueError)
 
@@ -89,6 +91,23 @@ def _compose_or_explain(point: list[str], config_name: str) -> dict[str, Any]:
                           f"a valid combination ({str(whole).strip().splitlines()[0]})") from None
 
 
+def split_command(args: list[str]) -> tuple[list[str], bool, str]:
+    """(job overrides, multirun?, config name) of a command line, without Hydra's own flags."""
+    overrides, multirun, config_name, i = [], False, "config", 0
+    while i < len(args):
+        arg = args[i]
+        if arg in FLAGS_WITH_VALUE:
+            config_name = args[i + 1] if arg in ("-cn", "--config-name") else config_name
+            i += 2
+            continue
+        if arg in MULTIRUN_FLAGS:
+            multirun = True
+        elif not arg.startswith("-") and not arg.lstrip("+~").startswith("hydra"):
+            overrides.append(arg)
+        i += 1
+    return overrides, multirun, config_name
+
+
 def precheck(argv: list[str]) -> list[str]:
     """Composes and validates every run the command line asks for; returns argv for Hydra.
 
@@ -97,18 +116,7 @@ def precheck(argv: list[str]) -> list[str]:
     """
     if any(a in INFO_FLAGS or a.split("=")[0] in INFO_FLAGS for a in argv):
         return argv
-    config_name, overrides, multirun, i = "config", [], False, 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in FLAGS_WITH_VALUE:
-            config_name = argv[i + 1] if arg in ("-cn", "--config-name") else config_name
-            i += 2
-            continue
-        if arg in MULTIRUN_FLAGS:
-            multirun = True
-        elif not arg.startswith("-") and not arg.lstrip("+~").startswith("hydra"):
-            overrides.append(arg)
-        i += 1
+    overrides, multirun, config_name = split_command(argv)
     _check_groups(overrides)
     points = expand_sweep(overrides)
     if len(points) > 1 and not multirun:

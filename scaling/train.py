@@ -43,6 +43,11 @@ def make_train_step(graphdef, tx: optax.GradientTransformation):
     return jax.jit(train_step, donate_argnums=0)
 
 
+def init_train_state(params, tx: optax.GradientTransformation) -> dict:
+    return {"params": params, "opt_state": tx.init(params),
+            "loss_sum": jnp.zeros((), jnp.float32), "loss_count": jnp.zeros((), jnp.int32)}
+
+
 def make_eval(graphdef, batches):
     loss_fn = jax.jit(lambda p, x, y: next_token_loss(graphdef, p, x, y))
     return lambda params: float(np.mean([loss_fn(params, x, y) for x, y in batches]))
@@ -73,8 +78,7 @@ def train(cfg: RunConfig) -> dict:
     tx = optim.build_optimizer(cfg.optim, parametrization, label_tree(model), total_steps=t.steps)
     graphdef, params = nnx.split(model)
     params = params.to_pure_dict()
-    state = {"params": params, "opt_state": tx.init(params),
-             "loss_sum": jnp.zeros((), jnp.float32), "loss_count": jnp.zeros((), jnp.int32)}
+    state = init_train_state(params, tx)
     n_params = sum(x.size for x in jax.tree.leaves(params))
     cost = flops_per_token(model, parametrization.specs, t.seq_len)
     train_step = make_train_step(graphdef, tx)

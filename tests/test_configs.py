@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 
 from experiments.compose import (
-    FLAGS_WITH_VALUE,
-    MULTIRUN_FLAGS,
     ConfigError,
     compose,
     expand_sweep,
     group_options,
     precheck,
+    split_command,
     to_run_config,
 )
 from scaling.config import RunConfig
@@ -26,8 +25,6 @@ README = REPO / "README.md"
 GROUP_OPTIONS = sorted((folder.name, path.stem) for folder in CONFIGS.iterdir()
                        if folder.is_dir() for path in folder.glob("*.yaml"))
 SHELL_OPERATORS = {"|", "||", "&&", ";", "&", ">", ">>", "<", "2>", "2>&1"}
-# Hydra flags that take a value; the value is not an override.
-VALUE_FLAGS = FLAGS_WITH_VALUE | {"-c", "--cfg", "-cp", "--config-path", "-cd", "--config-dir"}
 ERROR_PREFIX = "scaling-train: error: "
 
 
@@ -81,23 +78,6 @@ def readme_commands(text: str) -> list[tuple[list[str], str | None]]:
             commands.append((args[:cut], None))
             after_command = True
     return commands
-
-
-def split_command(args: list[str]) -> tuple[list[str], bool, str]:
-    """(overrides, multirun?, config name) of a command line, without Hydra's own flags."""
-    overrides, multirun, config_name, i = [], False, "config", 0
-    while i < len(args):
-        arg = args[i]
-        if arg in VALUE_FLAGS:
-            config_name = args[i + 1] if arg in ("-cn", "--config-name") else config_name
-            i += 2
-            continue
-        if arg in MULTIRUN_FLAGS:
-            multirun = True
-        elif not arg.startswith("-") and not arg.lstrip("+~").startswith("hydra"):
-            overrides.append(arg)
-        i += 1
-    return overrides, multirun, config_name
 
 
 def _readme_params():

@@ -1,0 +1,69 @@
+"""Coordinate check (TP-V, the `mup` library's check): the RMS of every module's output at init
+and after a few optimizer steps on one fixed batch, across widths. Under μP the curves are flat.
+
+Besides the model's own forward stats it records `logits_delta`, the RMS of the change of the
+logits since init. With readout_init='normal', μP's init logits shrink like 1/sqrt(m) by design
+(constant readout std, logits × 1/m), and so do the parts of the change that go through the init
+readout; only the readout's own update gives a Θ(1) change. readout_init='zero' removes the
+vanishing terms, which otherwise dominate at small widths."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+from flax import nnx
+
+from models import label_tree
+from models.layers import rms
+from optim import build_optimizer
+from scaling.config import ModelConfig, OptimConfig, ParamConfig
+from scaling.parametrization import build_model
+from scaling.train import init_train_state, make_train_step
+
+# width -> step (0 = init) -> module name ("logits", "attn_out/0", ...) -> RMS of its output
+CoordStats = dict[int, dict[int, dict[str, float]]]
+
+
+def _flatten(stats: dict[str, jax.Array]) -> dict[str, float]:
+    """Per-layer stats (shape (depth,)) become one entry per layer: 'attn_out/0', 'attn_out/1'."""
+    out: dict[str, float] = {}
+    for name, value in stats.items():
+        if value.ndim == 0:
+            out[name] = float(value)
+        else:
+            out.update({f"{name}/{i}": float(v) for i, v in enumerate(value)})
+    return out
+
+
+def _one_width(model_cfg: ModelConfig, param_cfg: ParamConfig, optim_cfg: OptimConfig,
+               steps: int, inputs_BxT: jax.Array, targets_BxT: jax.Array, vocab_size: int,
+               seed: int) -> dict[int, dict[str, float]]:
+    model, parametrization = build_model(model_cfg, param_cfg, vocab_size, seed)
+    tx = build_optimizer(optim_cfg, parametrization, label_tree(model), total_steps=max(steps, 1))
+    graphdef, params = nnx.split(model)
+    params = params.to_pure_dict()
+    forward = jax.jit(lambda p: nnx.merge(graphdef, p).forward(inputs_BxT))
+    logits0_BxTxV = forward(params)[0]
+
+    def measure(p) -> dict[str, float]:
+        logits_BxTxV, stats = forward(p)
+        return _flatten(stats) | {"logits_delta": float(rms(logits_BxTxV - logits0_BxTxV))}
+
+    train_step = make_train_step(graphdef, tx)
+    state = init_train_state(params, tx)
+    out = {0: measure(state["params"])}
+    for step in range(1, steps + 1):
+        state = train_step(state, inputs_BxT, targets_BxT)
+        out[step] = measure(state["params"])
+    return out
+
+
+def coordinate_check(model_cfg: ModelConfig, param_cfg: ParamConfig, optim_cfg: OptimConfig,
+                     widths: list[int], steps: int, batch: tuple[jax.Array, jax.Array], *,
+                     vocab_size: int = 256, seed: int = 0) -> CoordStats:
+    """Trains `steps` steps on `batch` = (inputs_BxT, targets_BxT) at each width, recording
+    the model's forward stats (`model.forward(inputs)[1]`) before the first step and after each."""
+    return {width: _one_width(dataclasses.replace(model_cfg, width=width), param_cfg, optim_cfg,
+                              steps, *batch, vocab_size, seed)
+            for width in widths}

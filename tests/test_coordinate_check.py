@@ -1,0 +1,120 @@
+"""Coordinate check (SCALING_RULES.md §1): under μP the RMS of every module's output stays within
+1.3x across an 8x range of widths, at init and after 3 Adam steps; under SP it grows with width.
+
+The logits need care. With readout_init='normal' μP keeps the readout *std* constant and multiplies
+the logits by 1/m, so the init logits shrink like 1/sqrt(m): sqrt(D) summed O(1/sqrt(base)) terms,
+times base/D. Every part of the logits that involves the random init readout W0 (W0 itself and the
+hidden change projected on it) vanishes with width; only the part from the readout's own update is
+Θ(1). At these widths the vanishing parts still dominate at width 64, so μP logits after 3 steps
+are NOT flat with a normal readout (measured max/min 1.88 at lr 1e-2, 1.39 at 3e-2; their change
+from init converges towards a width-independent value only by width ~2048). With
+readout_init='zero' (the `mup` library's recommendation for Adam) there is no W0 term and the
+logits after each step are flat (measured 1.01). The tests assert exactly that.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import numpy as np
+import pytest
+
+from scaling.config import ModelConfig, OptimConfig, ParamConfig
+from scaling.coord_check import CoordStats, coordinate_check
+
+WIDTHS = [64, 128, 256, 512]
+STEPS = 3
+FLAT = 1.3  # max/min across an 8x width range (SCALING_RULES.md §1)
+B, T, VOCAB = 4, 32, 256
+OPTIM = OptimConfig(name="adamw", lr=1e-2, schedule="constant", warmup_steps=0, clip_norm=0.0)
+
+
+def _check(name: str, readout_init: str) -> CoordStats:
+    tokens_BxT1 = jax.random.randint(jax.random.key(0), (B, T + 1), 0, VOCAB)
+    model_cfg = ModelConfig(kind="transformer", depth=2, head_dim=32, readout_init=readout_init)
+    return coordinate_check(model_cfg, ParamConfig(name, base_width=64, base_depth=2), OPTIM,
+                            WIDTHS, STEPS, (tokens_BxT1[:, :-1], tokens_BxT1[:, 1:]))
+
+
+@pytest.fixture(scope="module")
+def mup() -> CoordStats:
+    return _check("mup", "normal")
+
+
+@pytest.fixture(scope="module")
+def sp() -> CoordStats:
+    return _check("sp", "normal")
+
+
+@pytest.fixture(scope="module")
+def mup_zero_readout() -> CoordStats:
+    return _check("mup", "zero")
+
+
+def spread(stats: CoordStats, step: int, module: str) -> float:
+    """max/min across widths of one module's RMS at one step."""
+    values = [stats[width][step][module] for width in WIDTHS]
+    return max(values) / min(values)
+
+
+def _block_modules(stats: CoordStats) -> list[str]:
+    names = [k for k in stats[WIDTHS[0]][0] if k.split("/")[0] in ("attn_out", "mlp_out",
+                                                                    "block_out")]
+    assert len(names) == 3 * 2  # three per layer, depth 2
+    return names
+
+
+def test_coordinate_check_records_every_width_step_and_module(mup):
+    """The measurement covers each width, init plus every step, and one entry per layer."""
+    assert sorted(mup) == WIDTHS
+    for width in WIDTHS:
+        assert sorted(mup[width]) == list(range(STEPS + 1))
+        for step_stats in mup[width].values():
+            assert all(np.isfinite(v) and v >= 0 for v in step_stats.values())
+    assert {"embed_out", "logits", "logits_delta"} <= set(mup[WIDTHS[0]][0])
+    assert all(mup[width][0]["logits_delta"] == 0.0 for width in WIDTHS)
+
+
+@pytest.mark.parametrize("step", range(STEPS + 1))
+def test_mup_block_outputs_flat(mup, step):
+    """μP: embed_out, attn_out, mlp_out and block_out of every layer within 1.3x across widths."""
+    spreads = {m: spread(mup, step, m) for m in ["embed_out", *_block_modules(mup)]}
+    assert max(spreads.values()) < FLAT, spreads
+
+
+def test_mup_init_logits_shrink_like_inverse_sqrt_width(mup):
+    """μP init logits shrink like 1/sqrt(m) by design: RMS(w64)/RMS(w512) near sqrt(8) = 2.83."""
+    # Readout std stays 1/sqrt(base_width) while the logits are multiplied by base/width, so the
+    # sum over width coordinates grows like sqrt(width) and the product falls like 1/sqrt(m).
+    ratio = mup[64][0]["logits"] / mup[512][0]["logits"]
+    assert 2.0 <= ratio <= 4.0, ratio
+
+
+def test_sp_init_logits_flat(sp):
+    """SP's fan-in readout init gives width-independent logits at init (unlike μP's)."""
+    assert spread(sp, 0, "logits") < FLAT
+
+
+@pytest.mark.parametrize("step", range(1, STEPS + 1))
+def test_mup_logits_flat_after_steps_with_zero_readout(mup_zero_readout, step):
+    """μP with a zero readout: logits and every block output within 1.3x after each step."""
+    modules = ["logits", *_block_modules(mup_zero_readout)]
+    spreads = {m: spread(mup_zero_readout, step, m) for m in modules}
+    assert max(spreads.values()) < FLAT, spreads
+
+
+def test_mup_logits_change_does_not_grow_with_width(mup, sp):
+    """Normal readout: μP's logit change after 3 steps does not grow with width; SP's does."""
+    mup_delta = [mup[width][STEPS]["logits_delta"] for width in WIDTHS]
+    sp_delta = [sp[width][STEPS]["logits_delta"] for width in WIDTHS]
+    assert all(a >= b for a, b in itertools.pairwise(mup_delta)), mup_delta
+    assert sp_delta[-1] / sp_delta[0] > FLAT, sp_delta
+
+
+def test_sp_activations_blow_up_after_steps(sp):
+    """SP: after 3 Adam steps some block output and the logits grow by more than 1.3x."""
+    spreads = {m: spread(sp, STEPS, m) for m in _block_modules(sp)}
+    assert max(spreads.values()) > FLAT, spreads
+    logits = [sp[width][STEPS]["logits"] for width in WIDTHS]
+    assert logits[-1] / logits[0] > FLAT, logits
