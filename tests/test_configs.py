@@ -142,7 +142,7 @@ def test_readme_command_composes(command, documented_error):
 
 @pytest.fixture
 def sweep(tiny_run) -> list[str]:
-    return [*tiny_run, "optim.warmup_steps=2", "optim.lr=1e-3,1e-2"]
+    return [*tiny_run, "optim.lr=1e-3,1e-2"]
 
 
 def _groups(argv: list[str]) -> list[str]:

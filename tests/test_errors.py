@@ -12,14 +12,6 @@ import pytest
 
 import experiments.train
 
-# The 12-step tiny run needs a warmup shorter than its steps (optim.warmup_steps < train.steps).
-SHORT_WARMUP = ["optim.warmup_steps=2"]
-
-
-@pytest.fixture
-def tiny(tiny_run) -> list[str]:
-    return [*tiny_run, *SHORT_WARMUP]
-
 
 @pytest.fixture
 def out_dir(tmp_path) -> Path:
@@ -85,13 +77,13 @@ def _assert_one_line_error(stderr: str, field: str, value: str) -> None:
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_input_fails_with_one_line(case, tiny, out_dir, tmp_path, capsys, monkeypatch):
+def test_bad_input_fails_with_one_line(case, tiny_run, out_dir, tmp_path, capsys, monkeypatch):
     """A bad override exits non-zero with one stderr line naming it, and writes no run."""
     monkeypatch.setattr(sys, "argv", ["scaling-train"])
     _, field, value = CASES[case]
 
     with pytest.raises(SystemExit) as exit_info:
-        experiments.train.main([*tiny, *_overrides(case, tmp_path)])
+        experiments.train.main([*tiny_run, *_overrides(case, tmp_path)])
 
     assert exit_info.value.code not in (0, None)
     _assert_one_line_error(capsys.readouterr().err, field, value)
@@ -99,11 +91,11 @@ def test_bad_input_fails_with_one_line(case, tiny, out_dir, tmp_path, capsys, mo
 
 
 @pytest.mark.parametrize("case", ["width_not_multiple_of_head_dim", "misspelled_key"])
-def test_console_script_prints_one_line(case, tiny, out_dir, tmp_path):
+def test_console_script_prints_one_line(case, tiny_run, out_dir, tmp_path):
     """The installed `scaling-train` command itself prints one line and no traceback."""
     script = Path(sys.executable).parent / "scaling-train"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "WANDB_MODE": "disabled"}
-    proc = subprocess.run([str(script), *tiny, *_overrides(case, tmp_path)], check=False,
+    proc = subprocess.run([str(script), *tiny_run, *_overrides(case, tmp_path)], check=False,
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
 
     assert proc.returncode == 2, proc.stderr

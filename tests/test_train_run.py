@@ -29,16 +29,9 @@ RESULT_KEYS = {"train_loss", "val_loss", "diverged", "steps", "tokens", "params"
 # Mean per-byte entropy of the stdlib corpus under a unigram model is ~3.24 nats, so a
 # validation loss below 3.0 needs context, far below the uniform ln(256) = 5.545.
 LEARNED_VAL_LOSS = 3.0
-# The 12-step tiny run needs a warmup shorter than its steps (optim.warmup_steps < train.steps).
-SHORT_WARMUP = ["optim.warmup_steps=2"]
-# A longer tiny run for the kill -9 test: many checkpoints, a metrics line every 2 steps.
+# A longer tiny_run run for the kill -9 test: many checkpoints, a metrics line every 2 steps.
 LONG = ["train.steps=120", "train.checkpoint_every=10", "train.log_every=2",
         "train.eval_every=60"]
-
-
-@pytest.fixture
-def tiny(tiny_run) -> list[str]:
-    return [*tiny_run, *SHORT_WARMUP]
 
 
 @pytest.fixture(autouse=True)
@@ -92,7 +85,7 @@ def _crash_at(monkeypatch, crash_step: int) -> None:
 
 
 def test_short_run_learns_the_default_corpus(tmp_path):
-    """A 60-step tiny Transformer on the stdlib bytes beats the unigram entropy; files complete."""
+    """A 60-step tiny_run Transformer on the stdlib bytes beats the unigram entropy; files complete."""
     overrides = ["model.width=64", "model.depth=2", "param.base_width=32", "train.steps=60",
                  "train.batch_size=16", "train.seq_len=32", "train.eval_every=20",
                  "train.eval_batches=4", "train.log_every=5", "train.checkpoint_every=60",
@@ -120,11 +113,11 @@ def test_short_run_learns_the_default_corpus(tmp_path):
     assert records[-1]["train_loss"] == saved["train_loss"]
 
 
-def test_resume_after_an_in_process_crash_is_bit_exact(tiny, tmp_path, monkeypatch):
+def test_resume_after_an_in_process_crash_is_bit_exact(tiny_run, tmp_path, monkeypatch):
     """A run crashed after a checkpoint, then re-run, ends identical to an uninterrupted one."""
-    whole = train(_config([*tiny, f"train.out_dir={tmp_path / 'a'}"]))
+    whole = train(_config([*tiny_run, f"train.out_dir={tmp_path / 'a'}"]))
 
-    cfg = _config([*tiny, f"train.out_dir={tmp_path / 'b'}"])
+    cfg = _config([*tiny_run, f"train.out_dir={tmp_path / 'b'}"])
     _crash_at(monkeypatch, crash_step=10)  # checkpoint at 6, a metrics line at 9, then the crash
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(cfg)
@@ -147,9 +140,9 @@ def test_resume_after_an_in_process_crash_is_bit_exact(tiny, tmp_path, monkeypat
     chex.assert_trees_all_equal(state_b, state_a)  # bit for bit, optimizer state included
 
 
-def test_resume_after_kill_9_is_bit_exact(tiny, tmp_path, monkeypatch):
+def test_resume_after_kill_9_is_bit_exact(tiny_run, tmp_path, monkeypatch):
     """`kill -9` mid-run, then the same command again: metrics equal an uninterrupted run's."""
-    long_run = [*tiny, *LONG]
+    long_run = [*tiny_run, *LONG]
     whole = train(_config([*long_run, f"train.out_dir={tmp_path / 'whole'}"]))  # warms the cache
 
     argv = [*long_run, f"train.out_dir={tmp_path / 'killed'}"]
@@ -189,9 +182,9 @@ def test_resume_after_kill_9_is_bit_exact(tiny, tmp_path, monkeypatch):
     chex.assert_trees_all_equal(_final_state(run_dir), _final_state(whole["run_dir"]))
 
 
-def test_rerunning_a_finished_run_reports_without_training(tiny, monkeypatch):
+def test_rerunning_a_finished_run_reports_without_training(tiny_run, monkeypatch):
     """A second call on a finished run returns the saved result and trains nothing."""
-    cfg = _config(tiny)
+    cfg = _config(tiny_run)
     first = train(cfg)
     result_file = Path(first["run_dir"]) / "result.json"
     saved, mtime = result_file.read_bytes(), result_file.stat().st_mtime_ns
@@ -207,21 +200,21 @@ def test_rerunning_a_finished_run_reports_without_training(tiny, monkeypatch):
     assert result_file.read_bytes() == saved and result_file.stat().st_mtime_ns == mtime
 
 
-def test_run_name_is_deterministic_and_tracks_what_is_trained(tiny, tmp_path):
+def test_run_name_is_deterministic_and_tracks_what_is_trained(tiny_run, tmp_path):
     """The run directory name is a function of the trained config, not of where it is written."""
-    cfg = _config(tiny)
-    assert run_name(cfg) == run_name(_config(tiny))
-    assert run_name(cfg) == run_name(_config([*tiny, f"train.out_dir={tmp_path / 'other'}",
+    cfg = _config(tiny_run)
+    assert run_name(cfg) == run_name(_config(tiny_run))
+    assert run_name(cfg) == run_name(_config([*tiny_run, f"train.out_dir={tmp_path / 'other'}",
                                               "logging.group=g"]))
-    assert run_name(cfg) != run_name(_config([*tiny, "optim.lr=0.02"]))
-    assert run_name(cfg) != run_name(_config([*tiny, "train.seed=1"]))
-    assert run_name(cfg) != run_name(_config([*tiny, "optim.b2=0.99"]))
+    assert run_name(cfg) != run_name(_config([*tiny_run, "optim.lr=0.02"]))
+    assert run_name(cfg) != run_name(_config([*tiny_run, "train.seed=1"]))
+    assert run_name(cfg) != run_name(_config([*tiny_run, "optim.b2=0.99"]))
     assert run_name(cfg).startswith("transformer-w64-d2-mup-adamw-lr0.01-s0-")
 
 
-def test_divergence_is_recorded_and_exits_cleanly(tiny, tmp_path, monkeypatch):
+def test_divergence_is_recorded_and_exits_cleanly(tiny_run, tmp_path, monkeypatch):
     """An absurd learning rate ends the run early with diverged: true, null losses, exit 0."""
-    argv = [*tiny, "model=mlp", "optim=sgd", "optim.lr=1e30", "optim.clip_norm=0",
+    argv = [*tiny_run, "model=mlp", "optim=sgd", "optim.lr=1e30", "optim.clip_norm=0",
             "optim.warmup_steps=0"]
     monkeypatch.setattr(sys, "argv", ["scaling-train"])
 
@@ -235,11 +228,11 @@ def test_divergence_is_recorded_and_exits_cleanly(tiny, tmp_path, monkeypatch):
     assert not math.isfinite(_metrics(run_dir)[-1]["train_loss"])
 
 
-def test_hydra_multirun_trains_every_point(tiny, tmp_path, monkeypatch):
+def test_hydra_multirun_trains_every_point(tiny_run, tmp_path, monkeypatch):
     """`-m optim.lr=1e-3,1e-2` runs two jobs through Hydra, each with its own result."""
     monkeypatch.setattr(sys, "argv", ["scaling-train"])
 
-    experiments.train.main(["-m", "optim.lr=1e-3,1e-2", *tiny])
+    experiments.train.main(["-m", "optim.lr=1e-3,1e-2", *tiny_run])
 
     run_dirs = sorted(p for p in (tmp_path / "runs").iterdir() if p.is_dir())
     results = [_result(p) for p in run_dirs]
