@@ -17,8 +17,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from scaling.config import ConfigError, RunConfig, from_dict
 
-__all__ = ["ConfigError", "compose", "expand_sweep", "precheck", "split_command",
-           "to_run_config"]
+__all__ = ["ConfigError", "compose", "compose_or_explain", "expand_sweep", "precheck", "split_command",
+           "sweep_points", "to_run_config"]
 
 CONFIG_MODULE = "configs"
 # Flags that make Hydra print instead of run: leave those command lines to Hydra untouched.
@@ -62,6 +62,29 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     return [list(point) for point in itertools.product(*choices)]
 
 
+def configured_sweep(overrides: list[str], config_name: str = "config") -> dict[str, str]:
+    """`hydra.sweeper.params` of the config the overrides select (e.g. from +experiment=...)."""
+    plain = [o.input_line for o in OverridesParser.create().parse_overrides(overrides)
+             if not o.is_sweep_override()]
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+            cfg = hydra_compose(config_name=config_name, overrides=plain, return_hydra_config=True)
+    except COMPOSE_ERRORS:  # a bad override: composing its sweep points explains it
+        return {}
+    params = OmegaConf.select(cfg, "hydra.sweeper.params", default=None)
+    return {} if params is None else {k: str(v) for k, v in params.items()}
+
+
+def sweep_points(overrides: list[str], config_name: str = "config") -> list[list[str]]:
+    """Every job of a multirun, combining the config's sweeper params and the command line
+    the way Hydra's basic sweeper does: a key given on the command line replaces the config's."""
+    by_key = {key: f"{key}={value}" for key, value in configured_sweep(overrides, config_name).items()}
+    for o in OverridesParser.create().parse_overrides(overrides):
+        by_key[o.key_or_group] = o.input_line
+    return expand_sweep(list(by_key.values()))
+
+
 def _check_groups(overrides: list[str]) -> None:
     for o in OverridesParser.create().parse_overrides(overrides):
         options = group_options(o.key_or_group)
@@ -73,7 +96,7 @@ def _check_groups(overrides: list[str]) -> None:
                 raise ConfigError(o.key_or_group, value, f"one of {options}")
 
 
-def _compose_or_explain(point: list[str], config_name: str) -> dict[str, Any]:
+def compose_or_explain(point: list[str], config_name: str) -> dict[str, Any]:
     try:
         return compose(point, config_name)
     except COMPOSE_ERRORS as whole:  # Hydra's errors are many-lined; find the override to blame
@@ -112,13 +135,14 @@ def precheck(argv: list[str]) -> list[str]:
     """Composes and validates every run the command line asks for; returns argv for Hydra.
 
     For a multirun sweep without `logging.group`, adds a group named after the command so the
-    sweep's runs group together in W&B.
+    sweep's runs group together in W&B. The sweep includes `hydra.sweeper.params` of the config
+    (experiment overlays define their sweeps there).
     """
     if any(a in INFO_FLAGS or a.split("=")[0] in INFO_FLAGS for a in argv):
         return argv
     overrides, multirun, config_name = split_command(argv)
     _check_groups(overrides)
-    points = expand_sweep(overrides)
+    points = sweep_points(overrides, config_name)
     if len(points) > 1 and not multirun:
         raise ConfigError("overrides", " ".join(overrides),
                           "a single value per key, or -m (--multirun) for a sweep")
@@ -126,7 +150,7 @@ def precheck(argv: list[str]) -> list[str]:
 
     checked_sources = set()
     for point in points:
-        cfg = to_run_config(_compose_or_explain(point, config_name))
+        cfg = to_run_config(compose_or_explain(point, config_name))
         source = (cfg.data, cfg.train.seq_len)
         if source not in checked_sources:
             data.load(cfg.data, cfg.train.seq_len)

@@ -22,15 +22,16 @@ def _fail(error: ConfigError) -> None:
 
 @hydra.main(config_path="pkg://configs", config_name="config", version_base="1.3")
 def _run(cfg: DictConfig) -> None:
-    from scaling.train import train  # after validation: importing jax is the slow part
+    from scaling.train import train_sweep  # after validation: importing jax is the slow part
 
     try:
-        result = train(to_run_config(OmegaConf.to_container(cfg, resolve=True)))
+        results = train_sweep(to_run_config(OmegaConf.to_container(cfg, resolve=True)))
     except ConfigError as error:
         _fail(error)
-    losses = f"train_loss={result['train_loss']} val_loss={result['val_loss']}"
-    print(f"{result['run_dir']}: {losses} diverged={result['diverged']} "
-          f"steps={result['steps']} wall={result['wall_seconds']:.1f}s")
+    for result in results:  # one per LR when sweep.log2_lr_min/max define a grid
+        losses = f"train_loss={result['train_loss']} val_loss={result['val_loss']}"
+        print(f"{result['run_dir']}: {losses} diverged={result['diverged']} "
+              f"steps={result['steps']} wall={result['wall_seconds']:.1f}s")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,6 +18,9 @@ class Checkpointer:
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
 
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
     def restore_latest(self, template: Any) -> tuple[int, Any, dict] | None:
         """(step, state, meta) of the newest finished checkpoint, or None if there is none."""
         step = self.manager.latest_step()
@@ -28,5 +31,7 @@ class Checkpointer:
         return step, restored["state"], restored["meta"]
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        if self.manager is not None:  # closing twice is harmless
+            self.manager.wait_until_finished()
+            self.manager.close()
+            self.manager = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from collections.abc import Mapping
 from typing import Any
@@ -82,6 +83,16 @@ class LoggingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    """An LR grid trained by one job: 2**log2_lr_min, ... up to 2**log2_lr_max."""
+
+    log2_lr_min: float | None = None  # None: no grid, one run at optim.lr
+    log2_lr_max: float | None = None
+    log2_lr_step: float = 0.5  # half-octave steps
+    vectorize_lr: int = 1  # LRs of the grid trained together in one compiled program (vmap)
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = ModelConfig()
     param: ParamConfig = ParamConfig()
@@ -89,6 +100,7 @@ class RunConfig:
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     logging: LoggingConfig = LoggingConfig()
+    sweep: SweepConfig = SweepConfig()
 
 
 def _coerce(field: str, value: Any, annotation: Any) -> Any:
@@ -187,7 +199,30 @@ def validate(cfg: RunConfig) -> RunConfig:
         _require(getattr(t, name) > 0, f"train.{name}", getattr(t, name), "a positive integer")
     _require(t.seed >= 0, "train.seed", t.seed, "a non-negative integer")
     _choice("logging.wandb_mode", lg.wandb_mode, ("offline", "online", "disabled"))
+    _validate_sweep(cfg.sweep)
     return cfg
+
+
+def _validate_sweep(s: SweepConfig) -> None:
+    if (s.log2_lr_min is None) != (s.log2_lr_max is None):
+        missing = "sweep.log2_lr_max" if s.log2_lr_max is None else "sweep.log2_lr_min"
+        _require(False, missing, None, "a number: an LR grid needs both ends")
+    if s.log2_lr_min is not None:
+        _require(s.log2_lr_min <= s.log2_lr_max, "sweep.log2_lr_max", s.log2_lr_max,
+                 f"at least sweep.log2_lr_min={s.log2_lr_min}")
+    _require(s.log2_lr_step > 0, "sweep.log2_lr_step", s.log2_lr_step, "a positive number of octaves")
+    _require(s.vectorize_lr >= 1, "sweep.vectorize_lr", s.vectorize_lr, "a positive integer")
+    if s.vectorize_lr > 1:
+        _require(s.log2_lr_min is not None, "sweep.vectorize_lr", s.vectorize_lr,
+                 "1 unless sweep.log2_lr_min/max define an LR grid to vectorize over")
+
+
+def lr_grid(s: SweepConfig) -> list[float]:
+    """The grid's learning rates, low to high; empty when the sweep has no grid."""
+    if s.log2_lr_min is None:
+        return []
+    count = math.floor((s.log2_lr_max - s.log2_lr_min) / s.log2_lr_step + 1e-9) + 1
+    return [2.0 ** (s.log2_lr_min + i * s.log2_lr_step) for i in range(count)]
 
 
 def from_dict(values: Mapping[str, Any]) -> RunConfig:

@@ -16,10 +16,9 @@ from flax import nnx
 
 from models import label_tree
 from models.layers import rms
-from optim import build_optimizer
 from scaling.config import ModelConfig, OptimConfig, ParamConfig
 from scaling.parametrization import build_model
-from scaling.train import init_train_state, make_train_step
+from scaling.train import init_train_state, make_train_step, unit_lr_optimizer
 
 # width -> step (0 = init) -> module name ("logits", "attn_out/0", ...) -> RMS of its output
 CoordStats = dict[int, dict[int, dict[str, float]]]
@@ -40,7 +39,8 @@ def _one_width(model_cfg: ModelConfig, param_cfg: ParamConfig, optim_cfg: OptimC
                steps: int, inputs_BxT: jax.Array, targets_BxT: jax.Array, vocab_size: int,
                seed: int) -> dict[int, dict[str, float]]:
     model, parametrization = build_model(model_cfg, param_cfg, vocab_size, seed)
-    tx = build_optimizer(optim_cfg, parametrization, label_tree(model), total_steps=max(steps, 1))
+    tx = unit_lr_optimizer(optim_cfg, parametrization, label_tree(model),
+                           total_steps=max(steps, 1))
     graphdef, params = nnx.split(model)
     params = params.to_pure_dict()
     forward = jax.jit(lambda p: nnx.merge(graphdef, p).forward(inputs_BxT))
@@ -51,7 +51,7 @@ def _one_width(model_cfg: ModelConfig, param_cfg: ParamConfig, optim_cfg: OptimC
         return _flatten(stats) | {"logits_delta": float(rms(logits_BxTxV - logits0_BxTxV))}
 
     train_step = make_train_step(graphdef, tx)
-    state = init_train_state(params, tx)
+    state = init_train_state(params, tx, optim_cfg.lr)
     out = {0: measure(state["params"])}
     for step in range(1, steps + 1):
         state = train_step(state, inputs_BxT, targets_BxT)

@@ -12,6 +12,7 @@ def config_hash(cfg: RunConfig, length: int = 8) -> str:
     """Hash of everything that changes what is trained (not where or how it is logged)."""
     values = to_dict(cfg)
     values.pop("logging")
+    values.pop("sweep")  # a grid member trains exactly what a separate run at its LR trains
     values["train"].pop("out_dir")
     blob = json.dumps(values, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:length]

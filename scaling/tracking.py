@@ -19,7 +19,8 @@ class Tracker:
             project=cfg.logging.project, group=cfg.logging.group, name=name,
             id=f"{name.split('-')[0]}-{config_hash(cfg, 16)}", resume="allow",
             dir=str(run_dir), mode=cfg.logging.wandb_mode, config=to_dict(cfg),
-            job_type="train", settings=wandb.Settings(silent=True, console="off"))
+            job_type="train", reinit="create_new",  # several LRs of a grid log at once
+            settings=wandb.Settings(silent=True, console="off"))
 
     def log(self, metrics: dict, step: int) -> None:
         if self.run is not None:

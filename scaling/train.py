@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -18,7 +19,7 @@ import optim
 from models import label_tree
 from scaling import data
 from scaling.checkpoint import Checkpointer
-from scaling.config import RunConfig, to_dict, validate
+from scaling.config import OptimConfig, RunConfig, SweepConfig, lr_grid, to_dict, validate
 from scaling.files import MetricsLog, write_json_atomic
 from scaling.parametrization import build_model
 from scaling.rundir import run_name
@@ -30,27 +31,48 @@ def next_token_loss(graphdef, params, inputs_BxT, targets_BxT) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT).mean()
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation):
-    """state -> state; the state carries a running loss sum so logged means survive resumes."""
+def make_train_step(graphdef, tx: optax.GradientTransformation, lrs_together: int = 1):
+    """state -> state, for `tx` built at LR 1: the state's `lr` scales the update.
+
+    The LR lives in the state so that one compiled program trains several LRs (vmap over the
+    state when `lrs_together` > 1) exactly as it trains one. The state also carries a running
+    loss sum, so logged means survive resumes.
+    """
 
     def train_step(state, inputs_BxT, targets_BxT):
         loss, grads = jax.value_and_grad(
             lambda p: next_token_loss(graphdef, p, inputs_BxT, targets_BxT))(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        updates = jax.tree.map(lambda u: (state["lr"] * u).astype(u.dtype), updates)
         return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
-                "loss_sum": state["loss_sum"] + loss, "loss_count": state["loss_count"] + 1}
+                "lr": state["lr"], "loss_sum": state["loss_sum"] + loss,
+                "loss_count": state["loss_count"] + 1}
 
+    if lrs_together > 1:
+        train_step = jax.vmap(train_step, in_axes=(0, None, None))
     return jax.jit(train_step, donate_argnums=0)
 
 
-def init_train_state(params, tx: optax.GradientTransformation) -> dict:
-    return {"params": params, "opt_state": tx.init(params),
+def unit_lr_optimizer(cfg: OptimConfig, parametrization, labels, *,
+                      total_steps: int) -> optax.GradientTransformation:
+    """The optimizer that make_train_step expects: built at LR 1, the state's LR scales it."""
+    return optim.build_optimizer(dataclasses.replace(cfg, lr=1.0), parametrization, labels,
+                                 total_steps=total_steps)
+
+
+def init_train_state(params, tx: optax.GradientTransformation, lr: float) -> dict:
+    return {"params": params, "opt_state": tx.init(params), "lr": jnp.asarray(lr, jnp.float32),
             "loss_sum": jnp.zeros((), jnp.float32), "loss_count": jnp.zeros((), jnp.int32)}
 
 
-def make_eval(graphdef, batches):
-    loss_fn = jax.jit(lambda p, x, y: next_token_loss(graphdef, p, x, y))
-    return lambda params: float(np.mean([loss_fn(params, x, y) for x, y in batches]))
+def make_eval(graphdef, batches, lrs_together: int = 1):
+    """params -> one validation loss per LR trained together."""
+    loss_fn = lambda p, x, y: next_token_loss(graphdef, p, x, y)
+    if lrs_together > 1:
+        loss_fn = jax.vmap(loss_fn, in_axes=(0, None, None))
+    loss_fn = jax.jit(loss_fn)
+    return lambda params: np.mean([np.atleast_1d(loss_fn(params, x, y)) for x, y in batches],
+                                  axis=0).tolist()
 
 
 def flops_per_token(model: nnx.Module, specs, seq_len: int) -> float:
@@ -64,97 +86,178 @@ def _finished(run_dir: Path) -> dict | None:
     return json.loads(result.read_text()) if result.exists() else None
 
 
+def member_config(cfg: RunConfig, lr: float) -> RunConfig:
+    """The config of one LR of a grid: what a separate run at that LR would be given."""
+    return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=lr),
+                               sweep=SweepConfig())
+
+
 def train(cfg: RunConfig) -> dict:
     """Trains (or resumes, or reports) the run whose directory the config determines."""
-    validate(cfg)
-    t = cfg.train
-    splits = data.load(cfg.data, t.seq_len)  # a bad source fails before anything is written
-    name = run_name(cfg)
-    run_dir = Path(t.out_dir) / name
-    if (done := _finished(run_dir)) is not None:
-        return done
+    return train_lrs(cfg, [cfg.optim.lr])[0]
 
+
+def train_sweep(cfg: RunConfig) -> list[dict]:
+    """Every LR of `cfg.sweep`'s grid (or just optim.lr), `sweep.vectorize_lr` at a time."""
+    lrs = lr_grid(cfg.sweep) or [cfg.optim.lr]
+    k = cfg.sweep.vectorize_lr
+    return [r for i in range(0, len(lrs), k) for r in train_lrs(cfg, lrs[i:i + k])]
+
+
+def train_lrs(cfg: RunConfig, lrs: list[float]) -> list[dict]:
+    """Runs that differ only in LR, trained together in one program; one result per LR.
+
+    Each LR writes its own run directory, checkpoints and `result.json`, exactly as a separate
+    run at that LR would, so a grid resumes, skips finished LRs and analyses like separate runs.
+    """
+    validate(cfg)
+    splits = data.load(cfg.data, cfg.train.seq_len)  # a bad source fails before anything is written
+    members = [_Member(member_config(cfg, lr), Path(cfg.train.out_dir)) for lr in lrs]
+    results = {i: done for i, m in enumerate(members) if (done := _finished(m.run_dir))}
+    pending = [i for i in range(len(members)) if i not in results]
+    if pending:
+        trained = _train_together([members[i] for i in pending], splits)
+        results |= dict(zip(pending, trained, strict=True))
+    return [results[i] for i in range(len(members))]
+
+
+class _Member:
+    """One LR of a group: its run directory, logs, checkpoints and W&B run."""
+
+    def __init__(self, cfg: RunConfig, out_dir: Path):
+        self.cfg, self.name = cfg, run_name(cfg)
+        self.run_dir = out_dir / self.name
+        self.step, self.diverged, self.result = 0, False, None
+
+    def open(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints")
+
+    def start_logs(self, step: int) -> None:
+        self.step = step
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", keep_through_step=step)
+        self.tracker = Tracker(self.cfg, self.run_dir, self.name)
+
+    def close(self) -> None:
+        self.checkpointer.close()
+        if hasattr(self, "metrics"):
+            self.metrics.close()
+
+
+def _train_together(members: list[_Member], splits) -> list[dict]:
+    cfg, t, k = members[0].cfg, members[0].cfg.train, len(members)
     model, parametrization = build_model(cfg.model, cfg.param, splits.vocab_size, t.seed)
-    tx = optim.build_optimizer(cfg.optim, parametrization, label_tree(model), total_steps=t.steps)
+    tx = unit_lr_optimizer(cfg.optim, parametrization, label_tree(model), total_steps=t.steps)
     graphdef, params = nnx.split(model)
     params = params.to_pure_dict()
-    state = init_train_state(params, tx)
-    n_params = sum(x.size for x in jax.tree.leaves(params))
-    cost = flops_per_token(model, parametrization.specs, t.seq_len)
-    train_step = make_train_step(graphdef, tx)
+    template = init_train_state(params, tx, 0.0)
+    cost = {"params": int(sum(x.size for x in jax.tree.leaves(params))),
+            "flops_per_token": flops_per_token(model, parametrization.specs, t.seq_len),
+            "data": splits.description, "lrs_trained_together": k}
+    train_step = make_train_step(graphdef, tx, k)
     evaluate = make_eval(graphdef, data.val_batches(splits.val, t.eval_batches, t.batch_size,
-                                                    t.seq_len))
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    checkpointer = Checkpointer(run_dir / "checkpoints")
-    step, wall_before = 0, 0.0
-    if (restored := checkpointer.restore_latest(state)) is not None:
-        step, state, meta = restored
-        wall_before = meta["wall_seconds"]
-    metrics = MetricsLog(run_dir / "metrics.jsonl", keep_through_step=step)
-    tracker = Tracker(cfg, run_dir, name)
-    started = time.perf_counter()
+                                                    t.seq_len), k)
+    for m in members:
+        m.open()
     try:
-        step, diverged = _loop(cfg, state, step, splits, train_step, evaluate, checkpointer,
-                               metrics, tracker, wall_before)
+        step, states, wall_before = _restore(members, template)
+        if states is None:
+            states = [init_train_state(params, tx, m.cfg.optim.lr) for m in members]
+        state = _stack(states) if k > 1 else states[0]
+        for m in members:
+            m.start_logs(step)
+        _loop(members, state, step, splits, train_step, evaluate, cost, wall_before)
     except BaseException:
-        tracker.abort()  # so a later run in this process does not inherit the open W&B run
+        for m in members:
+            if hasattr(m, "tracker"):  # so a later run in this process does not inherit it
+                m.tracker.abort()
         raise
     finally:
-        checkpointer.close()
-        metrics.close()
-    tokens = step * t.batch_size * t.seq_len
-    result = {
-        # a diverged run has no meaningful loss, whatever was measured before it blew up
-        "train_loss": None if diverged else metrics.last("train_loss"),
-        "val_loss": None if diverged else metrics.last("val_loss"),
-        "diverged": diverged, "steps": step, "tokens": tokens,
-        "params": int(n_params), "flops_per_token": cost,
-        "wall_seconds": wall_before + time.perf_counter() - started,
-        "run_dir": str(run_dir), "name": name, "data": splits.description,
-    }
-    tracker.finish({k: v for k, v in result.items() if isinstance(v, (int, float, bool))})
-    result |= {"config": to_dict(cfg)}  # what a re-run of the finished run returns, too
-    write_json_atomic(run_dir / "result.json", result)
-    return result
+        for m in members:
+            m.close()
+    return [m.result for m in members]
 
 
-def _loop(cfg: RunConfig, state, step: int, splits, train_step, evaluate, checkpointer,
-          metrics: MetricsLog, tracker: Tracker, wall_before: float) -> tuple[int, bool]:
-    """Steps until done or diverged; logs, evaluates and checkpoints. Returns (step, diverged)."""
-    t = cfg.train
-    lr_at = optim.learning_rate(cfg.optim, t.steps)
+def _stack(states: list[dict]) -> dict:
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+
+def _restore(members: list[_Member], template: dict) -> tuple[int, list | None, float]:
+    """(step, per-run states, wall seconds) from checkpoints all runs share, else a fresh start."""
+    steps = {m.checkpointer.latest_step() for m in members}
+    if len(steps) != 1 or None in steps:
+        return 0, None, 0.0
+    restored = [m.checkpointer.restore_latest(template) for m in members]
+    return restored[0][0], [r[1] for r in restored], max(r[2]["wall_seconds"] for r in restored)
+
+
+def _loop(members: list[_Member], state, step: int, splits, train_step, evaluate, cost: dict,
+          wall_before: float) -> None:
+    """Steps until every run is done or diverged; logs, evaluates, checkpoints, writes results."""
+    cfg, t, k = members[0].cfg, members[0].cfg.train, len(members)
+    lr_at = [optim.learning_rate(m.cfg.optim, t.steps) for m in members]
     tokens_per_step = t.batch_size * t.seq_len
-    diverged = any(not math.isfinite(r.get("train_loss", 0.0)) for r in metrics.records)
     started = time.perf_counter()
     window = (started, step)  # wall time and step of the last record, for tokens/s
-    bar = tqdm(total=t.steps, initial=step, desc=run_name(cfg),
-               disable=not cfg.logging.progress, dynamic_ncols=True)
-    while step < t.steps and not diverged:
+    label = members[0].name if k == 1 else f"{members[0].name} (+{k - 1} LRs)"
+    bar = tqdm(total=t.steps, initial=step, desc=label, disable=not cfg.logging.progress,
+               dynamic_ncols=True)
+    wall = lambda: wall_before + time.perf_counter() - started
+    member_state = (lambda i: state) if k == 1 else (lambda i: jax.tree.map(lambda x: x[i], state))
+    while step < t.steps and not all(m.diverged for m in members):
         inputs, targets = data.train_batch(splits.train, t.seed, step, t.batch_size, t.seq_len)
         state = train_step(state, inputs, targets)
         step += 1
         bar.update(1)
         last = step == t.steps
         if step % t.log_every == 0 or step % t.eval_every == 0 or last:
-            record = {"step": step, "tokens": step * tokens_per_step, "lr": float(lr_at(step - 1))}
-            # the running sum lives in the train state, so a resumed window averages the same steps
-            record["train_loss"] = float(state["loss_sum"] / state["loss_count"])
+            # the running sums live in the train state, so a resumed window averages the same steps
+            train_losses = np.atleast_1d(state["loss_sum"] / state["loss_count"]).tolist()
             state["loss_sum"] = jnp.zeros_like(state["loss_sum"])
             state["loss_count"] = jnp.zeros_like(state["loss_count"])
             now = time.perf_counter()
-            record["tokens_per_second"] = (step - window[1]) * tokens_per_step / (now - window[0])
+            tokens_per_second = (step - window[1]) * tokens_per_step / (now - window[0])
             window = (now, step)
-            diverged = not math.isfinite(record["train_loss"])
-            if not diverged and (step % t.eval_every == 0 or last):
-                record["val_loss"] = evaluate(state["params"])
-                diverged = not math.isfinite(record["val_loss"])
-            metrics.write(record)
-            tracker.log({k: v for k, v in record.items() if k != "step"}, step)
-            bar.set_postfix(loss=f"{record['train_loss']:.3f}",
-                            tok_s=f"{record['tokens_per_second']:.0f}")
-        if step % t.checkpoint_every == 0 or last or diverged:
-            wall = wall_before + time.perf_counter() - started
-            checkpointer.save(step, state, {"wall_seconds": wall})
+            evaluating = step % t.eval_every == 0 or last
+            val_losses = evaluate(state["params"]) if evaluating else [None] * k
+            for i, m in enumerate(members):
+                if m.diverged:
+                    continue
+                record = {"step": step, "tokens": step * tokens_per_step,
+                          "lr": float(lr_at[i](step - 1)), "train_loss": train_losses[i],
+                          "tokens_per_second": tokens_per_second}
+                m.diverged = not math.isfinite(record["train_loss"])
+                if not m.diverged and evaluating:
+                    record["val_loss"] = val_losses[i]
+                    m.diverged = not math.isfinite(record["val_loss"])
+                m.step = step
+                m.metrics.write(record)
+                m.tracker.log({key: v for key, v in record.items() if key != "step"}, step)
+            best = min(train_losses, key=lambda x: x if math.isfinite(x) else math.inf)
+            bar.set_postfix(loss=f"{best:.3f}", tok_s=f"{tokens_per_second:.0f}")
+        checkpointing = step % t.checkpoint_every == 0 or last
+        for i, m in enumerate(members):
+            if m.result is None and (checkpointing or m.diverged):
+                m.checkpointer.save(step, member_state(i), {"wall_seconds": wall()})
+            if m.result is None and (m.diverged or last):
+                m.result = _write_result(m, cost, wall())
     bar.close()
-    return step, diverged
+    for m in members:  # resumed after the last checkpoint but before its result was written
+        if m.result is None:
+            m.result = _write_result(m, cost, wall())
+
+
+def _write_result(m: _Member, cost: dict, wall_seconds: float) -> dict:
+    t = m.cfg.train
+    result = {
+        # a diverged run has no meaningful loss, whatever was measured before it blew up
+        "train_loss": None if m.diverged else m.metrics.last("train_loss"),
+        "val_loss": None if m.diverged else m.metrics.last("val_loss"),
+        "diverged": m.diverged, "steps": m.step, "tokens": m.step * t.batch_size * t.seq_len,
+        **cost, "wall_seconds": wall_seconds, "run_dir": str(m.run_dir), "name": m.name,
+    }
+    m.tracker.finish({key: v for key, v in result.items() if isinstance(v, (int, float, bool))})
+    result |= {"config": to_dict(m.cfg)}  # what a re-run of the finished run returns, too
+    m.checkpointer.close()  # the result must not name a checkpoint still being written
+    write_json_atomic(m.run_dir / "result.json", result)
+    return result

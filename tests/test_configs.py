@@ -11,13 +11,13 @@ import pytest
 from experiments.compose import (
     ConfigError,
     compose,
-    expand_sweep,
     group_options,
     precheck,
     split_command,
+    sweep_points,
     to_run_config,
 )
-from scaling.config import RunConfig
+from scaling.config import RunConfig, lr_grid
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -40,7 +40,15 @@ def test_every_group_has_options():
 @pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS,
                          ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
 def test_every_config_file_composes(group, option):
-    """Selecting any option of any group composes and passes validation."""
+    """Selecting any option of any group composes and passes validation; an experiment overlay's
+    every sweep point (its hydra.sweeper.params) does too."""
+    if group == "experiment":  # overlays are added, not chosen: no default in config.yaml
+        points = sweep_points([f"+experiment={option}"])
+        assert len(points) > 1, f"experiment {option} sweeps nothing"
+        for point in points:
+            cfg = to_run_config(compose(point))
+            assert lr_grid(cfg.sweep), f"experiment {option} has no LR grid"
+        return
     cfg = to_run_config(compose([f"{group}={option}"]))
     assert isinstance(cfg, RunConfig)
     if group in ("model", "param", "optim"):  # their options are named by their kind
@@ -134,7 +142,7 @@ def test_readme_command_composes(command, documented_error):
         assert f"{ERROR_PREFIX}{error.value}" == documented_error
         return
     overrides, multirun, config_name = split_command(command)
-    points = expand_sweep(overrides)
+    points = sweep_points(overrides, config_name)
     assert multirun or len(points) == 1, f"a sweep without -m: {command}"
     for point in points:
         assert isinstance(to_run_config(compose(point, config_name)), RunConfig)

@@ -58,6 +58,13 @@ CASES = {
     "misspelled_key": (["model.widht=3"], "model.widht", "3"),
     "wrong_type": (["model.width=abc"], "model.width", "abc"),
     "sweep_without_multirun": (["optim.lr=1e-3,1e-2"], "overrides", "optim.lr=1e-3,1e-2"),
+    "experiment_without_multirun": (["+experiment=lr_width_sweep"], "overrides", "experiment"),
+    "vectorize_without_grid": (["sweep.vectorize_lr=4"], "sweep.vectorize_lr", "4"),
+    "grid_without_top": (["sweep.log2_lr_min=-8"], "sweep.log2_lr_max", "None"),
+    "grid_upside_down": (["sweep.log2_lr_min=-4", "sweep.log2_lr_max=-8"], "sweep.log2_lr_max",
+                         "-8"),
+    "zero_grid_step": (["sweep.log2_lr_min=-8", "sweep.log2_lr_max=-4", "sweep.log2_lr_step=0"],
+                       "sweep.log2_lr_step", "0"),
 }
 
 

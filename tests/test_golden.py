@@ -9,11 +9,10 @@ import optax
 import pytest
 from flax import nnx
 
-import optim
 from models import label_tree
 from scaling.config import ModelConfig, OptimConfig, ParamConfig
 from scaling.parametrization import build_model
-from scaling.train import make_train_step, next_token_loss
+from scaling.train import init_train_state, make_train_step, next_token_loss, unit_lr_optimizer
 
 # Measured on CPU (float32) with jax 0.10.2 / Python 3.11 and jax 0.12.0.1 / Python 3.12: the losses
 # agree to the last bit, the gradient norm differs by 6e-8 relative (0.9642991423606873 on 0.12);
@@ -42,15 +41,14 @@ def measured() -> dict[str, float]:
                                          VOCAB, seed=0)
     cfg = OptimConfig(name="adamw", lr=1e-2, weight_decay=0.1, schedule="constant",
                       warmup_steps=0, clip_norm=1.0)
-    tx = optim.build_optimizer(cfg, parametrization, label_tree(model), total_steps=1)
+    tx = unit_lr_optimizer(cfg, parametrization, label_tree(model), total_steps=1)
     graphdef, params = nnx.split(model)
     params = params.to_pure_dict()
     loss_and_grad = jax.jit(jax.value_and_grad(
         lambda p: next_token_loss(graphdef, p, inputs_BxT, targets_BxT)))
     loss, grads = loss_and_grad(params)
     out = {"loss_init": float(loss), "grad_norm_init": float(optax.global_norm(grads))}
-    state = {"params": params, "opt_state": tx.init(params),
-             "loss_sum": jnp.zeros((), jnp.float32), "loss_count": jnp.zeros((), jnp.int32)}
+    state = init_train_state(params, tx, cfg.lr)
     state = make_train_step(graphdef, tx)(state, inputs_BxT, targets_BxT)
     out["loss_after_step"] = float(loss_and_grad(state["params"])[0])
     return out

@@ -16,7 +16,7 @@ import optim
 from models import label_tree
 from scaling.config import ModelConfig, OptimConfig, ParamConfig
 from scaling.parametrization import OptimizerMultipliers, build_model
-from scaling.train import make_train_step, next_token_loss
+from scaling.train import init_train_state, make_train_step, next_token_loss, unit_lr_optimizer
 
 VOCAB = 256
 BASE_WIDTH, WIDTH, HEAD_DIM, DEPTH = 32, 128, 16, 2
@@ -41,11 +41,9 @@ def _params(model) -> dict:
 
 def _train(kind: str, name: str, optim_cfg: OptimConfig, steps: int) -> dict:
     model, parametrization = _build(kind, name, BASE_WIDTH)
-    tx = optim.build_optimizer(optim_cfg, parametrization, label_tree(model), total_steps=steps)
+    tx = unit_lr_optimizer(optim_cfg, parametrization, label_tree(model), total_steps=steps)
     graphdef, params = nnx.split(model)
-    params = params.to_pure_dict()
-    state = {"params": params, "opt_state": tx.init(params),
-             "loss_sum": jnp.zeros((), jnp.float32), "loss_count": jnp.zeros((), jnp.int32)}
+    state = init_train_state(params.to_pure_dict(), tx, optim_cfg.lr)
     train_step = make_train_step(graphdef, tx)
     inputs_BxT, targets_BxT = _batch()
     for _ in range(steps):

@@ -3,51 +3,15 @@ resumed run keeps its id."""
 
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
 
 import pytest
 import wandb
-from wandb.proto import wandb_internal_pb2
+from wandb_log import items, of_type, wandb_records
 
 import scaling.data
 from experiments.compose import compose, to_run_config
 from scaling.train import train
-
-BLOCK, HEADER = 32768, 7  # the .wandb file is a LevelDB-style log of protobuf Records
-FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
-
-
-def wandb_records(path: Path) -> list[wandb_internal_pb2.Record]:
-    """Every Record in an offline run's .wandb file (the format `wandb sync` uploads)."""
-    data = path.read_bytes()
-    assert data[:4] == b":W&B", "not a W&B transaction log"
-    records, chunks, pos = [], [], HEADER
-    while pos + HEADER <= len(data):
-        if BLOCK - pos % BLOCK < HEADER:  # a block's tail too short for a header is padding
-            pos += BLOCK - pos % BLOCK
-            continue
-        _checksum, length, kind = struct.unpack("<IHB", data[pos:pos + HEADER])
-        if kind == 0:
-            break
-        chunks.append(data[pos + HEADER:pos + HEADER + length])
-        pos += HEADER + length
-        if kind in (FULL, LAST):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(b"".join(chunks))
-            records.append(record)
-            chunks = []
-    return records
-
-
-def _of_type(records, kind: str) -> list:
-    return [getattr(r, kind) for r in records if r.WhichOneof("record_type") == kind]
-
-
-def _items(updates) -> dict:
-    """A history/summary/config update as {key: value}; nested keys joined with '/'."""
-    return {u.key or "/".join(u.nested_key): json.loads(u.value_json) for u in updates}
 
 
 def _offline_runs(run_dir: Path) -> list[Path]:
@@ -71,23 +35,23 @@ def test_offline_run_records_config_metrics_and_group(offline):
     (offline_dir,) = _offline_runs(Path(result["run_dir"]))
     (log,) = offline_dir.glob("*.wandb")
     records = wandb_records(log)
-    (run,) = _of_type(records, "run")
+    (run,) = of_type(records, "run")
     assert run.run_group == "grp-a" and run.project == "scaling"
     assert run.display_name == result["name"]
-    config = _items(run.config.update)
+    config = items(run.config.update)
     assert config["model"]["width"] == 64 and config["optim"]["lr"] == 0.01
     assert config["train"]["steps"] == 12
 
-    history = [_items(h.item) for h in _of_type(records, "history")]
+    history = [items(h.item) for h in of_type(records, "history")]
     assert [h["_step"] for h in history] == [3, 6, 9, 12]
     assert all("train_loss" in h for h in history)
     assert [h["_step"] for h in history if "val_loss" in h] == [6, 12]
     assert history[-1]["val_loss"] == result["val_loss"]
     summary = {}
-    for update in _of_type(records, "summary"):
-        summary |= _items(update.update)
+    for update in of_type(records, "summary"):
+        summary |= items(update.update)
     assert summary["val_loss"] == result["val_loss"] and summary["diverged"] is False
-    assert [e.exit_code for e in _of_type(records, "exit")] == [0]
+    assert [e.exit_code for e in of_type(records, "exit")] == [0]
 
 
 def test_resumed_run_keeps_its_wandb_id(offline, monkeypatch):
@@ -109,12 +73,12 @@ def test_resumed_run_keeps_its_wandb_id(offline, monkeypatch):
     result = train(cfg)
 
     first, second = _offline_runs(Path(result["run_dir"]))
-    ids = [_of_type(wandb_records(next(d.glob("*.wandb"))), "run")[0].run_id
+    ids = [of_type(wandb_records(next(d.glob("*.wandb"))), "run")[0].run_id
            for d in (first, second)]
     assert ids[0] == ids[1]
     assert ids[0] in first.name and ids[0] in second.name
     records = [wandb_records(next(d.glob("*.wandb"))) for d in (first, second)]
-    assert [[e.exit_code for e in _of_type(r, "exit")] for r in records] == [[1], [0]]
-    steps = [[_items(h.item)["_step"] for h in _of_type(r, "history")] for r in records]
+    assert [[e.exit_code for e in of_type(r, "exit")] for r in records] == [[1], [0]]
+    steps = [[items(h.item)["_step"] for h in of_type(r, "history")] for r in records]
     assert steps == [[3, 6, 9], [9, 12]]  # the resumed run re-logs from its checkpoint at 6
     assert wandb.run is None

@@ -1,0 +1,81 @@
+"""`scaling-analyze SWEEP_DIR`: tables, plots and a W&B analysis run from a sweep's result.json files.
+
+Errors (missing sweep, no results, bad metric) are one line on stderr and exit code 2, with
+nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import NoReturn
+
+from scaling.analysis import METRICS, analyze, format_table, load_results
+from scaling.analysis_run import log_analysis
+from scaling.files import write_json_atomic
+from scaling.plots import plot_analysis
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"scaling-analyze: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line like every other error, not usage + line
+        _fail(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="scaling-analyze", description="Tables, plots and a W&B analysis run "
+                     "from the result.json files of a sweep.")
+    parser.add_argument("sweep_dir", type=Path, help="folder holding the sweep's run folders")
+    parser.add_argument("--out", type=Path, help="output folder (default: SWEEP_DIR/analysis)")
+    parser.add_argument("--metric", choices=METRICS, default="val_loss")
+    parser.add_argument("--wandb-mode", choices=("offline", "online", "disabled"),
+                        default="offline")
+    parser.add_argument("--project", default="scaling", help="W&B project")
+    return parser
+
+
+def write_csv_atomic(path: Path, rows: list[dict]) -> None:
+    """One line per row under a header of the first row's keys, renamed into place when done."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    if not args.sweep_dir.is_dir():
+        _fail(f"sweep_dir={str(args.sweep_dir)!r}: expected an existing folder of sweep runs")
+    try:
+        analysis = analyze(load_results(args.sweep_dir), metric=args.metric)
+    except (FileNotFoundError, ValueError) as error:
+        _fail(str(error))
+    out = args.out or args.sweep_dir / "analysis"
+    write_json_atomic(out / "analysis.json", analysis)  # creates `out`
+    write_csv_atomic(out / "runs.csv", analysis["runs"])
+    images = plot_analysis(analysis, out)
+    run_id = log_analysis(analysis, images, project=args.project, group=analysis["group"],
+                          mode=args.wandb_mode, directory=out)
+    print(format_table(analysis))
+    for path in [out / "analysis.json", out / "runs.csv", *images]:
+        print(f"wrote {path}")
+    if run_id is not None:
+        print(f"W&B analysis run {run_id} ({args.wandb_mode}) under {out / 'wandb'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""`scaling-transfer SWEEP_DIR --width W`: the target's hyperparameters from an analysed sweep.
+
+Prints the reasoning (which rule moved which number), writes the target's Hydra overrides as a
+YAML list (the format of Hydra's own overrides.yaml) and, with --launch, trains the target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import NoReturn
+
+from experiments.compose import compose, to_run_config
+from scaling.analysis import analyze, load_results, shape_id
+from scaling.config import RunConfig, from_dict, to_dict
+from scaling.transfer import DATA_EXPONENT, TransferResult, proxy_shape, transfer
+
+# Groups whose option is chosen by name; every other difference is a field override.
+GROUP_FIELDS = {"model": "kind", "param": "name", "optim": "name"}
+NOT_OVERRIDDEN = ("logging", "sweep")
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"scaling-transfer: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line like every other error
+        _fail(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="scaling-transfer", description=__doc__.splitlines()[0])
+    parser.add_argument("sweep_dir", type=Path, help="the proxy sweep's folder")
+    parser.add_argument("--width", type=int, required=True, help="the target's model.width")
+    parser.add_argument("--steps", type=int, help="the target's train.steps (default: proxy's)")
+    parser.add_argument("--batch-size", type=int, help="train.batch_size (default: proxy's)")
+    parser.add_argument("--param", help="which parametrization's sweep to transfer from")
+    parser.add_argument("--proxy-width", type=int, help="default: widest interior optimum")
+    parser.add_argument("--data-exponent", type=float, default=DATA_EXPONENT,
+                        help="k in η ∝ T^(−k) (default %(default)s, as HyperP)")
+    parser.add_argument("--out-dir", default="runs/transfer", help="train.out_dir of the target")
+    parser.add_argument("--out", type=Path,
+                        help="overrides file (default: SWEEP_DIR/analysis/transfer-PARAM-wW.yaml)")
+    parser.add_argument("--launch", action="store_true", help="train the target now")
+    return parser
+
+
+def command_overrides(target: RunConfig) -> list[str]:
+    """Overrides that make `scaling-train` train `target` (composing them gives it back)."""
+    groups = [f"{group}={getattr(getattr(target, group), field)}"
+              for group, field in GROUP_FIELDS.items()]
+    base, wanted = to_dict(to_run_config(compose(groups))), to_dict(target)
+    fields = [f"{group}.{key}={_value(value)}"
+              for group, values in wanted.items() if group not in NOT_OVERRIDDEN
+              for key, value in values.items() if base[group][key] != value]
+    group = [f"logging.group={_value(target.logging.group)}"] if target.logging.group else []
+    return groups + fields + group  # the group: a target logs beside its proxy sweep in W&B
+
+
+def _value(value) -> str:
+    # quoted, or Hydra would read a folder named "2024" or "true" as a number or a bool
+    return "null" if value is None else json.dumps(value) if isinstance(value, str) else str(value)
+
+
+def plan(sweep_dir: Path, *, width: int, steps: int | None = None, batch_size: int | None = None,
+         param: str | None = None, proxy_width: int | None = None,
+         data_exponent: float = DATA_EXPONENT) -> tuple[dict, TransferResult]:
+    """(proxy shape, transfer) from the sweep's results; the target logs to the sweep's group."""
+    results = load_results(sweep_dir)
+    shape = proxy_shape(analyze(results), param=param, width=proxy_width)
+    proxy = from_dict(next(r["config"] for r in results if shape_id(r["config"]) == shape["id"]))
+    proxy = dataclasses.replace(proxy, sweep=RunConfig().sweep)
+    result = transfer(proxy, shape["optimum"]["lr"], width=width, steps=steps,
+                      batch_size=batch_size, data_exponent=data_exponent)
+    return shape, result
+
+
+def explain(shape: dict, result: TransferResult) -> str:
+    optimum = shape["optimum"]
+    edge = ", ON THE GRID EDGE: widen the LR grid" if optimum["on_edge"] else ""
+    lines = [(f"proxy: {shape['param']} {shape['kind']} w{shape['width']} d{shape['depth']}, "
+              f"{shape['tokens']:,} tokens, seeds {shape['seeds']}: fitted log2 LR "
+              f"{optimum['log2_lr']:.2f} ± {shape['log2_lr_std']:.2f} "
+              f"(grid argmin {optimum['argmin_log2_lr']:.2f}{edge})")]
+    lines += [f"  {reason}" for reason in result.reasons]
+    lines.append("  per-role LR (base η × multiplier), proxy → target:")
+    proxy_lr = optimum["lr"]
+    for role, (before, after) in sorted(result.role_multipliers.items()):
+        lines.append(f"    {role:<7} ×{before:<8.4g} → ×{after:<8.4g}"
+                     f"  η {proxy_lr * before:.4g} → {result.lr * after:.4g}")
+    return "\n".join(lines)
+
+
+def write_overrides(path: Path, overrides: list[str], reasons: list[str]) -> None:
+    """A YAML list of overrides (Hydra's overrides.yaml format), the reasoning as comments."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(f"# {r}\n" for r in reasons) + "".join(f"- {json.dumps(o)}\n" for o in overrides)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    if not args.sweep_dir.is_dir():
+        _fail(f"sweep_dir={str(args.sweep_dir)!r}: expected an existing folder of sweep runs")
+    try:
+        shape, result = plan(args.sweep_dir, width=args.width, steps=args.steps,
+                             batch_size=args.batch_size, param=args.param,
+                             proxy_width=args.proxy_width, data_exponent=args.data_exponent)
+    except (FileNotFoundError, ValueError) as error:  # ConfigError is a ValueError
+        _fail(str(error))
+    target = dataclasses.replace(result.config, train=dataclasses.replace(
+        result.config.train, out_dir=args.out_dir))
+    overrides = command_overrides(target)
+    out = args.out or args.sweep_dir / "analysis" / f"transfer-{shape['param']}-w{args.width}.yaml"
+    write_overrides(out, overrides, result.reasons)
+    print(explain(shape, result))
+    print(f"wrote {out}\nrun it: scaling-train {' '.join(overrides)}")
+    if args.launch:
+        from scaling.train import train  # importing jax is the slow part
+
+        run = train(target)
+        print(f"{run['run_dir']}: val_loss={run['val_loss']} diverged={run['diverged']}")
+
+
+if __name__ == "__main__":
+    main()

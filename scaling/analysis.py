@@ -1,0 +1,308 @@
+"""Sweep analysis: the best LR per shape, its drift with width, and power laws in tokens/compute."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from scaling.config import ConfigError
+
+METRICS = ("val_loss", "train_loss")
+# What a sweep varies within one shape (LR, seed) and bookkeeping that does not change training.
+NOT_SHAPE = ("optim.lr", "train.seed", "logging", "sweep", "train.out_dir", "train.eval_every",
+             "train.log_every", "train.checkpoint_every")
+
+
+def load_results(sweep_dir: str | Path) -> list[dict]:
+    """Every run's result.json under `sweep_dir`, sorted by run name; analysis outputs skipped."""
+    root = Path(sweep_dir)
+    paths = [p for p in root.rglob("result.json")
+             if "analysis" not in p.relative_to(root).parts[:-1]]
+    if not paths:
+        raise FileNotFoundError(f"no result.json under {root}: expected a sweep of run directories")
+    return sorted((json.loads(p.read_text()) for p in paths), key=lambda r: r["name"])
+
+
+@dataclass(frozen=True)
+class Optimum:
+    log2_lr: float  # the parabola's vertex when fitted, else the grid argmin
+    argmin_log2_lr: float
+    loss: float
+    on_edge: bool  # the argmin is the grid's smallest or largest finite LR
+    fitted: bool
+
+
+def fit_optimum(log2_lr, loss, half_window: int = 2) -> Optimum:
+    """Vertex of a quadratic in log2 LR through the points around the argmin; non-finite dropped."""
+    x, y = np.asarray(log2_lr, float), np.asarray(loss, float)
+    order = np.argsort(x)
+    x, y = x[order], y[order]
+    x, y = x[np.isfinite(y)], y[np.isfinite(y)]
+    if x.size == 0:
+        raise ValueError("fit_optimum: no finite loss (every run diverged); expected at least one")
+    best = int(np.argmin(y))
+    on_edge = best in (0, x.size - 1)
+    window = slice(max(0, best - half_window), best + half_window + 1)
+    x_fit, y_fit = x[window], y[window]
+    if x_fit.size >= 3:
+        quadratic = np.polyfit(x_fit, y_fit, 2)
+        if quadratic[0] > 0:  # a concave or flat fit has no minimum to trust
+            vertex = float(np.clip(-quadratic[1] / (2 * quadratic[0]), x_fit[0], x_fit[-1]))
+            loss_at_vertex = float(np.polyval(quadratic, vertex))
+            return Optimum(vertex, float(x[best]), loss_at_vertex, on_edge, fitted=True)
+    return Optimum(float(x[best]), float(x[best]), float(y[best]), on_edge, fitted=False)
+
+
+@dataclass(frozen=True)
+class PowerLaw:
+    coefficient: float
+    exponent: float
+    exponent_stderr: float  # nan with exactly 2 points: no residual degrees of freedom
+
+
+def fit_power_law(x, y) -> PowerLaw:
+    """y = coefficient · x^exponent by least squares of log y on log x."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if np.unique(x).size < 2:
+        raise ValueError(f"fit_power_law: x={x.tolist()}: expected at least 2 distinct values")
+    if (x <= 0).any() or (y <= 0).any():
+        raise ValueError(f"fit_power_law: x={x.tolist()}, y={y.tolist()}: expected positive values")
+    log_x, log_y = np.log(x), np.log(y)
+    exponent, intercept = np.polyfit(log_x, log_y, 1)
+    residuals = log_y - (exponent * log_x + intercept)
+    dof = x.size - 2
+    spread = float(np.sum((log_x - log_x.mean()) ** 2))
+    stderr = math.sqrt(residuals @ residuals / dof / spread) if dof > 0 else math.nan
+    return PowerLaw(float(math.exp(intercept)), float(exponent), stderr)
+
+
+def _config_id(config: dict, drop: tuple[str, ...]) -> str:
+    """Short hash of a run config without the dotted fields in `drop`."""
+    kept = copy.deepcopy(config)
+    for field in drop:
+        *parents, leaf = field.split(".")
+        node = kept
+        for parent in parents:
+            node = node.get(parent, {})
+        node.pop(leaf, None)
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def shape_id(config: dict) -> str:
+    """The id of the shape a run belongs to: its config without LR, seed and bookkeeping."""
+    return _config_id(config, NOT_SHAPE)
+
+
+def _number(value) -> float | None:
+    """A plain float for JSON, None for missing or non-finite."""
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def _metric(result: dict, metric: str) -> float:
+    value = result.get(metric)
+    return math.nan if result["diverged"] or value is None else float(value)
+
+
+def _run_row(result: dict) -> dict:
+    cfg = result["config"]
+    lr = cfg["optim"]["lr"]
+    return {"name": result["name"], "param": cfg["param"]["name"], "optim": cfg["optim"]["name"],
+            "kind": cfg["model"]["kind"], "width": cfg["model"]["width"],
+            "depth": cfg["model"]["depth"], "tokens": result["tokens"],
+            "batch_size": cfg["train"]["batch_size"], "seed": cfg["train"]["seed"], "lr": lr,
+            "log2_lr": math.log2(lr), "train_loss": _number(result.get("train_loss")),
+            "val_loss": _number(result.get("val_loss")), "diverged": bool(result["diverged"]),
+            "compute": float(result["flops_per_token"] * result["tokens"])}
+
+
+def _curve_point(lr: float, values: list[float]) -> dict:
+    finite = np.array([v for v in values if math.isfinite(v)])
+    n = int(finite.size)
+    return {"log2_lr": math.log2(lr), "lr": lr, "mean": float(finite.mean()) if n else None,
+            "std": float(finite.std(ddof=1)) if n >= 2 else (0.0 if n else None), "n": n,
+            "diverged": len(values) - n}
+
+
+def _optimum_dict(optimum: Optimum) -> dict:
+    return {"log2_lr": optimum.log2_lr, "lr": 2.0 ** optimum.log2_lr,
+            "argmin_log2_lr": optimum.argmin_log2_lr, "loss": optimum.loss,
+            "on_edge": optimum.on_edge, "fitted": optimum.fitted}
+
+
+def _shape(sid: str, runs: list[dict], metric: str) -> dict:
+    row = _run_row(runs[0])
+    values = [(r["config"]["train"]["seed"], r["config"]["optim"]["lr"], _metric(r, metric))
+              for r in runs]
+    by_lr = defaultdict(list)
+    for _, lr, value in values:
+        by_lr[lr].append(value)
+    curve = [_curve_point(lr, by_lr[lr]) for lr in sorted(by_lr)]
+    means = [math.nan if p["mean"] is None else p["mean"] for p in curve]
+    has_finite = any(math.isfinite(m) for m in means)
+    seeds = sorted({seed for seed, _, _ in values})
+    seed_optima = []
+    for seed in seeds:
+        lrs, losses = zip(*[(math.log2(lr), v) for s, lr, v in values if s == seed])
+        if any(math.isfinite(v) for v in losses):
+            seed_optima.append(fit_optimum(lrs, losses).log2_lr)
+    return {"id": sid, "param": row["param"], "optim": row["optim"], "kind": row["kind"],
+            "width": row["width"], "depth": row["depth"], "tokens": row["tokens"],
+            "batch_size": row["batch_size"], "steps": runs[0]["config"]["train"]["steps"],
+            "seeds": seeds, "curve": curve,
+            "optimum": _optimum_dict(fit_optimum([p["log2_lr"] for p in curve], means))
+            if has_finite else None,
+            "seed_optima": seed_optima,
+            "log2_lr_mean": float(np.mean(seed_optima)) if seed_optima else None,
+            "log2_lr_std": float(np.std(seed_optima, ddof=1)) if len(seed_optima) >= 2 else 0.0,
+            "compute": row["compute"],
+            "best_loss": float(np.nanmin(means)) if has_finite else None}
+
+
+def _families(shapes: list[tuple[dict, dict]], vary: tuple[str, ...]) -> list[list[dict]]:
+    """Shapes with an optimum, grouped by everything in their config except the `vary` fields."""
+    groups = defaultdict(list)
+    for shape, config in shapes:
+        if shape["optimum"] is not None:
+            groups[_config_id(config, NOT_SHAPE + vary)].append(shape)
+    return list(groups.values())
+
+
+def _sem(std: float | None, n: int) -> float | None:
+    """Standard error of a seed mean; unknown (None) from fewer than 2 seeds."""
+    return std / math.sqrt(n) if std is not None and n >= 2 else None
+
+
+def _drift(family: list[dict]) -> dict:
+    log2_lr = [s["optimum"]["log2_lr"] for s in family]
+    hi, lo = int(np.argmax(log2_lr)), int(np.argmin(log2_lr))
+    sems = [_sem(family[i]["log2_lr_std"], len(family[i]["seed_optima"])) for i in (hi, lo)]
+    widths = [s["width"] for s in family]
+    first = family[0]
+    return {"family": {k: first[k] for k in ("param", "optim", "kind", "depth", "tokens",
+                                             "batch_size")},
+            "widths": widths, "log2_lr": log2_lr, "log2_lr_std": [s["log2_lr_std"] for s in family],
+            "drift_octaves": log2_lr[hi] - log2_lr[lo],
+            "drift_uncertainty": math.hypot(*sems) if None not in sems else None,
+            "slope": float(np.polyfit(np.log2(widths), log2_lr, 1)[0]),
+            "any_on_edge": any(s["optimum"]["on_edge"] for s in family)}
+
+
+def _wider_is_better(family: list[dict], drift: dict) -> dict:
+    """Loss per width at the grid LR nearest the narrowest width's optimum (the transferred LR)."""
+    narrowest = family[0]
+    log2_lr = min((p["log2_lr"] for p in narrowest["curve"]),
+                  key=lambda g: abs(g - narrowest["optimum"]["log2_lr"]))
+    points = [next((p for p in s["curve"] if math.isclose(p["log2_lr"], log2_lr, abs_tol=1e-9)),
+                   None) for s in family]
+    means = [p and p["mean"] for p in points]
+    sems = [_sem(p["std"], p["n"]) if p else None for p in points]
+    holds = None not in means and all(b < a for a, b in itertools.pairwise(means))
+    thresholds = ([2 * math.hypot(a, b) for a, b in itertools.pairwise(sems)]
+                  if None not in sems else None)
+    beyond_noise = holds and thresholds is not None and all(
+        a - b > t for (a, b), t in zip(itertools.pairwise(means), thresholds))
+    return {"family": drift["family"], "log2_lr": log2_lr, "widths": drift["widths"],
+            "loss_mean": means, "loss_sem": sems, "holds": holds, "beyond_noise": beyond_noise,
+            "noise": max(thresholds) if thresholds else None}
+
+
+def _power_law(x: list[float], y: list[float]) -> dict:
+    fit = fit_power_law(x, y)
+    return {"exponent": fit.exponent, "exponent_stderr": _number(fit.exponent_stderr),
+            "coefficient": fit.coefficient}
+
+
+def analyze(results: list[dict], metric: str = "val_loss") -> dict:
+    """Per-shape LR optima and, across shapes, drift with width and power laws (JSON-ready)."""
+    if metric not in METRICS:
+        raise ConfigError("metric", metric, f"one of {list(METRICS)}")
+    groups = {r["config"].get("logging", {}).get("group") for r in results}
+    runs_by_shape = defaultdict(list)
+    for result in results:
+        runs_by_shape[shape_id(result["config"])].append(result)
+    shapes = sorted(((_shape(sid, runs, metric), runs[0]["config"])
+                     for sid, runs in runs_by_shape.items()),
+                    key=lambda sc: tuple(sc[0][k] for k in ("param", "optim", "kind", "depth",
+                                                            "tokens", "width", "id")))
+    drift, wider = [], []
+    for family in _families(shapes, ("model.width",)):
+        if len(family) >= 2:
+            family.sort(key=lambda s: s["width"])
+            drift.append(_drift(family))
+            wider.append(_wider_is_better(family, drift[-1]))
+    lr_vs_tokens = []
+    for family in _families(shapes, ("train.steps", "train.batch_size")):
+        family.sort(key=lambda s: s["tokens"])
+        tokens = [s["tokens"] for s in family]
+        if len(set(tokens)) >= 2:
+            log2_lr = [s["optimum"]["log2_lr"] for s in family]
+            lr_vs_tokens.append({"family": {k: family[0][k] for k in ("param", "optim", "kind",
+                                                                     "width", "depth")},
+                                 "tokens": tokens, "log2_lr": log2_lr,
+                                 **_power_law(tokens, [2.0 ** v for v in log2_lr])})
+    by_recipe = defaultdict(list)
+    for shape, _ in shapes:
+        if shape["best_loss"] is not None:
+            by_recipe[shape["param"], shape["optim"]].append(shape)
+    loss_vs_compute = []
+    for (param, optim), family in sorted(by_recipe.items()):
+        family.sort(key=lambda s: s["compute"])
+        compute, loss = [s["compute"] for s in family], [s["best_loss"] for s in family]
+        if len(set(compute)) >= 2:
+            loss_vs_compute.append({"param": param, "optim": optim, "compute": compute,
+                                    "loss": loss, **_power_law(compute, loss)})
+    return {"metric": metric, "group": groups.pop() if len(groups) == 1 else None,
+            "runs": sorted((_run_row(r) for r in results), key=lambda row: row["name"]),
+            "shapes": [shape for shape, _ in shapes], "drift": drift, "wider_is_better": wider,
+            "lr_vs_tokens": lr_vs_tokens, "loss_vs_compute": loss_vs_compute}
+
+
+def _pm(value: float | None, digits: int = 2) -> str:
+    return "?" if value is None else f"{value:.{digits}f}"
+
+
+def format_table(analysis: dict) -> str:
+    """Plain-text summary: one line per shape, then drift, wider-is-better and power laws."""
+    lines = [f"metric: {analysis['metric']}   group: {analysis['group']}",
+             (f"{'param':<6} {'optim':<6} {'kind':<11} {'width':>6} {'depth':>5} {'tokens':>11} "
+              f"{'seeds':>5}  {'log2 lr ± std':>14} {'argmin':>7}  {'best loss':>9}")]
+    for s in analysis["shapes"]:
+        head = (f"{s['param']:<6} {s['optim']:<6} {s['kind']:<11} {s['width']:>6} "
+                f"{s['depth']:>5} {s['tokens']:>11} {len(s['seeds']):>5}  ")
+        o = s["optimum"]
+        if o is None:
+            lines.append(head + "every run diverged")
+            continue
+        edge = "*" if o["on_edge"] else " "
+        lines.append(head + f"{o['log2_lr']:>7.2f} ± {s['log2_lr_std']:<4.2f} "
+                     f"{o['argmin_log2_lr']:>7.2f}{edge} {s['best_loss']:>9.4f}")
+    lines.append("(* optimum at the edge of the LR grid: the true optimum may lie outside it)")
+    for d in analysis["drift"]:
+        f = d["family"]
+        edge = "  (an optimum is on the grid edge)" if d["any_on_edge"] else ""
+        lines.append(f"{f['param']} {f['optim']} d{f['depth']} {f['tokens']} tokens "
+                     f"w{d['widths'][0]}→w{d['widths'][-1]}: drift {d['drift_octaves']:.2f} ± "
+                     f"{_pm(d['drift_uncertainty'])} octaves, slope {d['slope']:+.2f}/width-octave"
+                     + edge)
+    for w in analysis["wider_is_better"]:
+        f = w["family"]
+        lines.append(f"{f['param']} {f['optim']} d{f['depth']} {f['tokens']} tokens at log2 lr "
+                     f"{w['log2_lr']:.2f}: wider is better {'yes' if w['holds'] else 'no'}, "
+                     f"beyond noise {'yes' if w['beyond_noise'] else 'no'} "
+                     f"(noise {_pm(w['noise'], 4)})")
+    for p in analysis["lr_vs_tokens"]:
+        f = p["family"]
+        lines.append(f"{f['param']} {f['optim']} w{f['width']} d{f['depth']}: optimal lr ∝ "
+                     f"tokens^({p['exponent']:.3f} ± {_pm(p['exponent_stderr'], 3)})")
+    for p in analysis["loss_vs_compute"]:
+        lines.append(f"{p['param']} {p['optim']}: best loss ∝ "
+                     f"compute^({p['exponent']:.3f} ± {_pm(p['exponent_stderr'], 3)})")
+    return "\n".join(lines)

@@ -1,0 +1,54 @@
+"""The sweep's analysis as its own W&B run: tables of runs and optima, the plots, and the verdicts
+(drift, exponents) as summary values, in the sweep's group next to the runs it analyzes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from scaling.plots import family_names
+
+OPTIMA_COLUMNS = ["param", "optim", "width", "depth", "tokens", "log2_lr", "lr", "argmin_log2_lr",
+                  "on_edge", "best_loss"]
+# (analysis section, summary key prefix, value): one summary value per family of each section.
+SUMMARY_FIELDS = [("drift", "drift", "drift_octaves"),
+                  ("wider_is_better", "wider_is_better", "holds"),
+                  ("lr_vs_tokens", "lr_vs_tokens_exponent", "exponent"),
+                  ("loss_vs_compute", "loss_vs_compute_exponent", "exponent")]
+
+
+def log_analysis(analysis: dict, images: list[Path], *, project: str, group: str | None,
+                 mode: str, directory: Path) -> str | None:
+    """Logs one W&B run with job_type 'analysis'; returns its id, or None when mode is disabled."""
+    if mode == "disabled":
+        return None
+    import wandb  # slow to import; only when logging is on
+
+    run = wandb.init(project=project, group=group, job_type="analysis",
+                     name=f"analysis-{group or 'sweep'}", dir=str(directory), mode=mode,
+                     settings=wandb.Settings(silent=True, console="off"), reinit="create_new")
+    runs = analysis["runs"]
+    columns = list(runs[0]) if runs else []
+    run.log({"runs": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in runs]),
+             "optima": wandb.Table(columns=OPTIMA_COLUMNS,
+                                   data=[_optimum_row(s) for s in analysis["shapes"]]),
+             **{path.stem: wandb.Image(str(path)) for path in images}})
+    run.summary.update(_summary(analysis))
+    run.finish()
+    return run.id
+
+
+def _optimum_row(shape: dict) -> list:
+    optimum = shape["optimum"] or {}  # None when every run of the shape diverged
+    row = shape | {k: optimum.get(k) for k in ("log2_lr", "lr", "argmin_log2_lr", "on_edge")}
+    return [row[c] for c in OPTIMA_COLUMNS]
+
+
+def _summary(analysis: dict) -> dict:
+    """Per-family verdicts under keys such as 'drift/mup/d2' and 'loss_vs_compute_exponent/sp'."""
+    values = {}
+    for section, prefix, field in SUMMARY_FIELDS:
+        entries = analysis[section]
+        families = [e.get("family", e) for e in entries]  # loss_vs_compute rows are their family
+        for entry, parts in zip(entries, family_names(families), strict=True):
+            values[f"{prefix}/{'/'.join(parts)}"] = entry[field]
+    return values

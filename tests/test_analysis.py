@@ -1,0 +1,187 @@
+"""Sweep analysis recovers optima, drift and power laws planted in synthetic results."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from scaling.analysis import analyze, fit_optimum, fit_power_law, format_table, load_results
+
+GRID = np.arange(-14.0, -3.9, 0.5)  # log2 LR on a half-octave grid
+BATCH, SEQ_LEN = 16, 64
+
+
+def _result(param, width, log2_lr, seed, loss, steps=200, diverged=False) -> dict:
+    lr = 2.0 ** log2_lr
+    tokens = steps * BATCH * SEQ_LEN
+    return {
+        "train_loss": None if diverged else loss - 0.05, "val_loss": None if diverged else loss,
+        "diverged": diverged, "steps": steps, "tokens": tokens, "params": 12 * 2 * width**2,
+        "flops_per_token": 6 * 12 * 2 * width**2, "wall_seconds": 1.0, "run_dir": "runs/x",
+        "name": f"transformer-w{width}-d2-{param}-adamw-lr{lr:g}-s{seed}-t{steps}",
+        "data": "stdlib",
+        "config": {
+            "model": {"kind": "transformer", "width": width, "depth": 2, "head_dim": 32},
+            "param": {"name": param, "base_width": 64, "base_depth": 4},
+            "optim": {"name": "adamw", "lr": lr, "b1": 0.9},
+            "data": {"path": None},
+            "train": {"steps": steps, "batch_size": BATCH, "seq_len": SEQ_LEN, "seed": seed,
+                      "eval_every": 50, "eval_batches": 8, "log_every": 10,
+                      "checkpoint_every": 100, "out_dir": f"runs/{seed}"},
+            "logging": {"wandb_mode": "offline", "project": "scaling", "group": "sweep-1a2b3c4d",
+                        "progress": True},
+        },
+    }
+
+
+def _sweep(optimum, floor=lambda width, tokens: 2.0, params=("mup",), widths=(64,), seeds=3,
+           steps=(200,), noise=0.002, diverge_above=None, rng_seed=0) -> list[dict]:
+    """Runs whose loss is 0.05·(log2 lr − optimum)² + floor plus Gaussian noise."""
+    rng = np.random.default_rng(rng_seed)
+    results = []
+    for param in params:
+        for width in widths:
+            for n_steps in steps:
+                tokens = n_steps * BATCH * SEQ_LEN
+                c, b = optimum(width, tokens), floor(width, tokens)
+                for seed in range(seeds):
+                    for x in GRID:
+                        loss = 0.05 * (x - c) ** 2 + b + noise * rng.standard_normal()
+                        diverged = diverge_above is not None and x > diverge_above
+                        results.append(_result(param, width, x, seed, loss, n_steps, diverged))
+    return results
+
+
+def test_recovers_optimum_between_grid_points(tmp_path):
+    c = -8.25  # halfway between grid points: the raw argmin is off by a quarter octave
+    results = _sweep(lambda w, t: c, params=("mup", "sp"), widths=(64, 128))
+    for i, result in enumerate(results[::7]):
+        path = tmp_path / "sweep" / f"group{i % 3}" / result["name"] / "result.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(result))
+    (tmp_path / "sweep" / "analysis").mkdir()
+    (tmp_path / "sweep" / "analysis" / "result.json").write_text("not a run")
+    loaded = load_results(tmp_path / "sweep")
+    assert [r["name"] for r in loaded] == sorted(r["name"] for r in results[::7])
+
+    analysis = analyze(results)
+    assert len(analysis["shapes"]) == 4 and analysis["group"] == "sweep-1a2b3c4d"
+    for shape in analysis["shapes"]:
+        optimum = shape["optimum"]
+        assert optimum["fitted"] and not optimum["on_edge"]
+        assert abs(optimum["log2_lr"] - c) < 0.1, shape["id"]
+        assert abs(optimum["log2_lr"] - c) < abs(optimum["argmin_log2_lr"] - c)
+        assert shape["seeds"] == [0, 1, 2] and len(shape["seed_optima"]) == 3
+        assert all(abs(o - c) < 0.2 for o in shape["seed_optima"])
+
+
+def test_load_results_names_the_empty_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        load_results(tmp_path)
+
+
+def test_on_edge_when_the_minimum_is_beyond_the_grid():
+    x = GRID
+    assert fit_optimum(x, 0.05 * (x + 2.0) ** 2).on_edge  # minimum above the largest LR
+    assert not fit_optimum(x, 0.05 * (x + 9.0) ** 2).on_edge
+    shape = analyze(_sweep(lambda w, t: -20.0))["shapes"][0]
+    assert shape["optimum"]["on_edge"] and shape["optimum"]["argmin_log2_lr"] == GRID[0]
+
+
+def test_concave_neighbourhood_falls_back_to_the_argmin():
+    optimum = fit_optimum([-9.0, -8.5, -8.0, -7.5], [2.0, 2.9, 3.0, 2.95])
+    assert not optimum.fitted and optimum.log2_lr == optimum.argmin_log2_lr == -9.0
+    assert optimum.loss == 2.0 and optimum.on_edge
+
+
+def test_diverged_runs_are_excluded():
+    c = -8.25
+    results = _sweep(lambda w, t: c, diverge_above=-6.0)
+    for r in results:
+        if r["diverged"]:
+            r["train_loss"] = 0.5  # the last loss logged before blowing up must not count
+    analysis = analyze(results, metric="train_loss")
+    (shape,) = analysis["shapes"]
+    assert abs(shape["optimum"]["log2_lr"] - c) < 0.1
+    top = shape["curve"][-1]
+    assert top["mean"] is None and top["n"] == 0 and top["diverged"] == 3
+    assert sum(row["diverged"] for row in analysis["runs"]) == 3 * int(np.sum(GRID > -6.0))
+    with pytest.raises(ValueError, match="diverged"):
+        fit_optimum([1.0, 2.0], [math.nan, math.nan])
+
+
+@pytest.mark.parametrize(
+    "param, optimum, drift, slope",
+    [("mup", lambda w, t: -8.0, 0.0, 0.0),
+     ("sp", lambda w, t: -8.0 - math.log2(w / 64), 3.0, -1.0)])
+def test_drift_flat_under_mup_and_one_octave_per_doubling_under_sp(param, optimum, drift, slope):
+    analysis = analyze(_sweep(optimum, params=(param,), widths=(64, 128, 256, 512)))
+    (d,) = analysis["drift"]
+    assert d["widths"] == [64, 128, 256, 512] and d["family"]["param"] == param
+    assert abs(d["drift_octaves"] - drift) < 0.15
+    assert abs(d["slope"] - slope) < 0.05
+    assert d["drift_uncertainty"] < 0.2 and not d["any_on_edge"]
+
+
+def test_power_law_on_exact_data():
+    x = np.array([1e5, 2e5, 4e5, 8e5])
+    fit = fit_power_law(x, 3.0 * x**-0.32)
+    assert fit.exponent == pytest.approx(-0.32, abs=1e-12)
+    assert fit.coefficient == pytest.approx(3.0, rel=1e-9)
+    assert fit.exponent_stderr == pytest.approx(0.0, abs=1e-9)
+    assert math.isnan(fit_power_law(x[:2], x[:2] ** 0.5).exponent_stderr)
+    with pytest.raises(ValueError, match="distinct"):
+        fit_power_law([2.0, 2.0], [1.0, 1.0])
+
+
+def test_lr_and_loss_power_laws_in_tokens_and_compute():
+    def optimum(width, tokens):
+        return -2.0 - 0.32 * math.log2(tokens)  # optimal lr = 2^-2 · tokens^-0.32
+
+    def floor(width, tokens):
+        return 20.0 * tokens**-0.1
+
+    analysis = analyze(_sweep(optimum, floor, steps=(100, 200, 400, 800)))
+    (fit,) = analysis["lr_vs_tokens"]
+    assert fit["tokens"] == [100 * BATCH * SEQ_LEN * 2**i for i in range(4)]
+    assert abs(fit["exponent"] + 0.32) < 0.02
+    (law,) = analysis["loss_vs_compute"]
+    assert abs(law["exponent"] + 0.1) < 0.01
+
+
+@pytest.mark.parametrize("gap, beyond_noise", [(0.1, True), (0.005, False)])
+def test_wider_is_better_against_seed_noise(gap, beyond_noise):
+    def floor(width, tokens):
+        return 3.0 - gap * math.log2(width / 64)
+
+    spread = 0.01
+    results = _sweep(lambda w, t: -8.0, floor, widths=(64, 128, 256), noise=0.0)
+    for r in results:  # seeds 0, 1, 2 sit at -spread, 0, +spread: known std, exact means
+        r["val_loss"] += spread * (r["config"]["train"]["seed"] - 1)
+    (w,) = analyze(results)["wider_is_better"]
+    assert w["log2_lr"] == -8.0 and w["widths"] == [64, 128, 256]
+    assert w["holds"]  # the mean loss falls with width either way; only the margin differs
+    assert w["noise"] == pytest.approx(2 * math.sqrt(2 / 3) * spread)
+    assert w["beyond_noise"] is beyond_noise
+
+
+def test_analysis_is_strict_json():
+    results = _sweep(lambda w, t: -8.0, widths=(64, 128), seeds=1, diverge_above=-6.0)
+    results.append(_result("mup", 256, -8.0, 0, 0.0, diverged=True))  # a shape that only diverged
+    analysis = analyze(results, metric="train_loss")
+    assert json.loads(json.dumps(analysis, allow_nan=False)) == analysis
+    assert analysis["shapes"][-1]["optimum"] is None
+    with pytest.raises(ValueError, match="metric='loss'"):
+        analyze(results, metric="loss")
+
+
+def test_format_table_names_each_width_and_the_drift():
+    analysis = analyze(_sweep(lambda w, t: -8.0 - math.log2(w / 64), widths=(64, 512)))
+    table = format_table(analysis)
+    for shape in analysis["shapes"]:
+        assert f" {shape['width']} " in table
+    assert "w64→w512: drift 3.0" in table
+    assert "noise" in table
