@@ -83,6 +83,7 @@ def transfer(proxy: RunConfig, proxy_lr: float, *, width: int, steps: int | None
         batch_size=proxy.train.batch_size if batch_size is None else batch_size)
     target = dataclasses.replace(proxy, model=dataclasses.replace(proxy.model, width=width),
                                  train=train)
+    validate(target)  # e.g. a width that is not a multiple of the head dim, or zero steps
     lr, reasons = proxy_lr, [f"proxy optimum: η = {proxy_lr:.4g} (log2 {math.log2(proxy_lr):.2f})"]
     for step in TRANSFER_STEPS:
         factor, reason = step(proxy, target, data_exponent)
@@ -90,7 +91,6 @@ def transfer(proxy: RunConfig, proxy_lr: float, *, width: int, steps: int | None
         if reason is not None:
             reasons.append(reason)
     target = dataclasses.replace(target, optim=dataclasses.replace(proxy.optim, lr=lr))
-    validate(target)  # e.g. a width that is not a multiple of the head dim
     reasons.append(f"target: η = {lr:.4g} (log2 {math.log2(lr):.2f})")
     return TransferResult(target, lr, reasons, _role_multipliers(proxy, target))
 
