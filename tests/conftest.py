@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -11,6 +12,8 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 import jax
 import pytest
+
+pytest.register_assert_rewrite("synthetic")  # its shared assertions report like a test's own
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,3 +33,13 @@ TINY_RUN = [
 def tiny_run(tmp_path) -> list[str]:
     """Overrides for a tiny Transformer run writing under a temporary out_dir."""
     return [*TINY_RUN, f"train.out_dir={tmp_path / 'runs'}"]
+
+
+@pytest.fixture
+def restore_root_logging():
+    """Hydra's job logging rebinds the root logger to the test's stdout; undo that after."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

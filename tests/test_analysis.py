@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
 import numpy as np
 import pytest
+from synthetic import run_result, write_results
 
 from scaling.analysis import analyze, fit_optimum, fit_power_law, format_table, load_results
 
@@ -14,27 +16,10 @@ GRID = np.arange(-14.0, -3.9, 0.5)  # log2 LR on a half-octave grid
 BATCH, SEQ_LEN = 16, 64
 
 
-def _result(param, width, log2_lr, seed, loss, steps=200, diverged=False) -> dict:
-    lr = 2.0 ** log2_lr
-    tokens = steps * BATCH * SEQ_LEN
-    return {
-        "train_loss": None if diverged else loss - 0.05, "val_loss": None if diverged else loss,
-        "diverged": diverged, "steps": steps, "tokens": tokens, "params": 12 * 2 * width**2,
-        "flops_per_token": 6 * 12 * 2 * width**2, "wall_seconds": 1.0, "run_dir": "runs/x",
-        "name": f"transformer-w{width}-d2-{param}-adamw-lr{lr:g}-s{seed}-t{steps}",
-        "data": "stdlib",
-        "config": {
-            "model": {"kind": "transformer", "width": width, "depth": 2, "head_dim": 32},
-            "param": {"name": param, "base_width": 64, "base_depth": 4},
-            "optim": {"name": "adamw", "lr": lr, "b1": 0.9},
-            "data": {"path": None},
-            "train": {"steps": steps, "batch_size": BATCH, "seq_len": SEQ_LEN, "seed": seed,
-                      "eval_every": 50, "eval_batches": 8, "log_every": 10,
-                      "checkpoint_every": 100, "out_dir": f"runs/{seed}"},
-            "logging": {"wandb_mode": "offline", "project": "scaling", "group": "sweep-1a2b3c4d",
-                        "progress": True},
-        },
-    }
+# This file's runs: 200 steps unless told, batches of 16 × 64 tokens, one W&B group, training
+# loss 0.05 below validation loss.
+_result = functools.partial(run_result, steps=200, batch=BATCH, seq_len=SEQ_LEN,
+                            group="sweep-1a2b3c4d", train_gap=-0.05)
 
 
 def _sweep(optimum, floor=lambda width, tokens: 2.0, params=("mup",), widths=(64,), seeds=3,
@@ -51,17 +36,16 @@ def _sweep(optimum, floor=lambda width, tokens: 2.0, params=("mup",), widths=(64
                     for x in GRID:
                         loss = 0.05 * (x - c) ** 2 + b + noise * rng.standard_normal()
                         diverged = diverge_above is not None and x > diverge_above
-                        results.append(_result(param, width, x, seed, loss, n_steps, diverged))
+                        results.append(_result(param, width, x, seed, loss, steps=n_steps,
+                                               diverged=diverged))
     return results
 
 
 def test_recovers_optimum_between_grid_points(tmp_path):
     c = -8.25  # halfway between grid points: the raw argmin is off by a quarter octave
     results = _sweep(lambda w, t: c, params=("mup", "sp"), widths=(64, 128))
-    for i, result in enumerate(results[::7]):
-        path = tmp_path / "sweep" / f"group{i % 3}" / result["name"] / "result.json"
-        path.parent.mkdir(parents=True)
-        path.write_text(json.dumps(result))
+    for i in range(3):  # spread over three folders, as separate sweep jobs leave them
+        write_results(tmp_path / "sweep" / f"group{i}", results[::7][i::3])
     (tmp_path / "sweep" / "analysis").mkdir()
     (tmp_path / "sweep" / "analysis" / "result.json").write_text("not a run")
     loaded = load_results(tmp_path / "sweep")

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import matplotlib.image
 import pytest
-from wandb_log import items, of_type, wandb_records
+from synthetic import assert_one_line_cli_error, run_result, write_results
+from wandb_log import finished_run_records, items, of_type
 
 from experiments.analyze import main
 
@@ -34,42 +35,14 @@ def _loss(param: str, width: int, steps: int, log2_lr: float, seed: int) -> floa
     return 1.2 + 16 / width + 100 / steps + 0.05 * (log2_lr - vertex) ** 2
 
 
-def write_sweep(root: Path, params=("sp", "mup"), widths=(64, 128, 256), steps=(100,)) -> int:
-    """One run folder with a result.json per grid point, as a sweep leaves them; returns the count."""
-    count = 0
-    for param in params:
-        for width in widths:
-            for n_steps in steps:
-                for log2_lr in LOG2_LR_GRID:
-                    for seed in SEEDS:
-                        result = _result(param, width, n_steps, log2_lr, seed, root)
-                        run_dir = Path(result["run_dir"])
-                        run_dir.mkdir(parents=True)
-                        (run_dir / "result.json").write_text(json.dumps(result))
-                        count += 1
-    return count
-
-
-def _result(param: str, width: int, steps: int, log2_lr: float, seed: int, root: Path) -> dict:
-    lr = 2.0**log2_lr
-    name = f"transformer-w{width}-d{DEPTH}-{param}-adamw-lr{lr:g}-s{seed}-t{steps}"
-    diverged = (param, width, log2_lr, seed) == DIVERGED
-    loss = None if diverged else _loss(param, width, steps, log2_lr, seed)
-    params = 12 * DEPTH * width**2
-    return {"train_loss": loss and loss + 0.01, "val_loss": loss, "diverged": diverged,
-            "steps": steps, "tokens": steps * BATCH * SEQ_LEN, "params": params,
-            "flops_per_token": 6 * params, "wall_seconds": 1.0, "run_dir": str(root / name),
-            "name": name, "data": "synthetic",
-            "config": {
-                "model": {"kind": "transformer", "width": width, "depth": DEPTH, "head_dim": 32},
-                "param": {"name": param, "base_width": 64, "base_depth": DEPTH},
-                "optim": {"name": "adamw", "lr": lr, "warmup_steps": 10},
-                "train": {"steps": steps, "batch_size": BATCH, "seq_len": SEQ_LEN, "seed": seed,
-                          "eval_every": 50, "log_every": 10, "checkpoint_every": 50,
-                          "out_dir": str(root)},
-                "logging": {"wandb_mode": "offline", "project": "scaling", "group": GROUP,
-                            "progress": False},
-                "data": {"path": None}}}
+def write_sweep(root: Path, params=("sp", "mup"), widths=(64, 128, 256), steps=(100,)) -> None:
+    """One run folder with a result.json per grid point, as a sweep leaves them."""
+    write_results(root, [
+        run_result(param, width, log2_lr, seed, _loss(param, width, n_steps, log2_lr, seed),
+                   steps=n_steps, batch=BATCH, seq_len=SEQ_LEN, depth=DEPTH, group=GROUP,
+                   root=root, diverged=(param, width, log2_lr, seed) == DIVERGED)
+        for param in params for width in widths for n_steps in steps
+        for log2_lr in LOG2_LR_GRID for seed in SEEDS])
 
 
 @pytest.fixture
@@ -133,10 +106,6 @@ def test_token_budgets_give_the_lr_vs_tokens_plot(tmp_path):
         _assert_png(out / name)
 
 
-def _files(root: Path) -> list[Path]:
-    return sorted(p.relative_to(root) for p in root.rglob("*"))
-
-
 @pytest.mark.parametrize("case", ["missing_dir", "no_results", "bad_metric"])
 def test_errors_are_one_line_and_write_nothing(case, tmp_path, capsys):
     sweep = tmp_path / "sweep"
@@ -150,18 +119,8 @@ def test_errors_are_one_line_and_write_nothing(case, tmp_path, capsys):
         "bad_metric": ([str(sweep), "--metric", "accuracy"],
                        ["--metric", "accuracy", "val_loss", "train_loss"]),
     }[case]
-    before = _files(tmp_path)
 
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-
-    assert exit_info.value.code == 2
-    captured = capsys.readouterr()
-    assert captured.out == ""
-    (line,) = captured.err.splitlines()
-    assert line.startswith("scaling-analyze: error: ")
-    assert all(word in line for word in named), line
-    assert _files(tmp_path) == before
+    assert_one_line_cli_error(main, argv, capsys, "scaling-analyze", named, tmp_path)
 
 
 def test_wandb_analysis_run_holds_tables_images_and_drift(sweep, tmp_path, monkeypatch, capsys):
@@ -175,7 +134,7 @@ def test_wandb_analysis_run_holds_tables_images_and_drift(sweep, tmp_path, monke
     main([str(sweep), "--out", str(out), "--wandb-mode", "offline"])
 
     (offline_dir,) = (out / "wandb").glob("offline-run-*")
-    records = wandb_records(next(offline_dir.glob("*.wandb")))
+    records = finished_run_records(next(offline_dir.glob("*.wandb")))
     (run,) = of_type(records, "run")
     assert (run.run_group, run.job_type, run.project) == (GROUP, "analysis", "scaling")
     assert run.display_name == f"analysis-{GROUP}"

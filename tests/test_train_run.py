@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import signal
@@ -34,14 +33,8 @@ LONG = ["train.steps=120", "train.checkpoint_every=10", "train.log_every=2",
         "train.eval_every=60"]
 
 
-@pytest.fixture(autouse=True)
-def _restore_root_logging():
-    """Hydra's job logging rebinds the root logger to this test's stdout; undo that after."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+# Hydra's job logging rebinds the root logger in the multirun tests: every test restores it.
+pytestmark = pytest.mark.usefixtures("restore_root_logging")
 
 
 def _config(overrides: list[str]):

@@ -5,13 +5,13 @@ target; the proxy it picks from a sweep; and `scaling-transfer` on a synthetic s
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 from pathlib import Path
 
 import pytest
 import yaml
+from synthetic import assert_one_line_cli_error, run_result, write_results
 
 from experiments.compose import compose, to_run_config
 from experiments.transfer import command_overrides, main, plan
@@ -25,7 +25,6 @@ from scaling.config import (
     RunConfig,
     SweepConfig,
     TrainConfig,
-    to_dict,
 )
 from scaling.transfer import proxy_shape, transfer
 
@@ -155,38 +154,19 @@ OPTIMUM = -7.25  # the vertex, between two grid points
 GROUP = "sweep-t"
 
 
-def _result(param: str, width: int, log2_lr: float, seed: int, vertex: float, root: Path) -> dict:
-    lr = 2.0**log2_lr
-    name = f"transformer-w{width}-d{DEPTH}-{param}-adamw-lr{lr:g}-s{seed}-t{STEPS}"
-    # seeds put the vertex ±0.05 octave apart; their mean's vertex is `vertex` exactly
-    loss = 1.2 + 16 / width + 0.05 * (log2_lr - vertex - 0.1 * (seed - 0.5)) ** 2
-    config = RunConfig(model=ModelConfig(width=width, depth=DEPTH),
-                       param=ParamConfig(name=param, base_width=BASE_WIDTH, base_depth=DEPTH),
-                       optim=OptimConfig(lr=lr, warmup_steps=10),
-                       train=TrainConfig(steps=STEPS, batch_size=BATCH, seq_len=SEQ_LEN, seed=seed,
-                                         eval_every=50, log_every=10, checkpoint_every=50,
-                                         out_dir=str(root)),
-                       logging=LoggingConfig(wandb_mode="offline", group=GROUP, progress=False),
-                       sweep=SweepConfig(log2_lr_min=LOG2_LR_GRID[0],
-                                         log2_lr_max=LOG2_LR_GRID[-1]))
-    params = 12 * DEPTH * width**2
-    return {"train_loss": loss + 0.01, "val_loss": loss, "diverged": False, "steps": STEPS,
-            "tokens": STEPS * BATCH * SEQ_LEN, "params": params, "flops_per_token": 6 * params,
-            "wall_seconds": 1.0, "run_dir": str(root / name), "name": name, "data": "synthetic",
-            "config": to_dict(config)}
-
-
 def _results(vertices: dict[tuple[str, int], float], root: Path) -> list[dict]:
-    return [_result(param, width, log2_lr, seed, vertex, root)
+    # seeds put the vertex ±0.05 octave apart; their mean's vertex is `vertex` exactly
+    return [run_result(param, width, log2_lr, seed,
+                       1.2 + 16 / width + 0.05 * (log2_lr - vertex - 0.1 * (seed - 0.5)) ** 2,
+                       steps=STEPS, batch=BATCH, seq_len=SEQ_LEN, depth=DEPTH,
+                       base_width=BASE_WIDTH, group=GROUP, root=root,
+                       grid=(LOG2_LR_GRID[0], LOG2_LR_GRID[-1]))
             for (param, width), vertex in vertices.items()
             for log2_lr in LOG2_LR_GRID for seed in SEEDS]
 
 
 def write_sweep(root: Path, vertices: dict[tuple[str, int], float]) -> None:
-    for result in _results(vertices, root):
-        run_dir = Path(result["run_dir"])
-        run_dir.mkdir(parents=True)
-        (run_dir / "result.json").write_text(json.dumps(result))
+    write_results(root, _results(vertices, root))
 
 
 def test_proxy_shape_prefers_the_widest_interior_optimum(tmp_path):
@@ -269,10 +249,6 @@ def test_plan_trains_one_run_in_the_sweeps_group(sweep):
     assert result.lr == pytest.approx(2.0 ** (OPTIMUM - 0.32), rel=1e-6)
 
 
-def _files(root: Path) -> list[Path]:
-    return sorted(p.relative_to(root) for p in root.rglob("*"))
-
-
 @pytest.mark.parametrize("case", ["missing_dir", "width_not_multiple_of_head_dim",
                                   "param_not_swept"])
 def test_cli_errors_are_one_line_and_write_nothing(case, sweep, tmp_path, capsys):
@@ -285,18 +261,9 @@ def test_cli_errors_are_one_line_and_write_nothing(case, sweep, tmp_path, capsys
         "param_not_swept": ([str(sweep), "--width", "512", "--param", "sp"],
                             ["param='sp'", "['mup']"]),
     }[case]
-    before = _files(tmp_path)
 
-    with pytest.raises(SystemExit) as exit_info:
-        main([*argv, "--out", str(out)])
-
-    assert exit_info.value.code == 2
-    captured = capsys.readouterr()
-    assert captured.out == ""
-    (line,) = captured.err.splitlines()
-    assert line.startswith("scaling-transfer: error: ")
-    assert all(word in line for word in named), line
-    assert _files(tmp_path) == before
+    assert_one_line_cli_error(main, [*argv, "--out", str(out)], capsys, "scaling-transfer", named,
+                              tmp_path)
 
 
 @pytest.mark.parametrize(("kwargs", "field"), [({"steps": 0}, "train.steps"),

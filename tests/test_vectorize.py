@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -92,17 +91,7 @@ def test_a_grid_skips_finished_lrs_and_trains_the_rest(tiny_run, monkeypatch):
     assert train_sweep(cfg) == results
 
 
-@pytest.fixture
-def _restore_root_logging():
-    """Hydra's job logging rebinds the root logger to this test's stdout; undo that after."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
-@pytest.mark.usefixtures("_restore_root_logging")
+@pytest.mark.usefixtures("restore_root_logging")
 def test_experiment_multirun_trains_the_grid_and_a_rerun_skips_it(tiny_run, tmp_path,
                                                                    monkeypatch):
     """`scaling-train -m +experiment=lr_width_sweep ...`: one job per width, each over the LR

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import wandb
-from wandb_log import items, of_type, wandb_records
+from wandb_log import finished_run_records, items, of_type
 
 import scaling.data
 from experiments.compose import compose, to_run_config
@@ -34,7 +34,7 @@ def test_offline_run_records_config_metrics_and_group(offline):
 
     (offline_dir,) = _offline_runs(Path(result["run_dir"]))
     (log,) = offline_dir.glob("*.wandb")
-    records = wandb_records(log)
+    records = finished_run_records(log)
     (run,) = of_type(records, "run")
     assert run.run_group == "grp-a" and run.project == "scaling"
     assert run.display_name == result["name"]
@@ -73,11 +73,11 @@ def test_resumed_run_keeps_its_wandb_id(offline, monkeypatch):
     result = train(cfg)
 
     first, second = _offline_runs(Path(result["run_dir"]))
-    ids = [of_type(wandb_records(next(d.glob("*.wandb"))), "run")[0].run_id
+    ids = [of_type(finished_run_records(next(d.glob("*.wandb"))), "run")[0].run_id
            for d in (first, second)]
     assert ids[0] == ids[1]
     assert ids[0] in first.name and ids[0] in second.name
-    records = [wandb_records(next(d.glob("*.wandb"))) for d in (first, second)]
+    records = [finished_run_records(next(d.glob("*.wandb"))) for d in (first, second)]
     assert [[e.exit_code for e in of_type(r, "exit")] for r in records] == [[1], [0]]
     steps = [[items(h.item)["_step"] for h in of_type(r, "history")] for r in records]
     assert steps == [[3, 6, 9], [9, 12]]  # the resumed run re-logs from its checkpoint at 6

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2
@@ -32,6 +33,17 @@ def wandb_records(path: Path) -> list[wandb_internal_pb2.Record]:
             records.append(record)
             chunks = []
     return records
+
+
+def finished_run_records(path: Path, timeout: float = 30.0) -> list[wandb_internal_pb2.Record]:
+    """The records once the run's `exit` record is on disk: W&B's service may still be writing
+    the file for a moment after `run.finish()` returns in the client."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = wandb_records(path)
+        if of_type(records, "exit") or time.monotonic() > deadline:
+            return records
+        time.sleep(0.1)
 
 
 def of_type(records, kind: str) -> list:

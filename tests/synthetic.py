@@ -1,0 +1,71 @@
+"""Synthetic sweeps for the analysis and transfer tests: one run's result.json built from a
+(param, width, log2 LR, seed, loss) point and written where a sweep leaves it; and the check that
+a command-line tool's error is one line, exit status 2, with nothing written."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import pytest
+
+from scaling.config import from_dict, to_dict
+
+
+def run_result(param: str, width: int, log2_lr: float, seed: int, loss: float, *, steps: int = 100,
+               batch: int = 8, seq_len: int = 64, depth: int = 2, base_width: int = 64,
+               group: str = "sweep", root: Path = Path("runs"),
+               grid: tuple[float, float] | None = None, train_gap: float = 0.01,
+               diverged: bool = False) -> dict:
+    """The result.json of one AdamW Transformer run in the sweep folder `root`: validation loss
+    `loss`, training loss `loss + train_gap`, both None when `diverged`. Its config is a whole
+    RunConfig with defaults filled in; `grid` is the sweep's log2 LR range, if it has one."""
+    lr = 2.0**log2_lr
+    name = f"transformer-w{width}-d{depth}-{param}-adamw-lr{lr:g}-s{seed}-t{steps}"
+    sweep = {} if grid is None else {"log2_lr_min": grid[0], "log2_lr_max": grid[1]}
+    config = from_dict({  # validated, so it reads back as a RunConfig
+        "model": {"width": width, "depth": depth},
+        "param": {"name": param, "base_width": base_width, "base_depth": depth},
+        "optim": {"lr": lr, "warmup_steps": 10},
+        "train": {"steps": steps, "batch_size": batch, "seq_len": seq_len, "seed": seed,
+                  "eval_every": 50, "log_every": 10, "checkpoint_every": 50, "out_dir": str(root)},
+        "logging": {"wandb_mode": "offline", "group": group, "progress": False},
+        "sweep": sweep})
+    params = 12 * depth * width**2
+    return {"train_loss": None if diverged else loss + train_gap,
+            "val_loss": None if diverged else loss, "diverged": diverged, "steps": steps,
+            "tokens": steps * batch * seq_len, "params": params, "flops_per_token": 6 * params,
+            "wall_seconds": 1.0, "run_dir": str(root / name), "name": name, "data": "synthetic",
+            "config": to_dict(config)}
+
+
+def write_results(root: Path, results: Iterable[dict]) -> None:
+    """Each result to root/<its name>/result.json, one new run folder apiece."""
+    for result in results:
+        run_dir = root / result["name"]
+        run_dir.mkdir(parents=True)
+        (run_dir / "result.json").write_text(json.dumps(result))
+
+
+def files_under(root: Path) -> list[Path]:
+    """Every file and folder below `root`, relative to it, sorted."""
+    return sorted(p.relative_to(root) for p in root.rglob("*"))
+
+
+def assert_one_line_cli_error(main: Callable[[list[str]], object], argv: list[str], capsys,
+                              prog: str, named: Sequence[str], root: Path) -> None:
+    """`main(argv)` exits with status 2, prints nothing to stdout and one stderr line
+    `<prog>: error: ...` holding every word of `named`, and writes nothing under `root`."""
+    before = files_under(root)
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    (line,) = captured.err.splitlines()
+    assert line.startswith(f"{prog}: error: ")
+    assert all(word in line for word in named), line
+    assert files_under(root) == before
