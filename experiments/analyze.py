@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import NoReturn
 
 from scaling.analysis import METRICS, analyze, format_table, load_results
 from scaling.analysis_run import log_analysis
-from scaling.files import write_json_atomic
+from scaling.files import atomic_open, write_json_atomic
 from scaling.plots import plot_analysis
 
 
@@ -43,17 +41,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def write_csv_atomic(path: Path, rows: list[dict]) -> None:
-    """One line per row under a header of the first row's keys, renamed into place when done."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """One line per row under a header of the first row's keys."""
+    with atomic_open(path, newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -144,8 +144,10 @@ def precheck(argv: list[str]) -> list[str]:
     _check_groups(overrides)
     points = sweep_points(overrides, config_name)
     if len(points) > 1 and not multirun:
+        swept = sorted({o.split("=")[0] for point in points for o in point
+                        if any(o not in other for other in points)})
         raise ConfigError("overrides", " ".join(overrides),
-                          "a single value per key, or -m (--multirun) for a sweep")
+                          f"a single value per key, or -m (--multirun) to sweep {', '.join(swept)}")
     from scaling import data  # numpy only; checks each distinct source before any run starts
 
     checked_sources = set()

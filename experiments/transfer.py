@@ -9,15 +9,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import NoReturn
 
 from experiments.compose import compose, to_run_config
 from scaling.analysis import analyze, load_results, shape_id
 from scaling.config import RunConfig, from_dict, to_dict
+from scaling.files import atomic_open
 from scaling.transfer import DATA_EXPONENT, TransferResult, proxy_shape, transfer
 
 # Groups whose option is chosen by name; every other difference is a field override.
@@ -100,12 +99,9 @@ def explain(shape: dict, result: TransferResult) -> str:
 
 def write_overrides(path: Path, overrides: list[str], reasons: list[str]) -> None:
     """A YAML list of overrides (Hydra's overrides.yaml format), the reasoning as comments."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = "".join(f"# {r}\n" for r in reasons) + "".join(f"- {json.dumps(o)}\n" for o in overrides)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    with atomic_open(path) as f:
+        f.write("".join(f"# {r}\n" for r in reasons))
+        f.write("".join(f"- {json.dumps(o)}\n" for o in overrides))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,8 +6,6 @@ no global figure state behind.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import textwrap
 from collections import defaultdict
 from pathlib import Path
@@ -17,6 +15,8 @@ import numpy as np
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter, NullFormatter
+
+from scaling.files import atomic_open
 
 DPI = 120
 PARAM_LABELS = {"sp": "SP", "mup": "μP"}
@@ -56,15 +56,8 @@ def plot_analysis(analysis: dict, out_dir: Path) -> list[Path]:
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    """Write to a temporary name in the same folder, then rename: readers never see half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=DPI, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=DPI, bbox_inches="tight")
     return path
 
 
