@@ -9,10 +9,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import tempfile
 import time
 
-from scaling.config import LoggingConfig, ModelConfig, OptimConfig, ParamConfig, RunConfig, TrainConfig
+from scaling.config import (
+    LoggingConfig,
+    ModelConfig,
+    OptimConfig,
+    ParamConfig,
+    RunConfig,
+    TrainConfig,
+)
 from scaling.train import train, train_lrs
 
 
@@ -42,7 +50,10 @@ def main() -> None:
             cfg, optim=dataclasses.replace(cfg.optim, lr=lr),
             train=dataclasses.replace(cfg.train, out_dir=f"{out}/separate"))) for lr in lrs]
         t_separate = time.perf_counter() - started
-    worst = max(abs(a["val_loss"] - b["val_loss"]) for a, b in zip(together, separate, strict=True))
+    differences = [abs(a["val_loss"] - b["val_loss"]) for a, b in zip(together, separate, strict=True)]
+    worst = max(differences)
+    for lr, a, d in zip(lrs, together, differences, strict=True):
+        print(f"  lr 2^{math.log2(lr):g}: val loss {a['val_loss']:.4f}, |difference| {d:.1e}")
     print(f"width={args.width} depth={args.depth} K={args.lrs} steps={args.steps} "
           f"batch={args.batch_size}x{args.seq_len}: together {t_together:.1f}s, "
           f"separate {t_separate:.1f}s, ratio {t_together / t_separate:.2f}, "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or args.sweep_dir / "analysis" / f"transfer-{shape['param']}-w{args.width}.yaml"
     write_overrides(out, overrides, result.reasons)
     print(explain(shape, result))
-    print(f"wrote {out}\nrun it: scaling-train {' '.join(overrides)}")
+    print(f"wrote {out}\nrun it: scaling-train {shlex.join(overrides)}")
     if args.launch:
         from scaling.train import train  # importing jax is the slow part
 
