@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -228,7 +229,7 @@ def test_cli_writes_overrides_that_compose_to_the_target(sweep, tmp_path, capsys
     assert any("tokens 51,200 → 102,400" in line for line in comments)
     overrides = yaml.safe_load(text)
     assert isinstance(overrides, list) and all(isinstance(o, str) for o in overrides)
-    assert f"run it: scaling-train {' '.join(overrides)}" in printed
+    assert f"run it: scaling-train {shlex.join(overrides)}" in printed
     target = to_run_config(compose(overrides))
     assert (target.param.name, target.param.base_width) == ("mup", BASE_WIDTH)
     assert (target.model.width, target.model.depth) == (512, DEPTH)
