@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     from scaling.train import train, train_sweep
 
     experiment = MODES[args.quick]
-    extra = [*args.overrides, f"logging.wandb_mode={args.wandb_mode}", "logging.progress=false",
+    extra = [*args.overrides, f"logging.wandb_mode={args.wandb_mode}",
              f"logging.group=scaling-demo-{experiment}"]
     if args.out_dir is not None:
         extra.append(f"train.out_dir={args.out_dir / 'proxy'}")
