@@ -1,0 +1,101 @@
+"""Newton–Schulz orthogonalization: each coefficient scheme's singular-value band, the exact
+symmetries of the map, and batched = per-matrix."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from optim.orthogonalize import PRESET_NAMES, newton_schulz, orthogonalize, preset
+
+# Worst |σ − 1| on inputs whose Frobenius-normalized singular values are ≥ ~0.01 (the bands of
+# SCALING_RULES.md §4, with a little room for float32): a wrong coefficient, a skipped step or a
+# missing normalization lands far outside these.
+BANDS = {("jordan", 5): 0.35, ("polar_express", 5): 0.16, ("polar_express", 6): 0.01,
+         ("polar_express", 8): 2e-3, ("classical", 30): 1e-3}
+
+
+def _well_conditioned(key, m: int, n: int, batch: tuple[int, ...] = ()) -> jax.Array:
+    """U diag(σ) Vᵀ with σ spread log-uniformly over [0.1, 1]: no tiny singular values."""
+    k_u, k_v = jax.random.split(key)
+    r = min(m, n)
+    u = jnp.linalg.qr(jax.random.normal(k_u, (*batch, m, r)))[0]
+    v = jnp.linalg.qr(jax.random.normal(k_v, (*batch, n, r)))[0]
+    sigma = jnp.logspace(-1, 0, r)
+    return (u * sigma) @ jnp.swapaxes(v, -1, -2)
+
+
+def _orthogonality_error(x: jax.Array) -> float:
+    return float(jnp.max(jnp.abs(jnp.linalg.svd(x, compute_uv=False) - 1.0)))
+
+
+@pytest.mark.parametrize(("scheme", "steps"), list(BANDS))
+@pytest.mark.parametrize("shape", [(32, 32), (24, 96), (96, 24)])
+def test_each_scheme_lands_in_its_band(scheme, steps, shape):
+    g = _well_conditioned(jax.random.key(0), *shape)
+    error = _orthogonality_error(orthogonalize(g, scheme=scheme, steps=steps))
+    assert error <= BANDS[scheme, steps], (scheme, steps, shape, error)
+
+
+def test_more_polar_express_steps_only_tighten_the_band():
+    g = _well_conditioned(jax.random.key(1), 48, 96)
+    errors = [_orthogonality_error(orthogonalize(g, scheme="polar_express", steps=k))
+              for k in range(3, 9)]
+    assert all(b <= a + 1e-6 for a, b in itertools.pairwise(errors)), errors
+    assert errors[0] > 0.1  # three steps are not yet done: the band test above is not vacuous
+
+
+@pytest.mark.parametrize("scheme", PRESET_NAMES)
+def test_transpose_and_positive_scale_commute_with_the_map(scheme):
+    """NS(Gᵀ) = NS(G)ᵀ (wide, tall and square) and NS(cG) = NS(G) for c > 0."""
+    for shape in [(32, 32), (16, 64)]:
+        g = jax.random.normal(jax.random.key(2), shape)
+        o = orthogonalize(g, scheme=scheme)
+        np.testing.assert_allclose(orthogonalize(g.T, scheme=scheme), o.T, atol=2e-5)
+        for c in (1e-3, 7.5, 1e3):
+            np.testing.assert_allclose(orthogonalize(c * g, scheme=scheme), o, atol=2e-5)
+
+
+def test_batched_equals_per_matrix():
+    """A stack (layers × heads × m × n) is orthogonalized matrix by matrix in one call."""
+    g = _well_conditioned(jax.random.key(3), 16, 48, batch=(3, 2))
+    together = orthogonalize(g, scheme="polar_express")
+    for i in range(3):
+        for j in range(2):
+            np.testing.assert_allclose(together[i, j], orthogonalize(g[i, j],
+                                                                    scheme="polar_express"),
+                                       atol=1e-5)  # batched matmuls round differently
+    assert together.shape == g.shape and together.dtype == g.dtype
+
+
+def test_bf16_operands_accumulate_in_float32_and_stay_close():
+    g = _well_conditioned(jax.random.key(4), 32, 64)
+    full = orthogonalize(g, scheme="polar_express", steps=6)
+    low = orthogonalize(g, scheme="polar_express", steps=6, compute_dtype=jnp.bfloat16)
+    assert low.dtype == jnp.float32
+    assert float(jnp.max(jnp.abs(low - full))) < 0.05
+    assert _orthogonality_error(low) < 0.05
+
+
+def test_polar_express_safety_is_applied_to_all_but_the_last_quintic():
+    coefficients, safety = preset("polar_express", steps=8)
+    assert safety == 1.01
+    a, b, c = coefficients[0]
+    assert (a, b, c) == pytest.approx((8.28721201814563 / 1.01, -23.595886519098837 / 1.01**3,
+                                       17.300387312530933 / 1.01**5))
+    assert coefficients[-1] == (1.875, -1.25, 0.375)
+    assert preset("polar_express", steps=10)[0][8:] == ((1.875, -1.25, 0.375),) * 2
+
+
+def test_bad_arguments_name_the_field():
+    g = jnp.ones((4, 4))
+    for kwargs, field in [({"scheme": "newton"}, "preset"), ({"backend": "cuda"}, "backend"),
+                          ({"steps": 0}, "steps")]:
+        with pytest.raises(ValueError, match=f"orthogonalize.{field}="):
+            orthogonalize(g, **kwargs)
+    with pytest.raises(ValueError, match="expected a matrix"):
+        newton_schulz(jnp.ones(4), [(1.0, 0.0, 0.0)])
