@@ -50,7 +50,8 @@ def main() -> None:
             cfg, optim=dataclasses.replace(cfg.optim, lr=lr),
             train=dataclasses.replace(cfg.train, out_dir=f"{out}/separate"))) for lr in lrs]
         t_separate = time.perf_counter() - started
-    differences = [abs(a["val_loss"] - b["val_loss"]) for a, b in zip(together, separate, strict=True)]
+    differences = [abs(a["val_loss"] - b["val_loss"])
+                   for a, b in zip(together, separate, strict=True)]
     worst = max(differences)
     for lr, a, d in zip(lrs, together, differences, strict=True):
         print(f"  lr 2^{math.log2(lr):g}: val loss {a['val_loss']:.4f}, |difference| {d:.1e}")

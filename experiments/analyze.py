@@ -1,4 +1,4 @@
-"""`scaling-analyze SWEEP_DIR`: tables, plots and a W&B analysis run from a sweep's result.json files.
+"""`scaling-analyze SWEEP_DIR`: tables, plots and a W&B analysis run from a sweep's results.
 
 Errors (missing sweep, no results, bad metric) are one line on stderr and exit code 2, with
 nothing written.

@@ -17,8 +17,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from scaling.config import ConfigError, RunConfig, from_dict
 
-__all__ = ["ConfigError", "compose", "compose_or_explain", "expand_sweep", "precheck", "split_command",
-           "sweep_points", "to_run_config"]
+__all__ = ["ConfigError", "compose", "compose_or_explain", "expand_sweep", "precheck",
+           "split_command", "sweep_points", "to_run_config"]
 
 CONFIG_MODULE = "configs"
 # Flags that make Hydra print instead of run: leave those command lines to Hydra untouched.
@@ -79,7 +79,8 @@ def configured_sweep(overrides: list[str], config_name: str = "config") -> dict[
 def sweep_points(overrides: list[str], config_name: str = "config") -> list[list[str]]:
     """Every job of a multirun, combining the config's sweeper params and the command line
     the way Hydra's basic sweeper does: a key given on the command line replaces the config's."""
-    by_key = {key: f"{key}={value}" for key, value in configured_sweep(overrides, config_name).items()}
+    configured = configured_sweep(overrides, config_name)
+    by_key = {key: f"{key}={value}" for key, value in configured.items()}
     for o in OverridesParser.create().parse_overrides(overrides):
         by_key[o.key_or_group] = o.input_line
     return expand_sweep(list(by_key.values()))

@@ -56,7 +56,7 @@ def newton_schulz(g: jax.Array, coefficients: Sequence[Coefficients], *, safety:
     `compute_dtype` (e.g. bfloat16) sets the matmul operands; products accumulate in float32.
     """
     if g.ndim < 2:
-        raise ValueError(f"orthogonalize: expected a matrix or a stack of them, got shape {g.shape}")
+        raise ValueError(f"orthogonalize: expected a matrix or a stack of them, got {g.shape}")
     tall = g.shape[-2] > g.shape[-1]
     x = jnp.swapaxes(g, -1, -2) if tall else g  # iterate on the short side: XXᵀ is m × m
     x = x.astype(jnp.float32)

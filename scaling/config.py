@@ -210,7 +210,8 @@ def _validate_sweep(s: SweepConfig) -> None:
     if s.log2_lr_min is not None:
         _require(s.log2_lr_min <= s.log2_lr_max, "sweep.log2_lr_max", s.log2_lr_max,
                  f"at least sweep.log2_lr_min={s.log2_lr_min}")
-    _require(s.log2_lr_step > 0, "sweep.log2_lr_step", s.log2_lr_step, "a positive number of octaves")
+    _require(s.log2_lr_step > 0, "sweep.log2_lr_step", s.log2_lr_step,
+             "a positive number of octaves")
     _require(s.vectorize_lr >= 1, "sweep.vectorize_lr", s.vectorize_lr, "a positive integer")
     if s.vectorize_lr > 1:
         _require(s.log2_lr_min is not None, "sweep.vectorize_lr", s.vectorize_lr,
