@@ -1,9 +1,9 @@
 """Newton–Schulz orthogonalization: the one entry point Muon-family optimizers call.
 
 Each step maps the singular values of X by an odd quintic p(σ) = aσ + bσ³ + cσ⁵ (computed as
-A = XXᵀ, X ← aX + (bA + cA²)X on the short side), after X is scaled by its Frobenius norm so that
-every σ ≤ 1. Coefficient schemes are data (PRESETS, see SCALING_RULES.md §4); backends register in
-BACKENDS (`xla` is the pure-jnp reference).
+A = XXᵀ, X ← aX + (bA + cA²)X on the short side), after X is scaled by its Frobenius norm (or
+the tighter Schatten-4 norm) so that every σ ≤ 1. Coefficient schemes are data (see
+SCALING_RULES.md §4); backends register in BACKENDS (`xla`: the pure-jnp direct and Gram forms).
 """
 
 from __future__ import annotations
@@ -49,39 +49,115 @@ def preset(name: str, steps: int | None = None) -> tuple[tuple[Coefficients, ...
     raise ValueError(f"orthogonalize.preset={name!r}: expected one of {sorted(PRESET_NAMES)}")
 
 
-def newton_schulz(g: jax.Array, coefficients: Sequence[Coefficients], *, safety: float = 1.0,
-                  eps: float = 1e-7, compute_dtype=None) -> jax.Array:
-    """NS over the last two axes of `g` (any leading axes are a batch), in `g`'s dtype.
+NORMALIZATIONS = ("frobenius", "schatten4")
+METHODS = ("auto", "direct", "gram")
+GRAM_MIN_ASPECT = 2.0  # long/short side at which the Gram iteration needs fewer FLOPs (5 steps)
 
-    `compute_dtype` (e.g. bfloat16) sets the matmul operands; products accumulate in float32.
-    """
+
+def _short_side_first(g: jax.Array) -> tuple[jax.Array, bool]:
     if g.ndim < 2:
         raise ValueError(f"orthogonalize: expected a matrix or a stack of them, got {g.shape}")
     tall = g.shape[-2] > g.shape[-1]
     x = jnp.swapaxes(g, -1, -2) if tall else g  # iterate on the short side: XXᵀ is m × m
-    x = x.astype(jnp.float32)
-    norm = jnp.linalg.norm(x, axis=(-2, -1), keepdims=True)
-    x = x / (norm * safety + eps)
-    operand = compute_dtype or jnp.float32
+    return x.astype(jnp.float32), tall
 
+
+def _matmul_in(operand_dtype):
     def matmul(p, q):
-        return jnp.matmul(p.astype(operand), q.astype(operand),
+        return jnp.matmul(p.astype(operand_dtype), q.astype(operand_dtype),
                           preferred_element_type=jnp.float32)
+    return matmul
 
-    for a, b, c in coefficients:
-        gram = matmul(x, jnp.swapaxes(x, -1, -2))
+
+def _normalized_gram(x, gram, normalization: str, safety: float, eps: float):
+    """The scale 1/ν with ν ≥ ‖X‖₂, from X and its Gram matrix XXᵀ (both un-normalized).
+
+    Frobenius: ν² = tr(XXᵀ). Schatten-4: ν⁴ = ‖XXᵀ‖_F², a tighter bound (for r equal singular
+    values it is r^(1/4)·σ against r^(1/2)·σ), so fewer steps reach the same band.
+    """
+    if normalization == "frobenius":
+        nu = jnp.sqrt(jnp.trace(gram, axis1=-2, axis2=-1))[..., None, None]
+    elif normalization == "schatten4":
+        nu = jnp.sqrt(jnp.linalg.norm(gram, axis=(-2, -1), keepdims=True))
+    else:
+        raise ValueError(f"orthogonalize.normalization={normalization!r}: expected one of "
+                         f"{list(NORMALIZATIONS)}")
+    scale = 1.0 / (nu * safety + eps)
+    return scale, gram * scale**2
+
+
+def newton_schulz(g: jax.Array, coefficients: Sequence[Coefficients], *, safety: float = 1.0,
+                  eps: float = 1e-7, compute_dtype=None,
+                  normalization: str = "frobenius") -> jax.Array:
+    """NS over the last two axes of `g` (any leading axes are a batch), in `g`'s dtype.
+
+    The reference: every step forms A = XXᵀ from X. `compute_dtype` (e.g. bfloat16) sets the
+    matmul operands; products accumulate in float32.
+    """
+    x, tall = _short_side_first(g)
+    matmul = _matmul_in(compute_dtype or jnp.float32)
+    gram = matmul(x, jnp.swapaxes(x, -1, -2))
+    scale, gram = _normalized_gram(x, gram, normalization, safety, eps)
+    x = x * scale
+    for i, (a, b, c) in enumerate(coefficients):
+        if i > 0:
+            gram = matmul(x, jnp.swapaxes(x, -1, -2))
         x = a * x + matmul(b * gram + c * matmul(gram, gram), x)
     x = jnp.swapaxes(x, -1, -2) if tall else x
     return x.astype(g.dtype)
 
 
-BACKENDS: dict[str, Callable[..., jax.Array]] = {"xla": newton_schulz}
+def gram_newton_schulz(g: jax.Array, coefficients: Sequence[Coefficients], *,
+                       safety: float = 1.0, eps: float = 1e-7, compute_dtype=None,
+                       normalization: str = "frobenius") -> jax.Array:
+    """The same map as `newton_schulz`, iterated on the m × m Gram matrix alone.
+
+    Every step's quintic is P(A) X with P(A) = aI + bA + cA², a polynomial in A = XXᵀ, so
+    X_k = Q_k X_0 with Q_k = P_k Q_{k-1} and A_k = P_k² A_{k-1}. For an m × n input with n ≫ m
+    this costs 2m²n + (4k − 3)m³ multiply-adds against k(2m²n + m³) for the direct form.
+    """
+    x0, tall = _short_side_first(g)
+    matmul = _matmul_in(compute_dtype or jnp.float32)
+    gram = matmul(x0, jnp.swapaxes(x0, -1, -2))
+    scale, gram = _normalized_gram(x0, gram, normalization, safety, eps)
+    eye = jnp.eye(gram.shape[-1], dtype=jnp.float32)
+    q = None
+    for i, (a, b, c) in enumerate(coefficients):
+        p = a * eye + b * gram + c * matmul(gram, gram)
+        q = p if q is None else matmul(p, q)
+        if i + 1 < len(coefficients):
+            gram = matmul(p, matmul(p, gram))
+    x = matmul(q, x0) * scale
+    x = jnp.swapaxes(x, -1, -2) if tall else x
+    return x.astype(g.dtype)
+
+
+def xla_newton_schulz(g: jax.Array, coefficients: Sequence[Coefficients], *, method: str = "auto",
+                      **kwargs) -> jax.Array:
+    """Direct or Gram iteration; `auto` takes Gram for float32 operands at aspect ≥ 2."""
+    if method not in METHODS:
+        raise ValueError(f"orthogonalize.method={method!r}: expected one of {list(METHODS)}")
+    if method == "auto":
+        short, long = sorted(g.shape[-2:])
+        low_precision = kwargs.get("compute_dtype") not in (None, jnp.float32)
+        # bf16 Gram products lose the small singular values; the direct form re-forms them
+        method = "gram" if long >= GRAM_MIN_ASPECT * short and not low_precision else "direct"
+    iterate = gram_newton_schulz if method == "gram" else newton_schulz
+    return iterate(g, coefficients, **kwargs)
+
+
+BACKENDS: dict[str, Callable[..., jax.Array]] = {"xla": xla_newton_schulz}
 
 
 def orthogonalize(g: jax.Array, *, scheme: str = "jordan", steps: int | None = None,
-                  backend: str = "xla", compute_dtype=None) -> jax.Array:
-    """The orthogonal factor (approximately U Vᵀ of g = U Σ Vᵀ) of each matrix in `g`."""
+                  backend: str = "xla", compute_dtype=None, normalization: str = "frobenius",
+                  method: str = "auto", eps: float = 1e-7) -> jax.Array:
+    """The orthogonal factor (approximately U Vᵀ of g = U Σ Vᵀ) of each matrix in `g`.
+
+    Leading axes are a batch: stack same-shape matrices to orthogonalize them in one call.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"orthogonalize.backend={backend!r}: expected one of {sorted(BACKENDS)}")
     coefficients, safety = preset(scheme, steps)
-    return BACKENDS[backend](g, coefficients, safety=safety, compute_dtype=compute_dtype)
+    return BACKENDS[backend](g, coefficients, safety=safety, eps=eps, compute_dtype=compute_dtype,
+                             normalization=normalization, method=method)

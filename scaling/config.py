@@ -39,19 +39,31 @@ class ParamConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    name: str = "adamw"  # adamw | sgd
+    name: str = "adamw"  # adamw | sgd | muon | auon
     lr: float = 1e-2
-    b1: float = 0.9
+    b1: float = 0.9  # Adam, also for the roles muon/auon hand to AdamW
     b2: float = 0.95
     eps: float = 1e-8
-    momentum: float = 0.9  # sgd only
-    nesterov: bool = False  # sgd only
+    momentum: float = 0.9  # sgd, muon, auon
+    nesterov: bool = False  # sgd, muon, auon
     weight_decay: float = 0.0
+    wd_width_exponent: float | None = None  # hidden λ ∝ width_mult**γ; None: the table's rule
     schedule: str = "cosine"  # cosine | wsd | constant
     warmup_steps: int = 20
     decay_fraction: float = 0.2  # wsd: fraction of steps spent decaying
     final_lr_fraction: float = 0.1
     clip_norm: float = 1.0  # 0 disables global-norm clipping
+    # muon / auon: hidden matrices; every other role goes to AdamW at lr * adam_lr_ratio
+    adam_lr_ratio: float = 1.0
+    update_scale: str = "keller"  # keller | spectral | moonlight
+    ns_scheme: str = "polar_express"  # jordan | polar_express | classical
+    ns_steps: int | None = None  # None: the scheme's default (5, 5, 30)
+    ns_normalization: str = "schatten4"  # frobenius | schatten4
+    ns_method: str = "auto"  # auto | direct | gram (auto: Gram for float32 at aspect >= 2)
+    ns_dtype: str = "auto"  # auto (bfloat16 on GPU/TPU, float32 on CPU) | float32 | bfloat16
+    momentum_dtype: str = "float32"  # float32 | bfloat16
+    bias_correction: bool = False  # divide the momentum terms by (1 - β^t), as optax does
+    auon_hybrid: bool = False  # auon: one Newton–Schulz step after the AuON normalization
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +188,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     if m.kind == "transformer":
         _require(p.base_width % m.head_dim == 0, "param.base_width", p.base_width,
                  f"a multiple of model.head_dim={m.head_dim}")
-    _choice("optim.name", o.name, ("adamw", "sgd"))
+    _choice("optim.name", o.name, ("adamw", "sgd", "muon", "auon"))
     _require(o.lr > 0, "optim.lr", o.lr, "a positive learning rate")
     for name in ("b1", "b2", "momentum"):
         _require(0 <= getattr(o, name) < 1, f"optim.{name}", getattr(o, name), "a value in [0, 1)")
@@ -192,6 +204,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _require(0 <= o.final_lr_fraction <= 1, "optim.final_lr_fraction", o.final_lr_fraction,
              "a fraction in [0, 1]")
     _require(o.clip_norm >= 0, "optim.clip_norm", o.clip_norm, "a non-negative number (0: off)")
+    _validate_matrix_optimizer(o)
     _choice("data.dtype", d.dtype, ("uint16", "uint32"))
     _require(d.vocab_size > 1, "data.vocab_size", d.vocab_size, "an integer above 1")
     for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "log_every",
@@ -201,6 +214,19 @@ def validate(cfg: RunConfig) -> RunConfig:
     _choice("logging.wandb_mode", lg.wandb_mode, ("offline", "online", "disabled"))
     _validate_sweep(cfg.sweep)
     return cfg
+
+
+def _validate_matrix_optimizer(o: OptimConfig) -> None:
+    _require(o.adam_lr_ratio > 0, "optim.adam_lr_ratio", o.adam_lr_ratio, "a positive number")
+    _choice("optim.update_scale", o.update_scale, ("keller", "spectral", "moonlight"))
+    _choice("optim.ns_scheme", o.ns_scheme, ("jordan", "polar_express", "classical"))
+    if o.ns_steps is not None:
+        _require(o.ns_steps >= 1, "optim.ns_steps", o.ns_steps,
+                 "a positive integer, or null for the scheme's default")
+    _choice("optim.ns_normalization", o.ns_normalization, ("frobenius", "schatten4"))
+    _choice("optim.ns_method", o.ns_method, ("auto", "direct", "gram"))
+    _choice("optim.ns_dtype", o.ns_dtype, ("auto", "float32", "bfloat16"))
+    _choice("optim.momentum_dtype", o.momentum_dtype, ("float32", "bfloat16"))
 
 
 def _validate_sweep(s: SweepConfig) -> None:

@@ -10,7 +10,7 @@ from flax import nnx
 import models
 from models.tagged import ParamSpec, iter_params, param_specs
 from scaling.config import ModelConfig, ParamConfig
-from scaling.rules import ATTENTION_EXPONENT, BASE_STD, TABLES, RoleRule
+from scaling.rules import ATTENTION_EXPONENT, BASE_STD, MUON_LR, MUON_WD, ONE, TABLES, RoleRule, W
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,16 +68,32 @@ class Parametrization:
         head_dim_mult = self.head_dim / self.base_head_dim
         return self.base_head_dim**-0.5 * head_dim_mult ** ATTENTION_EXPONENT[self.name]
 
-    def optimizer_multipliers(self, family: str) -> dict[str, OptimizerMultipliers]:
-        """Role -> multipliers for `family` 'adam' (Adam-like) or 'sgd'."""
+    def optimizer_multipliers(self, family: str, *, update_scale: str | None = None,
+                              wd_width_exponent: float | None = None
+                              ) -> dict[str, OptimizerMultipliers]:
+        """Role -> multipliers for `family` 'adam' (Adam-like), 'sgd' or 'muon'.
+
+        'muon' reads MUON_LR[update_scale] for hidden matrices and the Adam column for the other
+        roles. `wd_width_exponent` γ replaces the hidden weight-decay rule by λ ∝ m^γ.
+        """
+        if family not in ("adam", "sgd", "muon"):
+            raise ValueError(f"optimizer family {family!r}: expected 'adam', 'sgd' or 'muon'")
+        if family == "muon" and update_scale not in MUON_LR[self.name]:
+            raise ValueError(f"optim.update_scale={update_scale!r}: expected one of "
+                             f"{sorted(MUON_LR[self.name])}")
+
         def of(path):
             rule, mults = self.rule(path), self.fan_mults(path)
-            if family == "adam":
-                return OptimizerMultipliers(rule.adam_lr(*mults), rule.adam_eps(*mults),
-                                            rule.adam_wd(*mults))
+            hidden = self.specs[path].role == "hidden"
             if family == "sgd":
-                return OptimizerMultipliers(rule.sgd_lr(*mults), 1.0, rule.sgd_wd(*mults))
-            raise ValueError(f"optimizer family {family!r}: expected 'adam' or 'sgd'")
+                lr, eps, wd = rule.sgd_lr, ONE, rule.sgd_wd
+            elif family == "muon" and hidden:
+                lr, eps, wd = MUON_LR[self.name][update_scale], ONE, MUON_WD[self.name]
+            else:
+                lr, eps, wd = rule.adam_lr, rule.adam_eps, rule.adam_wd
+            if hidden and wd_width_exponent is not None:
+                wd = W(a=wd_width_exponent)
+            return OptimizerMultipliers(lr(*mults), eps(*mults), wd(*mults))
         return self._per_role(of)
 
 

@@ -72,3 +72,17 @@ TABLES: dict[str, dict[str, RoleRule]] = {
 # sqrt(d_head_base)/d_head so the base is unchanged.
 ATTENTION_EXPONENT = {"sp": -0.5, "mup": -1.0}
 # fmt: on
+
+# Muon on hidden matrices (SCALING_RULES.md §4): the width factor μP needs on η with each
+# update-scale convention (optim/muon.py defines s). keller and spectral already give μP's
+# spectral condition, so Adam's 1/m is never stacked on them; moonlight's Adam-like RMS needs
+# m^(-1/2). Inputs, outputs and vectors stay on the Adam column above.
+# fmt: off
+MUON_LR: dict[str, dict[str, W]] = {
+    "sp":  {"keller": ONE, "spectral": ONE, "moonlight": ONE},
+    "mup": {"keller": ONE, "spectral": ONE, "moonlight": W(a=-0.5)},
+}
+# LR-coupled decay on hidden Muon matrices: λ constant unless optim.wd_width_exponent sets
+# λ ∝ m^γ (γ = −1 is the "decay ∝ 1/width" rule of SCALING_RULES.md §3).
+MUON_WD: dict[str, W] = {"sp": ONE, "mup": ONE}
+# fmt: on

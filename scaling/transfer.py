@@ -98,7 +98,8 @@ def transfer(proxy: RunConfig, proxy_lr: float, *, width: int, steps: int | None
 def _role_multipliers(proxy: RunConfig, target: RunConfig) -> dict[str, tuple[float, float]]:
     family, vocab_size = FAMILY[proxy.optim.name], proxy.data.vocab_size
     before, after = (
-        make_parametrization(c.model, c.param, vocab_size).optimizer_multipliers(family)
+        make_parametrization(c.model, c.param, vocab_size).optimizer_multipliers(
+            family, update_scale=c.optim.update_scale)
         for c in (proxy, target))
     return {role: (before[role].lr, after[role].lr) for role in before}
 

@@ -1,0 +1,168 @@
+"""Muon and AuON as optax transformations for hidden matrices (SCALING_RULES.md §4).
+
+`scale_by_muon` keeps the momentum, turns it into a direction (Newton–Schulz orthogonalization,
+or AuON's linear-time normalization) and multiplies each matrix by its update-scale convention.
+All matrices of one shape (every layer of a stacked leaf, and every leaf of that shape) go
+through one batched orthogonalization call. Learning rate and weight decay are chained after it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optim.orthogonalize import orthogonalize
+
+# s(fan_out, fan_in): the factor on an orthogonal direction (A = fan_out, B = fan_in).
+UPDATE_SCALES = {
+    "keller": lambda a, b: math.sqrt(max(1.0, a / b)),  # RMS 1/√B
+    "spectral": lambda a, b: math.sqrt(a / b),  # spectral norm √(A/B), the μP condition
+    "moonlight": lambda a, b: 0.2 * math.sqrt(max(a, b)),  # RMS ≈ 0.2, like AdamW
+}
+DIRECTIONS = ("newton_schulz", "auon", "auon_hybrid")
+
+
+@dataclasses.dataclass(frozen=True)
+class MatrixAxes:
+    """Which axes of a parameter are its fan-in and fan-out; every other axis is a batch."""
+
+    fan_in_axes: tuple[int, ...]
+    fan_out_axes: tuple[int, ...]
+
+
+class MuonState(NamedTuple):
+    count: jax.Array
+    mu: Any
+
+
+def _key(path) -> tuple:
+    return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+
+
+def _axes_by_path(matrix_axes) -> dict[tuple, MatrixAxes]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(
+        matrix_axes, is_leaf=lambda x: isinstance(x, MatrixAxes))
+    return {_key(path): axes for path, axes in flat if isinstance(axes, MatrixAxes)}
+
+
+def _as_matrices(x: jax.Array, axes: MatrixAxes):
+    """x -> (batch, short, long) and the inverse; the short side first, as NS iterates on it."""
+    fan_in = tuple(a % x.ndim for a in axes.fan_in_axes)
+    fan_out = tuple(a % x.ndim for a in axes.fan_out_axes)
+    batch = tuple(a for a in range(x.ndim) if a not in fan_in + fan_out)
+    order = batch + fan_in + fan_out
+    dims_in = math.prod(x.shape[a] for a in fan_in)
+    dims_out = math.prod(x.shape[a] for a in fan_out)
+    moved_shape = tuple(x.shape[a] for a in order)
+    tall = dims_in > dims_out
+    m = jnp.transpose(x, order).reshape(-1, dims_in, dims_out)
+    m = jnp.swapaxes(m, -1, -2) if tall else m
+
+    def restore(o):
+        o = jnp.swapaxes(o, -1, -2) if tall else o
+        return jnp.transpose(o.reshape(moved_shape), [order.index(a) for a in range(x.ndim)])
+
+    return m, restore, (dims_in, dims_out)
+
+
+def auon_direction(x_BxMxN: jax.Array, *, hybrid: bool = False, eps: float = 1e-7) -> jax.Array:
+    """AuON: X = G/‖G‖_F, U = X / rms(cosh X), times √min(M, N) (an orthogonal factor's
+    Frobenius norm) so that update scales and LRs mean what they mean for Muon. The hybrid
+    applies one Jordan Newton–Schulz step to U and scales it to norm √min(M, N) exactly.
+
+    For real layer sizes rms(cosh X) ≈ 1 + 1/(2MN): Frobenius-normalized momentum, a cheap
+    baseline rather than an orthogonalizer.
+    """
+    x = x_BxMxN.astype(jnp.float32)
+    x = x / (jnp.linalg.norm(x, axis=(-2, -1), keepdims=True) + eps)
+    u = x / jnp.sqrt(jnp.mean(jnp.square(jnp.cosh(x)), axis=(-2, -1), keepdims=True))
+    if hybrid:
+        u = orthogonalize(u, scheme="jordan", steps=1)
+        u = u / (jnp.linalg.norm(u, axis=(-2, -1), keepdims=True) + eps)
+    return (u * math.sqrt(min(x.shape[-2:]))).astype(x_BxMxN.dtype)
+
+
+def _directions(tree, axes_by_path: dict, direction_fn, scale_fn):
+    """Applies `direction_fn` to all matrices of a shape at once, then each leaf's scale."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    views, groups = [], {}
+    for i, (path, x) in enumerate(flat):
+        key = _key(path)
+        if key not in axes_by_path:
+            raise ValueError(f"muon: parameter {'/'.join(map(str, key))} has no matrix axes; "
+                             "only hidden matrices may be routed to Muon")
+        m, restore, (fan_in, fan_out) = _as_matrices(x, axes_by_path[key])
+        views.append((m, restore, scale_fn(fan_out, fan_in)))
+        groups.setdefault((m.shape[1:], m.dtype), []).append(i)
+    out = [None] * len(flat)
+    for members in groups.values():
+        stacked = jnp.concatenate([views[i][0] for i in members], axis=0)
+        directions = direction_fn(stacked)
+        offsets = [0]
+        for i in members:
+            offsets.append(offsets[-1] + views[i][0].shape[0])
+        for j, i in enumerate(members):
+            _, restore, scale = views[i]
+            out[i] = restore(directions[offsets[j]:offsets[j + 1]] * scale)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def scale_by_muon(matrix_axes, *, momentum: float = 0.95, nesterov: bool = True,
+                  update_scale: str = "keller", direction: str = "newton_schulz",
+                  ns_scheme: str = "polar_express", ns_steps: int | None = None,
+                  ns_normalization: str = "schatten4", ns_method: str = "auto",
+                  ns_dtype=None, ns_eps: float = 1e-7, momentum_dtype=jnp.float32,
+                  bias_correction: bool = False,
+                  ns_backend: str = "xla") -> optax.GradientTransformation:
+    """Momentum, then an orthogonalized direction times the update scale s of each matrix.
+
+    `matrix_axes` is a tree like the parameters (or a prefix of the masked tree optax.partition
+    passes) whose leaves are MatrixAxes. `M ← βM + (1−β)G`; Nesterov `U = (1−β)G + βM`, else
+    `U = M`; with `bias_correction` each term is divided by its (1 − β^t) as in NAdam.
+    """
+    if update_scale not in UPDATE_SCALES:
+        raise ValueError(f"optim.update_scale={update_scale!r}: expected one of "
+                         f"{sorted(UPDATE_SCALES)}")
+    if direction not in DIRECTIONS:
+        raise ValueError(f"muon direction={direction!r}: expected one of {list(DIRECTIONS)}")
+    axes_by_path = _axes_by_path(matrix_axes)
+    scale_fn = UPDATE_SCALES[update_scale]
+    if direction == "newton_schulz":
+        def direction_fn(u):
+            return orthogonalize(u, scheme=ns_scheme, steps=ns_steps, backend=ns_backend,
+                                 compute_dtype=ns_dtype, normalization=ns_normalization,
+                                 method=ns_method, eps=ns_eps)
+    else:
+        def direction_fn(u):
+            return auon_direction(u, hybrid=direction == "auon_hybrid", eps=ns_eps)
+
+    def init(params):
+        return MuonState(count=jnp.zeros((), jnp.int32),
+                         mu=jax.tree.map(lambda p: jnp.zeros_like(p, momentum_dtype), params))
+
+    def update(updates, state, params=None):
+        del params
+        count = state.count + 1
+        beta = momentum
+        mu = jax.tree.map(lambda m, g: beta * m.astype(jnp.float32) + (1 - beta) * g,
+                          state.mu, updates)
+        if bias_correction:
+            t = count.astype(jnp.float32)
+            mu_c, g_c = 1 - beta ** (t + 1 if nesterov else t), 1 - beta**t
+        else:
+            mu_c = g_c = 1.0
+        if nesterov:
+            u = jax.tree.map(lambda m, g: beta * m / mu_c + (1 - beta) * g / g_c, mu, updates)
+        else:
+            u = jax.tree.map(lambda m: m / mu_c, mu)
+        out = _directions(u, axes_by_path, direction_fn, scale_fn)
+        out = jax.tree.map(lambda o, g: o.astype(g.dtype), out, updates)
+        return out, MuonState(count=count,
+                              mu=jax.tree.map(lambda m: m.astype(momentum_dtype), mu))
+
+    return optax.GradientTransformation(init, update)
