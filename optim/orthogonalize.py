@@ -69,8 +69,8 @@ def _matmul_in(operand_dtype):
     return matmul
 
 
-def _normalized_gram(x, gram, normalization: str, safety: float, eps: float):
-    """The scale 1/ν with ν ≥ ‖X‖₂, from X and its Gram matrix XXᵀ (both un-normalized).
+def _normalized_gram(gram, normalization: str, safety: float, eps: float):
+    """The scale 1/ν with ν ≥ ‖X‖₂, and the Gram matrix of X/ν, from XXᵀ of the raw X.
 
     Frobenius: ν² = tr(XXᵀ). Schatten-4: ν⁴ = ‖XXᵀ‖_F², a tighter bound (for r equal singular
     values it is r^(1/4)·σ against r^(1/2)·σ), so fewer steps reach the same band.
@@ -97,7 +97,7 @@ def newton_schulz(g: jax.Array, coefficients: Sequence[Coefficients], *, safety:
     x, tall = _short_side_first(g)
     matmul = _matmul_in(compute_dtype or jnp.float32)
     gram = matmul(x, jnp.swapaxes(x, -1, -2))
-    scale, gram = _normalized_gram(x, gram, normalization, safety, eps)
+    scale, gram = _normalized_gram(gram, normalization, safety, eps)
     x = x * scale
     for i, (a, b, c) in enumerate(coefficients):
         if i > 0:
@@ -119,7 +119,7 @@ def gram_newton_schulz(g: jax.Array, coefficients: Sequence[Coefficients], *,
     x0, tall = _short_side_first(g)
     matmul = _matmul_in(compute_dtype or jnp.float32)
     gram = matmul(x0, jnp.swapaxes(x0, -1, -2))
-    scale, gram = _normalized_gram(x0, gram, normalization, safety, eps)
+    scale, gram = _normalized_gram(gram, normalization, safety, eps)
     eye = jnp.eye(gram.shape[-1], dtype=jnp.float32)
     q = None
     for i, (a, b, c) in enumerate(coefficients):
