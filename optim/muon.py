@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optim.orthogonalize import orthogonalize
@@ -101,14 +102,11 @@ def _directions(tree, axes_by_path: dict, direction_fn, scale_fn):
         groups.setdefault((m.shape[1:], m.dtype), []).append(i)
     out = [None] * len(flat)
     for members in groups.values():
-        stacked = jnp.concatenate([views[i][0] for i in members], axis=0)
-        directions = direction_fn(stacked)
-        offsets = [0]
-        for i in members:
-            offsets.append(offsets[-1] + views[i][0].shape[0])
-        for j, i in enumerate(members):
+        directions = direction_fn(jnp.concatenate([views[i][0] for i in members], axis=0))
+        ends = np.cumsum([views[i][0].shape[0] for i in members])[:-1]
+        for i, direction in zip(members, jnp.split(directions, ends), strict=True):
             _, restore, scale = views[i]
-            out[i] = restore(directions[offsets[j]:offsets[j + 1]] * scale)
+            out[i] = restore(direction * scale)
     return jax.tree_util.tree_unflatten(treedef, out)
 
 

@@ -21,6 +21,7 @@ import experiments.train
 from experiments.compose import compose, to_run_config
 from models import label_tree
 from optim import build_optimizer
+from optim.build import matrix_axes, ns_compute_dtype
 from optim.muon import UPDATE_SCALES, MatrixAxes, auon_direction, scale_by_muon
 from optim.orthogonalize import JORDAN, orthogonalize
 from scaling.config import ConfigError, ModelConfig, OptimConfig, ParamConfig
@@ -594,3 +595,31 @@ def test_defaults_train_the_width_64_model_below_4_nats(overrides, tmp_path):
                                  f"train.out_dir={tmp_path / 'runs'}"]))
     result = train(cfg)
     assert result["val_loss"] < 4.0, result["val_loss"]
+
+
+def test_every_orthogonalization_field_reaches_the_hidden_update():
+    """build_optimizer hands optim.ns_*, momentum, nesterov and update_scale to scale_by_muon:
+    its hidden update is −lr times a hand-configured scale_by_muon's, for non-default values."""
+    model, parametrization = _model(64)
+    params = _params(model)
+    fields = {"ns_scheme": "jordan", "ns_steps": 3, "ns_normalization": "frobenius",
+              "ns_method": "direct", "update_scale": "spectral", "momentum": 0.8,
+              "nesterov": True}
+    tx = build_optimizer(_optim(ns_dtype="bfloat16", **fields), parametrization,
+                         label_tree(model), total_steps=10)
+    grads = _grads(params, seed=11)
+    updates = _flat(_step(tx)(grads, tx.init(params), params)[0])
+    hidden = {"blocks": {k: v for k, v in grads["blocks"].items() if v.ndim == 3}}
+    for dtype, agrees in [(jnp.bfloat16, True), (None, False)]:
+        hand = scale_by_muon(matrix_axes(parametrization), ns_dtype=dtype, **fields)
+        expected = _flat(_step(hand)(hidden, hand.init(hidden))[0])
+        gaps = [float(jnp.max(jnp.abs(updates[name] + 0.02 * value)))
+                for name, value in expected.items()]
+        # float32 operands round differently from bfloat16 ones by far more than 1e-6
+        assert (max(gaps) < 1e-6) is agrees, (dtype, max(gaps))
+
+
+def test_ns_dtype_names_the_operand_dtype():
+    assert ns_compute_dtype("float32") is None
+    assert ns_compute_dtype("bfloat16") == jnp.bfloat16
+    assert ns_compute_dtype("auto") is None  # the suite runs on CPU: float32 operands
