@@ -53,7 +53,7 @@ def muon_transform(cfg: OptimConfig, matrix_axes) -> optax.GradientTransformatio
         update_scale=cfg.update_scale, direction=direction, ns_scheme=cfg.ns_scheme,
         ns_steps=cfg.ns_steps, ns_normalization=cfg.ns_normalization, ns_method=cfg.ns_method,
         ns_dtype=ns_compute_dtype(cfg.ns_dtype), momentum_dtype=jnp.dtype(cfg.momentum_dtype),
-        bias_correction=cfg.bias_correction)
+        bias_correction=cfg.bias_correction, ns_backend=cfg.ns_backend)
 
 
 def matrix_axes(parametrization: Parametrization) -> dict:

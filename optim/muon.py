@@ -71,7 +71,8 @@ def _as_matrices(x: jax.Array, axes: MatrixAxes):
     return m, restore, (dims_in, dims_out)
 
 
-def auon_direction(x_BxMxN: jax.Array, *, hybrid: bool = False, eps: float = 1e-7) -> jax.Array:
+def auon_direction(x_BxMxN: jax.Array, *, hybrid: bool = False, eps: float = 1e-7,
+                   backend: str = "auto") -> jax.Array:
     """AuON: X = G/‖G‖_F, U = X / rms(cosh X), times √min(M, N) (an orthogonal factor's
     Frobenius norm) so that update scales and LRs mean what they mean for Muon. The hybrid
     applies one Jordan Newton–Schulz step to U and scales it to norm √min(M, N) exactly.
@@ -83,7 +84,7 @@ def auon_direction(x_BxMxN: jax.Array, *, hybrid: bool = False, eps: float = 1e-
     x = x / (jnp.linalg.norm(x, axis=(-2, -1), keepdims=True) + eps)
     u = x / jnp.sqrt(jnp.mean(jnp.square(jnp.cosh(x)), axis=(-2, -1), keepdims=True))
     if hybrid:
-        u = orthogonalize(u, scheme="jordan", steps=1)
+        u = orthogonalize(u, scheme="jordan", steps=1, backend=backend)
         u = u / (jnp.linalg.norm(u, axis=(-2, -1), keepdims=True) + eps)
     return (u * math.sqrt(min(x.shape[-2:]))).astype(x_BxMxN.dtype)
 
@@ -116,7 +117,7 @@ def scale_by_muon(matrix_axes, *, momentum: float = 0.95, nesterov: bool = True,
                   ns_normalization: str = "schatten4", ns_method: str = "auto",
                   ns_dtype=None, ns_eps: float = 1e-7, momentum_dtype=jnp.float32,
                   bias_correction: bool = False,
-                  ns_backend: str = "xla") -> optax.GradientTransformation:
+                  ns_backend: str = "auto") -> optax.GradientTransformation:
     """Momentum, then an orthogonalized direction times the update scale s of each matrix.
 
     `matrix_axes` is a tree like the parameters (or a prefix of the masked tree optax.partition
@@ -137,7 +138,8 @@ def scale_by_muon(matrix_axes, *, momentum: float = 0.95, nesterov: bool = True,
                                  method=ns_method, eps=ns_eps)
     else:
         def direction_fn(u):
-            return auon_direction(u, hybrid=direction == "auon_hybrid", eps=ns_eps)
+            return auon_direction(u, hybrid=direction == "auon_hybrid", eps=ns_eps,
+                                  backend=ns_backend)
 
     def init(params):
         return MuonState(count=jnp.zeros((), jnp.int32),

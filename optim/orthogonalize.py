@@ -3,7 +3,8 @@
 Each step maps the singular values of X by an odd quintic p(σ) = aσ + bσ³ + cσ⁵ (computed as
 A = XXᵀ, X ← aX + (bA + cA²)X on the short side), after X is scaled by its Frobenius norm (or
 the tighter Schatten-4 norm) so that every σ ≤ 1. Coefficient schemes are data (see
-SCALING_RULES.md §4); backends register in BACKENDS (`xla`: the pure-jnp direct and Gram forms).
+SCALING_RULES.md §4); backends register in BACKENDS (`xla`: the pure-jnp direct and Gram forms;
+`pallas`: the kernels in optim/kernels).
 """
 
 from __future__ import annotations
@@ -146,18 +147,38 @@ def xla_newton_schulz(g: jax.Array, coefficients: Sequence[Coefficients], *, met
     return iterate(g, coefficients, **kwargs)
 
 
-BACKENDS: dict[str, Callable[..., jax.Array]] = {"xla": xla_newton_schulz}
+def _pallas_newton_schulz(g: jax.Array, coefficients: Sequence[Coefficients], **kwargs):
+    from optim.kernels import pallas_newton_schulz  # Pallas loads only when asked for
+
+    return pallas_newton_schulz(g, coefficients, **kwargs)
+
+
+BACKENDS: dict[str, Callable[..., jax.Array]] = {"xla": xla_newton_schulz,
+                                                 "pallas": _pallas_newton_schulz}
+BACKEND_CHOICES = ("auto", *BACKENDS)
+
+
+def resolve_backend(name: str) -> str:
+    """`auto` is `pallas` on a platform where the kernels were verified compiled, else `xla`."""
+    if name == "auto":
+        from optim.kernels.compat import platform
+        from optim.kernels.platforms import VERIFIED_PLATFORMS
+
+        return "pallas" if platform() in VERIFIED_PLATFORMS else "xla"
+    if name not in BACKENDS:
+        raise ValueError(f"orthogonalize.backend={name!r}: expected one of {list(BACKEND_CHOICES)}")
+    return name
 
 
 def orthogonalize(g: jax.Array, *, scheme: str = "jordan", steps: int | None = None,
-                  backend: str = "xla", compute_dtype=None, normalization: str = "frobenius",
+                  backend: str = "auto", compute_dtype=None, normalization: str = "frobenius",
                   method: str = "auto", eps: float = 1e-7) -> jax.Array:
     """The orthogonal factor (approximately U Vᵀ of g = U Σ Vᵀ) of each matrix in `g`.
 
     Leading axes are a batch: stack same-shape matrices to orthogonalize them in one call.
+    backend: `xla` (pure jnp), `pallas` (optim/kernels; interpreted on CPU) or `auto`.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"orthogonalize.backend={backend!r}: expected one of {sorted(BACKENDS)}")
     coefficients, safety = preset(scheme, steps)
-    return BACKENDS[backend](g, coefficients, safety=safety, eps=eps, compute_dtype=compute_dtype,
-                             normalization=normalization, method=method)
+    return BACKENDS[resolve_backend(backend)](
+        g, coefficients, safety=safety, eps=eps, compute_dtype=compute_dtype,
+        normalization=normalization, method=method)

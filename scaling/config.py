@@ -61,6 +61,7 @@ class OptimConfig:
     ns_normalization: str = "schatten4"  # frobenius | schatten4
     ns_method: str = "auto"  # auto | direct | gram (auto: Gram for float32 at aspect >= 2)
     ns_dtype: str = "auto"  # auto (bfloat16 on GPU/TPU, float32 on CPU) | float32 | bfloat16
+    ns_backend: str = "auto"  # auto | xla | pallas (auto: pallas only where verified compiled)
     momentum_dtype: str = "float32"  # float32 | bfloat16
     bias_correction: bool = False  # divide the momentum terms by (1 - β^t), as optax does
     auon_hybrid: bool = False  # auon: one Newton–Schulz step after the AuON normalization
@@ -226,6 +227,11 @@ def _validate_matrix_optimizer(o: OptimConfig) -> None:
     _choice("optim.ns_normalization", o.ns_normalization, ("frobenius", "schatten4"))
     _choice("optim.ns_method", o.ns_method, ("auto", "direct", "gram"))
     _choice("optim.ns_dtype", o.ns_dtype, ("auto", "float32", "bfloat16"))
+    _choice("optim.ns_backend", o.ns_backend, ("auto", "xla", "pallas"))
+    if o.ns_backend == "pallas":
+        _require(o.ns_method != "gram", "optim.ns_method", o.ns_method,
+                 "'auto' or 'direct' with optim.ns_backend=pallas (its kernels run the direct "
+                 "form)")
     _choice("optim.momentum_dtype", o.momentum_dtype, ("float32", "bfloat16"))
 
 

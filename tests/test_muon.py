@@ -537,6 +537,7 @@ BAD = {
     "adam_lr_ratio": ("optim.adam_lr_ratio=0", "optim.adam_lr_ratio", "0"),
     "ns_normalization": ("optim.ns_normalization=l1", "optim.ns_normalization", "l1"),
     "momentum_dtype": ("optim.momentum_dtype=int8", "optim.momentum_dtype", "int8"),
+    "ns_backend": ("optim.ns_backend=cuda", "optim.ns_backend", "cuda"),
 }
 
 
