@@ -265,7 +265,7 @@ def test_bad_kernel_arguments_name_the_field():
     g = jnp.ones((2, 16, 32))
     coefficients, _ = preset("jordan", 5)
     for kwargs, field in [({"method": "gram"}, "method"), ({"kernel": "blocked"}, "kernel"),
-                          ({"normalization": "nuclear"}, "normalization")]:
+                          ({"normalization": "nuclear"}, "normalization"), ({"tile": 0}, "tile")]:
         with pytest.raises(ValueError, match=f"orthogonalize.{field}="):
             pallas_newton_schulz(g, coefficients, **kwargs)
     with pytest.raises(ValueError, match="orthogonalize.backend='triton'"):
@@ -344,3 +344,17 @@ def test_pallas_backend_with_the_gram_method_is_a_config_error():
         to_run_config(compose(["optim=muon", "optim.ns_backend=pallas", "optim.ns_method=gram"]))
     assert error.value.field == "optim.ns_method"
     assert "direct" in str(error.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
+def test_platform_tiles_at_a_transformer_shape(dtype):
+    """The CPU platform's own tile (32) on a stack of 4 width-256 MLP matrices, 256 × 1024 and
+    transposed, through `orthogonalize` with the optimizer's defaults (slow: interpreted)."""
+    g = jax.random.normal(jax.random.key(9), (4, 256, 1024))
+    for x in (g, jnp.swapaxes(g, -1, -2)):
+        opts = {"scheme": "polar_express", "normalization": "schatten4", "compute_dtype": dtype}
+        xla = orthogonalize(x, backend="xla", method="direct", **opts)
+        pallas = orthogonalize(x, backend="pallas", **opts)
+        gap = _relative_gap(pallas, xla)
+        assert gap < (1e-5 if dtype is None else BF16_REL), gap

@@ -84,6 +84,8 @@ def pallas_newton_schulz(g: jax.Array, coefficients: Sequence[tuple[float, float
                          f"{list(NORMALIZATIONS)}")
     if kernel not in KERNELS:
         raise ValueError(f"orthogonalize.kernel={kernel!r}: expected one of {list(KERNELS)}")
+    if tile is not None and (not isinstance(tile, int) or tile < 1):
+        raise ValueError(f"orthogonalize.tile={tile!r}: expected a positive integer")
     target = target or platform()
     facts = P.platform_facts(target)
     x, tall = _short_side_first(g)
