@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import re
 from pathlib import Path
 
@@ -120,6 +121,23 @@ def test_symmetric_gram_never_reads_below_the_diagonal():
                                      reduce_in_grid=reduce_in_grid), TILE)
         assert bool(jnp.all(jnp.isfinite(out)))
         assert _relative_gap(out, a + a @ a) < 1e-5
+
+
+def test_tiled_step_computes_only_upper_tiles_of_both_symmetric_products():
+    """One tiled step on a 300 × 520 matrix in 64-tiles (t = 5 row tiles, c = 9 column chunks)
+    runs t(t+1)/2·c tile products for XXᵀ, t(t+1)/2·t for A² and t·c·t for BX: 435 against
+    the direct form's 2t²c + t³ = 575 (3m²n + m³ against 4m²n + 2m³ as the tiles shrink)."""
+    coefficients, safety = preset("jordan", 1)
+    jaxpr = str(jax.make_jaxpr(functools.partial(
+        pallas_newton_schulz, coefficients=coefficients, safety=safety, kernel="tiled",
+        tile=64))(jnp.ones((1, 300, 520))))
+    grids = [tuple(int(v) for v in g.split(",") if v.strip())
+             for g in re.findall(r"GridMapping\(grid=\(([0-9, ]+)\)", jaxpr)]
+    t, c, upper = 5, 9, tiles.num_upper_tiles(5)
+    assert grids == [(1, upper, c), (1, upper, t), (1, t, c, t)]
+    tile_products = sum(math.prod(grid) for grid in grids)
+    assert tile_products == upper * c + upper * t + t * c * t == 435
+    assert 2 * t * t * c + t**3 == 575
 
 
 def test_symmetric_gram_rejects_shapes_off_the_tile_grid():
