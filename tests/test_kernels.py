@@ -191,6 +191,14 @@ def test_kernels_match_the_reference_in_the_tpu_interpreter(kernel):
     assert float(jnp.max(jnp.abs(out - ref))) < F32_ATOL
 
 
+@pytest.mark.parametrize("kernel", ["fused", "tiled"])
+def test_kernels_under_vmap_match_the_reference(kernel):
+    """A vectorized LR sweep vmaps the optimizer: the kernels batch under jax.vmap too."""
+    g = _input((2, 3, 40, 72), seed=10)
+    out = jax.vmap(lambda x: _ns(x, kernel=kernel))(g)
+    assert float(jnp.max(jnp.abs(out - _ns(g)))) < F32_ATOL
+
+
 # ---------------------------------------------------------------------------------------------
 # Mutations the tolerances catch
 
