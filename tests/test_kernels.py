@@ -56,12 +56,6 @@ def _input(shape, seed=0):
     return _well_conditioned(jax.random.key(seed), m, n, tuple(batch))
 
 
-def _mirror(upper: jax.Array, tile: int) -> jax.Array:
-    """The whole symmetric matrix from its upper-tile storage."""
-    t = jnp.arange(upper.shape[-1]) // tile
-    return jnp.where(t[:, None] > t[None, :], jnp.swapaxes(upper, -1, -2), upper)
-
-
 def _ns(g, dtype=None, normalization="frobenius", scheme="polar_express", steps=STEPS, **kernel):
     coefficients, safety = preset(scheme, steps)
     opts = {"safety": safety, "compute_dtype": dtype, "normalization": normalization}
@@ -95,14 +89,14 @@ def test_symmetric_gram_is_the_dense_gram(reduce_in_grid, dtype):
     the same operand dtype; and β·AAᵀ + α·A read from upper storage equals the dense form."""
     x = jax.random.normal(jax.random.key(1), (3, 3 * TILE, 5 * TILE))
     opts = {"tile": TILE, "dtype": dtype, "reduce_in_grid": reduce_in_grid}
-    gram = _mirror(symmetric_gram(x, **opts), TILE)
+    gram = tiles.mirror_upper(symmetric_gram(x, **opts), TILE)
     x_op = x.astype(dtype)
     dense = jnp.einsum("bik,bjk->bij", x_op, x_op, preferred_element_type=jnp.float32)
     tol = 1e-5 if dtype == jnp.float32 else 1e-3
     assert _relative_gap(gram, dense) < tol
 
     a = dense / jnp.linalg.norm(dense, axis=(-2, -1), keepdims=True)
-    poly = _mirror(symmetric_gram(a, symmetric=True, alpha=-1.5, beta=0.5, **opts), TILE)
+    poly = tiles.mirror_upper(symmetric_gram(a, symmetric=True, alpha=-1.5, beta=0.5, **opts), TILE)
     a_op = a.astype(dtype)
     expected = -1.5 * a + 0.5 * jnp.einsum("bik,bjk->bij", a_op, a_op,
                                            preferred_element_type=jnp.float32)
@@ -117,7 +111,7 @@ def test_symmetric_gram_never_reads_below_the_diagonal():
     t = jnp.arange(a.shape[-1]) // TILE
     poisoned = jnp.where(t[:, None] > t[None, :], jnp.nan, a)
     for reduce_in_grid in (True, False):
-        out = _mirror(symmetric_gram(poisoned, tile=TILE, symmetric=True, alpha=1.0, beta=1.0,
+        out = tiles.mirror_upper(symmetric_gram(poisoned, tile=TILE, symmetric=True, alpha=1.0, beta=1.0,
                                      reduce_in_grid=reduce_in_grid), TILE)
         assert bool(jnp.all(jnp.isfinite(out)))
         assert _relative_gap(out, a + a @ a) < 1e-5

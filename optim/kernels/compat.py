@@ -23,18 +23,19 @@ def platform() -> str:
     return "gpu" if name in ("cuda", "rocm", "gpu") else name
 
 
-def compiler_params(target: str, dimension_semantics: tuple[str, ...], *,
-                    vmem_limit_bytes: int | None = None, num_warps: int | None = None,
-                    num_stages: int | None = None):
-    """Compiler settings for a kernel lowered for `target` ('tpu', 'gpu'; None elsewhere)."""
+def compiler_params(target: str, dimension_semantics: tuple[str, ...]):
+    """Compiler settings for a kernel lowered for `target` ('tpu', 'gpu'; None elsewhere).
+
+    GPU warps and pipeline stages are Triton's defaults: untuned, as no GPU has run them yet.
+    """
     if target == "tpu":
         params = getattr(pltpu, "CompilerParams", None) or pltpu.TPUCompilerParams
-        return params(dimension_semantics=dimension_semantics, vmem_limit_bytes=vmem_limit_bytes)
+        return params(dimension_semantics=dimension_semantics)
     if target == "gpu":
         if pltriton is None:
             raise RuntimeError(f"orthogonalize.backend='pallas': jax {jax.__version__} has no "
                                "Pallas Triton lowering; use backend='xla' on this GPU")
-        return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+        return pltriton.CompilerParams()
     return None
 
 

@@ -39,8 +39,7 @@ def _kernel(x_ref, out_ref, *, coefficients, safety, eps, normalization, dtype):
 
 def fused_newton_schulz(x: jax.Array, coefficients: Sequence[tuple[float, float, float]], *,
                         safety: float, eps: float, normalization: str, dtype=jnp.float32,
-                        target: str = "cpu", interpret=None,
-                        vmem_limit_bytes: int | None = None) -> jax.Array:
+                        target: str = "cpu", interpret=None) -> jax.Array:
     """Newton–Schulz on a float32 (batch, m, n) stack, m ≤ n, one grid step per matrix."""
     batch, m, n = x.shape
     steps = len(coefficients)
@@ -51,7 +50,7 @@ def fused_newton_schulz(x: jax.Array, coefficients: Sequence[tuple[float, float,
     return pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct(x.shape, jnp.float32), grid=(batch,),
         in_specs=[spec], out_specs=spec,
-        compiler_params=compiler_params(target, ("parallel",), vmem_limit_bytes=vmem_limit_bytes),
+        compiler_params=compiler_params(target, ("parallel",)),
         cost_estimate=pl.CostEstimate(flops=flops, transcendentals=0,
                                       bytes_accessed=8 * batch * m * n),
         interpret=interpret_mode(target, interpret), name="fused_newton_schulz")(x)

@@ -18,7 +18,7 @@ from optim.kernels.compat import platform
 from optim.kernels.fused import fused_newton_schulz
 from optim.kernels.polynomial import apply_polynomial
 from optim.kernels.symmetric import symmetric_gram
-from optim.orthogonalize import NORMALIZATIONS, _short_side_first
+from optim.orthogonalize import NORMALIZATIONS, _normalized_gram, _short_side_first
 
 KERNELS = ("auto", "fused", "tiled")
 
@@ -35,27 +35,17 @@ def _fused_shape(m: int, n: int, facts: P.Platform) -> tuple[int, int]:
     return rows, cols
 
 
-def _upper_scale(gram_upper, normalization: str, safety: float, eps: float, tile: int):
-    """1/(ν·safety + ε) from the raw Gram in upper-tile storage (as `_normalized_gram`)."""
-    if normalization == "frobenius":
-        nu = jnp.sqrt(jnp.trace(gram_upper, axis1=-2, axis2=-1))
-    else:
-        weights = T.upper_tile_weights(gram_upper.shape[-1], tile)
-        written = jnp.where(weights > 0, gram_upper, 0.0)  # tiles below are never written
-        nu = jnp.sqrt(jnp.sqrt(jnp.sum(weights * written * written, axis=(-2, -1))))
-    return (1.0 / (nu * safety + eps))[:, None, None]
-
-
 def tiled_newton_schulz(x: jax.Array, coefficients: Sequence[tuple[float, float, float]], *,
                         safety: float, eps: float, normalization: str, tile: int,
                         dtype=jnp.float32, reduce_in_grid: bool = True, target: str = "cpu",
                         interpret=None) -> jax.Array:
     """Newton–Schulz on a float32 (batch, m, n) stack, m ≤ n, both multiples of `tile`."""
     opts = {"tile": tile, "dtype": dtype, "reduce_in_grid": reduce_in_grid, "target": target,
-                "interpret": interpret}
-    gram = symmetric_gram(x, **opts)
-    scale = _upper_scale(gram, normalization, safety, eps, tile)
-    x, gram = x * scale, gram * scale**2
+            "interpret": interpret}
+    # the reference's normalization, on the whole symmetric matrix (a valid upper storage too)
+    scale, gram = _normalized_gram(T.mirror_upper(symmetric_gram(x, **opts), tile),
+                                   normalization, safety, eps)
+    x = x * scale
     for step, (a, b, c) in enumerate(coefficients):
         if step > 0:
             gram = symmetric_gram(x, **opts)

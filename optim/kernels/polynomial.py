@@ -48,33 +48,32 @@ def _loop_kernel(b_ref, x_ref, out_ref, *, chunks, tile, a, dtype):
 
 
 def apply_polynomial(b_upper: jax.Array, x: jax.Array, a: float, *, tile: int,
-                     col_tile: int | None = None, dtype=jnp.float32, reduce_in_grid: bool = True,
-                     target: str = "cpu", interpret=None) -> jax.Array:
+                     dtype=jnp.float32, reduce_in_grid: bool = True, target: str = "cpu",
+                     interpret=None) -> jax.Array:
     """aX + BX for float32 X (batch, m, n) and B (batch, m, m) in upper-tile storage."""
     batch, m, n = x.shape
-    col_tile = col_tile or tile
-    if m % tile or n % col_tile or b_upper.shape != (batch, m, m):
+    if m % tile or n % tile or b_upper.shape != (batch, m, m):
         raise ValueError(f"apply_polynomial: B {b_upper.shape}, X {x.shape} do not tile by "
-                         f"{tile} × {col_tile}")
-    row_tiles, col_tiles = m // tile, n // col_tile
+                         f"{tile}")
+    row_tiles, col_tiles = m // tile, n // tile
     out_shape = jax.ShapeDtypeStruct(x.shape, jnp.float32)
     cost = pl.CostEstimate(flops=2 * batch * m * m * n, transcendentals=0,
                            bytes_accessed=4 * batch * (m * m + 2 * m * n))
-    out_spec = pl.BlockSpec((None, tile, col_tile), lambda b, i, j, *k: (b, i, j))
+    out_spec = pl.BlockSpec((None, tile, tile), lambda b, i, j, *k: (b, i, j))
     if reduce_in_grid:
         in_specs = [
             pl.BlockSpec((None, tile, tile), lambda b, i, j, k: (b, *T.stored(i, k))),
-            pl.BlockSpec((None, tile, col_tile), lambda b, i, j, k: (b, k, j)),
-            pl.BlockSpec((None, tile, col_tile), lambda b, i, j, k: (b, i, j)),
+            pl.BlockSpec((None, tile, tile), lambda b, i, j, k: (b, k, j)),
+            pl.BlockSpec((None, tile, tile), lambda b, i, j, k: (b, i, j)),
         ]
         operands = (b_upper, x, x)
         grid = (batch, row_tiles, col_tiles, row_tiles)
         kernel = functools.partial(_grid_kernel, chunks=row_tiles, a=a, dtype=dtype)
-        scratch = [pltpu.VMEM((tile, col_tile), jnp.float32)]
+        scratch = [pltpu.VMEM((tile, tile), jnp.float32)]
         semantics = ("parallel", "parallel", "parallel", "arbitrary")
     else:
         in_specs = [pl.BlockSpec((None, m, m), lambda b, i, j: (b, 0, 0)),
-                    pl.BlockSpec((None, m, col_tile), lambda b, i, j: (b, 0, j))]
+                    pl.BlockSpec((None, m, tile), lambda b, i, j: (b, 0, j))]
         operands = (b_upper, x)
         grid = (batch, row_tiles, col_tiles)
         kernel = functools.partial(_loop_kernel, chunks=row_tiles, tile=tile, a=a, dtype=dtype)

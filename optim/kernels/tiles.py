@@ -46,8 +46,7 @@ def dot_t(p: jax.Array, q: jax.Array, dtype) -> jax.Array:
                                preferred_element_type=jnp.float32)
 
 
-def upper_tile_weights(size: int, tile: int) -> jax.Array:
-    """Per-element weights that turn a sum over stored upper tiles into a sum over the whole
-    symmetric matrix: 1 on diagonal tiles, 2 above them, 0 below (never written)."""
-    t = jnp.arange(size) // tile
-    return jnp.where(t[:, None] < t[None, :], 2.0, jnp.where(t[:, None] == t[None, :], 1.0, 0.0))
+def mirror_upper(upper: jax.Array, tile: int) -> jax.Array:
+    """The whole symmetric matrix (XLA, outside kernels) from upper-tile storage."""
+    t = jnp.arange(upper.shape[-1]) // tile
+    return jnp.where(t[:, None] > t[None, :], jnp.swapaxes(upper, -1, -2), upper)
