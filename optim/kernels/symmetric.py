@@ -89,24 +89,17 @@ def symmetric_gram(y: jax.Array, *, tile: int, dtype=jnp.float32, symmetric: boo
     opts = {"tiles": tiles, "chunks": chunks, "alpha": alpha, "beta": beta,
             "symmetric": symmetric, "dtype": dtype}
     if reduce_in_grid:
-        if symmetric:
-            def rows_at(b, p, c):
-                return (b, *T.stored(T.upper_tile(p, tiles)[0], c))
-
-            def cols_at(b, p, c):
-                return (b, *T.stored(T.upper_tile(p, tiles)[1], c))
-        else:
-            def rows_at(b, p, c):
-                return b, T.upper_tile(p, tiles)[0], c
-
-            def cols_at(b, p, c):
-                return b, T.upper_tile(p, tiles)[1], c
+        def chunk_at(side):  # side 0: the tile's row panel, 1: its column panel
+            def index(b, p, c):
+                r = T.upper_tile(p, tiles)[side]
+                return (b, *T.stored(r, c)) if symmetric else (b, r, c)
+            return index
 
         def out_at(b, p, c):
             return (b, *T.upper_tile(p, tiles))
 
         chunk_spec = (None, tile, tile)
-        in_specs = [pl.BlockSpec(chunk_spec, rows_at), pl.BlockSpec(chunk_spec, cols_at)]
+        in_specs = [pl.BlockSpec(chunk_spec, chunk_at(0)), pl.BlockSpec(chunk_spec, chunk_at(1))]
         grid = (batch, grid_upper, chunks)
         kernel = functools.partial(_grid_kernel, **opts)
         scratch = [pltpu.VMEM((tile, tile), jnp.float32)]
