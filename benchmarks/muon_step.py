@@ -19,7 +19,7 @@ the median over repeats of (row / optax) in the same repeat. The programs run in
 (A, B, A, B, ...) because the machine is shared. The orthogonality error is max_i |σ_i(O) − 1| of
 the row's orthogonalization on U diag(σ) Vᵀ inputs of the benchmark's shapes (D × D, D × 4D),
 σ log-spaced over [0.1, 1] and over [1e-3, 1], the worse of the two shapes. The train step is
-one jitted forward + backward + update of `scaling.train.make_train_step` on a batch of random
+one jitted forward + backward + update of `scaling.training.step.make_train_step` on a batch of random
 bytes, for the peer and for our default; opt/train is the optimizer step's share of it.
 """
 
@@ -49,9 +49,9 @@ from models import label_tree
 from optim.build import MATRIX_ROLES, build_optimizer, ns_compute_dtype
 from optim.orthogonalize import JORDAN, orthogonalize
 from scaling.config import ModelConfig, OptimConfig, ParamConfig
-from scaling.files import write_json_atomic
+from scaling.training.files import write_json_atomic
 from scaling.parametrization import build_model
-from scaling.train import init_train_state, make_train_step, unit_lr_optimizer
+from scaling.training.step import init_train_state, make_train_step, unit_lr_optimizer
 
 VOCAB = 256  # bytes
 MUON_YAML = Path(__file__).resolve().parents[1] / "configs" / "optim" / "muon.yaml"

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from optim.kernels import KERNELS, pallas_newton_schulz
 from optim.kernels.compat import platform
 from optim.orthogonalize import NORMALIZATIONS, PRESET_NAMES, newton_schulz, preset
-from scaling.files import write_json_atomic
+from scaling.training.files import write_json_atomic
 
 EPS = 1e-7
 SVD_MAX_ELEMENTS = 4096 * 4096  # larger matrices skip the orthogonality error

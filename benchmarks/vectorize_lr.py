@@ -21,7 +21,7 @@ from scaling.config import (
     RunConfig,
     TrainConfig,
 )
-from scaling.train import train, train_lrs
+from scaling.training.loop import train, train_lrs
 
 
 def main() -> None:

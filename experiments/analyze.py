@@ -14,7 +14,7 @@ from typing import NoReturn
 
 from scaling.analysis import METRICS, analyze, format_table, load_results
 from scaling.analysis_run import log_analysis
-from scaling.files import atomic_open, write_json_atomic
+from scaling.training.files import atomic_open, write_json_atomic
 from scaling.plots import plot_analysis
 
 

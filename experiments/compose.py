@@ -149,7 +149,7 @@ def precheck(argv: list[str]) -> list[str]:
                         if any(o not in other for other in points)})
         raise ConfigError("overrides", " ".join(overrides),
                           f"a single value per key, or -m (--multirun) to sweep {', '.join(swept)}")
-    from scaling import data  # numpy only; checks each distinct source before any run starts
+    from scaling.training import data  # numpy only; checks each distinct source before any run starts
 
     checked_sources = set()
     for point in points:

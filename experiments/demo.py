@@ -82,9 +82,9 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     from scaling.analysis import analyze, format_table, load_results
     from scaling.analysis_run import log_analysis
-    from scaling.files import write_json_atomic
+    from scaling.training.files import write_json_atomic
     from scaling.plots import plot_analysis
-    from scaling.train import train, train_sweep
+    from scaling.training.loop import train, train_sweep
 
     experiment = MODES[args.quick]
     extra = [*args.overrides, f"logging.wandb_mode={args.wandb_mode}",

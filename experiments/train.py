@@ -22,7 +22,7 @@ def _fail(error: ConfigError) -> None:
 
 @hydra.main(config_path="pkg://configs", config_name="config", version_base="1.3")
 def _run(cfg: DictConfig) -> None:
-    from scaling.train import train_sweep  # after validation: importing jax is the slow part
+    from scaling.training.loop import train_sweep  # after validation: importing jax is the slow part
 
     try:
         results = train_sweep(to_run_config(OmegaConf.to_container(cfg, resolve=True)))

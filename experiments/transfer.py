@@ -17,7 +17,7 @@ from typing import NoReturn
 from experiments.compose import compose, to_run_config
 from scaling.analysis import analyze, load_results, shape_id
 from scaling.config import RunConfig, from_dict, to_dict
-from scaling.files import atomic_open
+from scaling.training.files import atomic_open
 from scaling.transfer import DATA_EXPONENT, TransferResult, proxy_shape, transfer
 
 # Groups whose option is chosen by name; every other difference is a field override.
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     print(explain(shape, result))
     print(f"wrote {out}\nrun it: scaling-train {shlex.join(overrides)}")
     if args.launch:
-        from scaling.train import train  # importing jax is the slow part
+        from scaling.training.loop import train  # importing jax is the slow part
 
         run = train(target)
         print(f"{run['run_dir']}: val_loss={run['val_loss']} diverged={run['diverged']}")

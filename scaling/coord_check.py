@@ -18,7 +18,7 @@ from models import label_tree
 from models.layers import rms
 from scaling.config import ModelConfig, OptimConfig, ParamConfig
 from scaling.parametrization import build_model
-from scaling.train import init_train_state, make_train_step, unit_lr_optimizer
+from scaling.training.step import init_train_state, make_train_step, unit_lr_optimizer
 
 # width -> step (0 = init) -> module name ("logits", "attn_out/0", ...) -> RMS of its output
 CoordStats = dict[int, dict[int, dict[str, float]]]

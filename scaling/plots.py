@@ -16,7 +16,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
-from scaling.files import atomic_open
+from scaling.training.files import atomic_open
 
 DPI = 120
 PARAM_LABELS = {"sp": "SP", "mup": "μP"}

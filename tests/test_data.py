@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scaling import data
+from scaling.training import data
 from scaling.config import ConfigError, DataConfig
 
 

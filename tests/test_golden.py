@@ -12,7 +12,7 @@ from flax import nnx
 from models import label_tree
 from scaling.config import ModelConfig, OptimConfig, ParamConfig
 from scaling.parametrization import build_model
-from scaling.train import init_train_state, make_train_step, next_token_loss, unit_lr_optimizer
+from scaling.training.step import init_train_state, make_train_step, next_token_loss, unit_lr_optimizer
 
 # Measured on CPU (float32) with jax 0.10.2 / Python 3.11 and jax 0.12.0.1 / Python 3.12: the losses
 # agree to the last bit, the gradient norm differs by 6e-8 relative (0.9642991423606873 on 0.12);

@@ -26,7 +26,7 @@ from optim.kernels.compat import abstract_device, lowering_platform
 from optim.muon import auon_direction
 from optim.orthogonalize import newton_schulz, orthogonalize, preset, resolve_backend
 from scaling.config import ConfigError
-from scaling.train import train
+from scaling.training.loop import train
 
 TILE = 16  # interpreter-sized tiles; shapes below are not multiples of it and span ≥ 2 tiles
 # Kernel against reference in float32: both accumulate in float32, only the order of the sums

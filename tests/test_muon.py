@@ -25,9 +25,9 @@ from optim.build import matrix_axes, ns_compute_dtype
 from optim.muon import UPDATE_SCALES, MatrixAxes, auon_direction, scale_by_muon
 from optim.orthogonalize import JORDAN, orthogonalize
 from scaling.config import ConfigError, ModelConfig, OptimConfig, ParamConfig
-from scaling.files import read_jsonl
+from scaling.training.files import read_jsonl
 from scaling.parametrization import build_model, make_parametrization
-from scaling.train import train
+from scaling.training.loop import train
 
 VOCAB = 64
 BASE_WIDTH = 32

@@ -16,7 +16,7 @@ import optim
 from models import label_tree
 from scaling.config import ModelConfig, OptimConfig, ParamConfig
 from scaling.parametrization import OptimizerMultipliers, build_model
-from scaling.train import init_train_state, make_train_step, next_token_loss, unit_lr_optimizer
+from scaling.training.step import init_train_state, make_train_step, next_token_loss, unit_lr_optimizer
 
 VOCAB = 256
 BASE_WIDTH, WIDTH, HEAD_DIM, DEPTH = 32, 128, 16, 2

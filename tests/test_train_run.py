@@ -15,12 +15,12 @@ import chex
 import pytest
 
 import experiments.train
-import scaling.data
+import scaling.training.data
 from experiments.compose import compose, to_run_config
-from scaling.checkpoint import Checkpointer
-from scaling.files import read_jsonl
-from scaling.rundir import run_name
-from scaling.train import train
+from scaling.training.checkpoint import Checkpointer
+from scaling.training.files import read_jsonl
+from scaling.training.rundir import run_name
+from scaling.training.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT_KEYS = {"train_loss", "val_loss", "diverged", "steps", "tokens", "params",
@@ -66,7 +66,7 @@ def _final_state(run_dir: Path) -> tuple[int, dict]:
 
 def _crash_at(monkeypatch, crash_step: int) -> None:
     """Makes the batch for `crash_step` raise once, like a process dying mid-run."""
-    original, crashed = scaling.data.train_batch, []
+    original, crashed = scaling.training.data.train_batch, []
 
     def train_batch(tokens, seed, step, batch_size, seq_len):
         if step == crash_step and not crashed:
@@ -74,7 +74,7 @@ def _crash_at(monkeypatch, crash_step: int) -> None:
             raise RuntimeError(f"simulated crash at step {step}")
         return original(tokens, seed, step, batch_size, seq_len)
 
-    monkeypatch.setattr(scaling.data, "train_batch", train_batch)
+    monkeypatch.setattr(scaling.training.data, "train_batch", train_batch)
 
 
 def test_short_run_learns_the_default_corpus(tmp_path):
@@ -185,8 +185,8 @@ def test_rerunning_a_finished_run_reports_without_training(tiny_run, monkeypatch
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run must not train again")
 
-    monkeypatch.setattr(scaling.data, "train_batch", no_training)
-    monkeypatch.setattr("scaling.train.make_train_step", no_training)
+    monkeypatch.setattr(scaling.training.data, "train_batch", no_training)
+    monkeypatch.setattr("scaling.training.loop.make_train_step", no_training)
     second = train(cfg)
 
     assert second == first == json.loads(saved)

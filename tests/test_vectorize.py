@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 import experiments.train
-import scaling.data
+import scaling.training.data
 from experiments.compose import compose, to_run_config
 from scaling.config import lr_grid
-from scaling.rundir import run_name
-from scaling.train import member_config, train, train_lrs, train_sweep
+from scaling.training.rundir import run_name
+from scaling.training.loop import member_config, train, train_lrs, train_sweep
 
 # Measured: the largest |difference| of any logged loss between vmapped and separate runs is
 # ~1e-6 after 12 steps (vmap batches the matmuls, so float32 sums round differently). A wrong LR,
@@ -86,8 +86,8 @@ def test_a_grid_skips_finished_lrs_and_trains_the_rest(tiny_run, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("a finished grid must not train again")
 
-    monkeypatch.setattr(scaling.data, "train_batch", no_training)
-    monkeypatch.setattr("scaling.train.make_train_step", no_training)
+    monkeypatch.setattr(scaling.training.data, "train_batch", no_training)
+    monkeypatch.setattr("scaling.training.loop.make_train_step", no_training)
     assert train_sweep(cfg) == results
 
 
@@ -111,7 +111,7 @@ def test_experiment_multirun_trains_the_grid_and_a_rerun_skips_it(tiny_run, tmp_
     def no_training(*args, **kwargs):
         raise AssertionError("a finished sweep must not train again")
 
-    monkeypatch.setattr("scaling.train.make_train_step", no_training)
+    monkeypatch.setattr("scaling.training.loop.make_train_step", no_training)
     experiments.train.main(argv)
     assert [p.stat().st_mtime_ns for p in sorted((tmp_path / "runs").glob("*/result.json"))] \
         == stamps
@@ -122,17 +122,17 @@ def test_an_interrupted_grid_resumes_as_separate_runs(tiny_run, tmp_path, monkey
     separate run at one of its LRs resumes from that checkpoint and ends where an uninterrupted
     run ends."""
     cfg = _cfg(tiny_run)
-    batch = scaling.data.train_batch
+    batch = scaling.training.data.train_batch
 
     def crash_at_step_8(tokens, seed, step, *args):
         if step == 8:
             raise KeyboardInterrupt
         return batch(tokens, seed, step, *args)
 
-    monkeypatch.setattr(scaling.data, "train_batch", crash_at_step_8)
+    monkeypatch.setattr(scaling.training.data, "train_batch", crash_at_step_8)
     with pytest.raises(KeyboardInterrupt):
         train_lrs(cfg, LRS[:2])
-    monkeypatch.setattr(scaling.data, "train_batch", batch)
+    monkeypatch.setattr(scaling.training.data, "train_batch", batch)
     resumed = train(member_config(cfg, LRS[0]))
     records = [json.loads(line) for line in
                (Path(resumed["run_dir"]) / "metrics.jsonl").read_text().splitlines()]

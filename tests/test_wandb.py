@@ -9,9 +9,9 @@ import pytest
 import wandb
 from wandb_log import finished_run_records, items, of_type
 
-import scaling.data
+import scaling.training.data
 from experiments.compose import compose, to_run_config
-from scaling.train import train
+from scaling.training.loop import train
 
 
 def _offline_runs(run_dir: Path) -> list[Path]:
@@ -57,18 +57,18 @@ def test_offline_run_records_config_metrics_and_group(offline):
 def test_resumed_run_keeps_its_wandb_id(offline, monkeypatch):
     """After a crash, re-running the same config continues the same W&B run id."""
     cfg = to_run_config(compose(offline))
-    original = scaling.data.train_batch
+    original = scaling.training.data.train_batch
 
     def crash_at_step_10(tokens, seed, step, batch_size, seq_len):
         if step == 10:
             raise RuntimeError("simulated crash")
         return original(tokens, seed, step, batch_size, seq_len)
 
-    monkeypatch.setattr(scaling.data, "train_batch", crash_at_step_10)
+    monkeypatch.setattr(scaling.training.data, "train_batch", crash_at_step_10)
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(cfg)
     wandb.finish(exit_code=1)  # what W&B's exit hook does when the crashed process ends
-    monkeypatch.setattr(scaling.data, "train_batch", original)
+    monkeypatch.setattr(scaling.training.data, "train_batch", original)
 
     result = train(cfg)
 

@@ -11,74 +11,25 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
 import optim
 from models import label_tree
-from scaling import data
-from scaling.checkpoint import Checkpointer
-from scaling.config import OptimConfig, RunConfig, SweepConfig, lr_grid, to_dict, validate
-from scaling.files import MetricsLog, write_json_atomic
+from scaling.config import RunConfig, SweepConfig, lr_grid, to_dict, validate
 from scaling.parametrization import build_model
-from scaling.rundir import run_name
-from scaling.tracking import Tracker
-
-
-def next_token_loss(graphdef, params, inputs_BxT, targets_BxT) -> jax.Array:
-    logits_BxTxV = nnx.merge(graphdef, params)(inputs_BxT).astype(jnp.float32)
-    return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT).mean()
-
-
-def make_train_step(graphdef, tx: optax.GradientTransformation, lrs_together: int = 1):
-    """state -> state, for `tx` built at LR 1: the state's `lr` scales the update.
-
-    The LR lives in the state so that one compiled program trains several LRs (vmap over the
-    state when `lrs_together` > 1) exactly as it trains one. The state also carries a running
-    loss sum, so logged means survive resumes.
-    """
-
-    def train_step(state, inputs_BxT, targets_BxT):
-        loss, grads = jax.value_and_grad(
-            lambda p: next_token_loss(graphdef, p, inputs_BxT, targets_BxT))(state["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        updates = jax.tree.map(lambda u: (state["lr"] * u).astype(u.dtype), updates)
-        return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
-                "lr": state["lr"], "loss_sum": state["loss_sum"] + loss,
-                "loss_count": state["loss_count"] + 1}
-
-    if lrs_together > 1:
-        train_step = jax.vmap(train_step, in_axes=(0, None, None))
-    return jax.jit(train_step, donate_argnums=0)
-
-
-def unit_lr_optimizer(cfg: OptimConfig, parametrization, labels, *,
-                      total_steps: int) -> optax.GradientTransformation:
-    """The optimizer that make_train_step expects: built at LR 1, the state's LR scales it."""
-    return optim.build_optimizer(dataclasses.replace(cfg, lr=1.0), parametrization, labels,
-                                 total_steps=total_steps)
-
-
-def init_train_state(params, tx: optax.GradientTransformation, lr: float) -> dict:
-    return {"params": params, "opt_state": tx.init(params), "lr": jnp.asarray(lr, jnp.float32),
-            "loss_sum": jnp.zeros((), jnp.float32), "loss_count": jnp.zeros((), jnp.int32)}
-
-
-def make_eval(graphdef, batches, lrs_together: int = 1):
-    """params -> one validation loss per LR trained together."""
-    loss_fn = lambda p, x, y: next_token_loss(graphdef, p, x, y)
-    if lrs_together > 1:
-        loss_fn = jax.vmap(loss_fn, in_axes=(0, None, None))
-    loss_fn = jax.jit(loss_fn)
-    return lambda params: np.mean([np.atleast_1d(loss_fn(params, x, y)) for x, y in batches],
-                                  axis=0).tolist()
-
-
-def flops_per_token(model: nnx.Module, specs, seq_len: int) -> float:
-    """6 FLOPs per non-embedding parameter plus the model's attention term (Kaplan et al.)."""
-    n = sum(math.prod(s.shape) for s in specs.values() if s.role != "input")
-    return 6.0 * n + model.attention_flops_per_token(seq_len)
+from scaling.training import data
+from scaling.training.checkpoint import Checkpointer
+from scaling.training.files import MetricsLog, write_json_atomic
+from scaling.training.rundir import run_name
+from scaling.training.step import (
+    flops_per_token,
+    init_train_state,
+    make_eval,
+    make_train_step,
+    unit_lr_optimizer,
+)
+from scaling.training.tracking import Tracker
 
 
 def _finished(run_dir: Path) -> dict | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from scaling.config import RunConfig, to_dict
-from scaling.rundir import config_hash
+from scaling.training.rundir import config_hash
 
 
 class Tracker:
