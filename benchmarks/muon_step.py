@@ -9,7 +9,7 @@ as a batch axis through its dimension numbers. Rows:
 - `optax`: optax.contrib.muon, Jordan coefficients × 5 steps, Frobenius normalization (the peer);
 - `same`: ours with the same math (jordan × 5, frobenius, direct iteration, bias-corrected
   Nesterov momentum as optax does), so any gain is from batching same-shape matrices;
-- `default`: ours at configs/optim/muon.yaml (polar_express × 5, schatten4, ns_method auto:
+- `default`: ours at configs/optim/optim=muon (polar_express × 5, schatten4, ns_method auto:
   the Gram iteration for the aspect-4 MLP matrices);
 - `direct` / `gram`: the default with ns_method forced to direct / gram.
 
@@ -41,43 +41,41 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import optax
-import yaml
 from flax import nnx
 from optax.contrib._muon import orthogonalize_via_newton_schulz  # not re-exported by contrib
 
 from models import label_tree
-from optim.build import MATRIX_ROLES, build_optimizer, ns_compute_dtype
+from optim import MATRIX_ROLES, MuonConfig
+from optim.build import ns_compute_dtype
 from optim.orthogonalize import JORDAN, orthogonalize
-from scaling.config import ModelConfig, OptimConfig, ParamConfig
+from scaling.config import ModelConfig, ParamConfig
+from scaling.parametrization import build_model, build_optimizer
 from scaling.training.files import write_json_atomic
-from scaling.parametrization import build_model
 from scaling.training.step import init_train_state, make_train_step, unit_lr_optimizer
 
 VOCAB = 256  # bytes
-MUON_YAML = Path(__file__).resolve().parents[1] / "configs" / "optim" / "muon.yaml"
 SPECTRA = (0.1, 1e-3)  # smallest singular value of the orthogonality-error inputs
-# name -> (label, overrides of the muon.yaml config); None marks the optax peer.
+# name -> (label, overrides of the optim=muon config); None marks the optax peer.
 ROWS: dict[str, tuple[str, dict | None]] = {
     "optax": ("optax.contrib.muon jordan×5 frobenius", None),
     "same": ("ours jordan×5 frobenius direct", {
         "ns_scheme": "jordan", "ns_steps": 5, "ns_normalization": "frobenius",
         "ns_method": "direct", "bias_correction": True}),
-    "default": ("ours muon.yaml: polar_express×5 schatten4 auto", {}),
-    "direct": ("ours muon.yaml, ns_method=direct", {"ns_method": "direct"}),
-    "gram": ("ours muon.yaml, ns_method=gram", {"ns_method": "gram"}),
+    "default": ("ours optim=muon: polar_express×5 schatten4 auto", {}),
+    "direct": ("ours optim=muon, ns_method=direct", {"ns_method": "direct"}),
+    "gram": ("ours optim=muon, ns_method=gram", {"ns_method": "gram"}),
 }
 TRAIN_ROWS = ("optax", "default")  # rows whose whole training step is timed too
 
 
-def muon_yaml_config() -> OptimConfig:
-    """configs/optim/muon.yaml with a constant LR and neither clipping nor weight decay: the peer
+def muon_default_config() -> MuonConfig:
+    """`optim=muon`'s defaults with a constant LR and neither clipping nor weight decay: the peer
     has no clipping, and a schedule or decay would time something other than Muon."""
-    defaults = OptimConfig(**yaml.safe_load(MUON_YAML.read_text()))
-    return dataclasses.replace(defaults, schedule="constant", warmup_steps=0, clip_norm=0.0,
+    return dataclasses.replace(MuonConfig(), schedule="constant", warmup_steps=0, clip_norm=0.0,
                                weight_decay=0.0)
 
 
-def optax_muon(cfg: OptimConfig, labels, lr: float) -> optax.GradientTransformation:
+def optax_muon(cfg: MuonConfig, labels, lr: float) -> optax.GradientTransformation:
     """The peer, configured like our row `same`: hidden by role → Muon with the stack axis as a
     batch axis (every axis but the last two), everything else → its AdamW."""
     dims = jax.tree.map(lambda role: optax.contrib.MuonDimensionNumbers(
@@ -88,7 +86,7 @@ def optax_muon(cfg: OptimConfig, labels, lr: float) -> optax.GradientTransformat
         adam_learning_rate=lr * cfg.adam_lr_ratio, muon_weight_dimension_numbers=dims)
 
 
-def orthogonalizer(cfg: OptimConfig | None, peer_eps: float) -> Callable[[jax.Array], jax.Array]:
+def orthogonalizer(cfg: MuonConfig | None, peer_eps: float) -> Callable[[jax.Array], jax.Array]:
     """The orthogonalization a row's optimizer applies to one matrix (None: the peer's)."""
     if cfg is None:
         coefficients = jnp.asarray(JORDAN)
@@ -178,7 +176,7 @@ def bench_width(width: int, args, row_names: list[str]) -> list[dict]:
     tokens_Bx1T = jax.random.randint(jax.random.key(2), (args.batch_size, args.seq_len + 1),
                                      0, VOCAB)
     inputs_BxT, targets_BxT = tokens_Bx1T[:, :-1], tokens_Bx1T[:, 1:]
-    base = muon_yaml_config()
+    base = muon_default_config()
     configs = {name: None if ROWS[name][1] is None else dataclasses.replace(base, **ROWS[name][1])
                for name in row_names}
 

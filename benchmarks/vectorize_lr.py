@@ -13,10 +13,10 @@ import math
 import tempfile
 import time
 
+from optim import AdamWConfig
 from scaling.config import (
     LoggingConfig,
     ModelConfig,
-    OptimConfig,
     ParamConfig,
     RunConfig,
     TrainConfig,
@@ -37,7 +37,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as out:
         cfg = RunConfig(
             model=ModelConfig(width=args.width, depth=args.depth), param=ParamConfig(),
-            optim=OptimConfig(warmup_steps=min(10, args.steps - 1)),
+            optim=AdamWConfig(warmup_steps=min(10, args.steps - 1)),
             train=TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                               eval_every=args.steps, checkpoint_every=args.steps, out_dir=out),
             logging=LoggingConfig(wandb_mode="disabled", progress=False))

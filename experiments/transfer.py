@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import NoReturn
 
 from experiments.compose import compose, to_run_config
-from scaling.analysis import analyze, load_results, shape_id
-from scaling.config import RunConfig, from_dict, to_dict
+from scaling.analysis import load_results
+from scaling.config import RunConfig, to_dict
 from scaling.training.files import atomic_open
-from scaling.transfer import DATA_EXPONENT, TransferResult, proxy_shape, transfer
+from scaling.transfer import DATA_EXPONENT, TransferResult, transfer_from_sweep
 
 # Groups whose option is chosen by name; every other difference is a field override.
 GROUP_FIELDS = {"model": "kind", "param": "name", "optim": "name"}
@@ -73,13 +73,9 @@ def plan(sweep_dir: Path, *, width: int, steps: int | None = None, batch_size: i
          param: str | None = None, proxy_width: int | None = None,
          data_exponent: float = DATA_EXPONENT) -> tuple[dict, TransferResult]:
     """(proxy shape, transfer) from the sweep's results; the target logs to the sweep's group."""
-    results = load_results(sweep_dir)
-    shape = proxy_shape(analyze(results), param=param, width=proxy_width)
-    proxy = from_dict(next(r["config"] for r in results if shape_id(r["config"]) == shape["id"]))
-    proxy = dataclasses.replace(proxy, sweep=RunConfig().sweep)
-    result = transfer(proxy, shape["optimum"]["lr"], width=width, steps=steps,
-                      batch_size=batch_size, data_exponent=data_exponent)
-    return shape, result
+    return transfer_from_sweep(load_results(sweep_dir), width=width, steps=steps,
+                               batch_size=batch_size, param=param, proxy_width=proxy_width,
+                               data_exponent=data_exponent)
 
 
 def explain(shape: dict, result: TransferResult) -> str:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from flax import nnx
 
+from models.config import ModelConfig
 from models.mlp import ByteMLP
 from models.tagged import ParamSpec, label_tree, param_specs
 from models.transformer import Transformer
-from scaling.config import ModelConfig
 
 MODELS = {"transformer": Transformer, "mlp": ByteMLP}
 

@@ -12,8 +12,10 @@ LayerTransform = Callable[[dict, jax.Array], dict]
 
 
 def rms_norm(x_BxTxD: jax.Array, gain_D: jax.Array, eps: float = 1e-6) -> jax.Array:
-    ms_BxTx1 = jnp.mean(jnp.square(x_BxTxD), axis=-1, keepdims=True)
-    return x_BxTxD * jax.lax.rsqrt(ms_BxTx1 + eps) * gain_D
+    """In float32 whatever the compute dtype (a bf16 mean of squares loses the small ones)."""
+    x32_BxTxD = x_BxTxD.astype(jnp.float32)
+    ms_BxTx1 = jnp.mean(jnp.square(x32_BxTxD), axis=-1, keepdims=True)
+    return (x32_BxTxD * jax.lax.rsqrt(ms_BxTx1 + eps) * gain_D).astype(x_BxTxD.dtype)
 
 
 def rms(x: jax.Array) -> jax.Array:
@@ -25,8 +27,9 @@ def rope(x_BxTxNxH: jax.Array, base: float) -> jax.Array:
     T, H = x_BxTxNxH.shape[1], x_BxTxNxH.shape[-1]
     inv_freq_F = base ** (-jnp.arange(0, H, 2, dtype=jnp.float32) / H)
     angle_TxF = jnp.arange(T, dtype=jnp.float32)[:, None] * inv_freq_F[None, :]
-    cos_1xTx1xF = jnp.cos(angle_TxF)[None, :, None, :]
-    sin_1xTx1xF = jnp.sin(angle_TxF)[None, :, None, :]
+    # angles in float32; the rotation itself in the activations' dtype, so bf16 stays bf16
+    cos_1xTx1xF = jnp.cos(angle_TxF)[None, :, None, :].astype(x_BxTxNxH.dtype)
+    sin_1xTx1xF = jnp.sin(angle_TxF)[None, :, None, :].astype(x_BxTxNxH.dtype)
     x1, x2 = jnp.split(x_BxTxNxH, 2, axis=-1)
     return jnp.concatenate([x1 * cos_1xTx1xF - x2 * sin_1xTx1xF,
                             x2 * cos_1xTx1xF + x1 * sin_1xTx1xF], axis=-1)
@@ -37,9 +40,18 @@ def causal_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, scale: float) -> jax.Array
                                         is_causal=True)
 
 
+def cast_matrices(layer_params: dict, dtype) -> dict:
+    """Matrices in the compute dtype; vectors (norm gains, biases) stay float32 for the norms."""
+    return {name: p.astype(dtype) if p.ndim >= 2 else p for name, p in layer_params.items()}
+
+
 def scan_layers(body: Callable, x, stacked_params: dict,
-                layer_transform: LayerTransform | None = None):
-    """Applies `body(x, layer_params) -> (x, stats)` over the leading layer axis with a scan."""
+                layer_transform: LayerTransform | None = None, unroll: int | bool = 1):
+    """Applies `body(x, layer_params) -> (x, stats)` over the leading layer axis with a scan.
+
+    `unroll` is jax.lax.scan's: 1 keeps one rolled loop (compile time flat in depth), k puts k
+    layers in each iteration, True unrolls every layer (fastest step on CPU at small depth).
+    """
     depth = jax.tree.leaves(stacked_params)[0].shape[0]
 
     def step(carry, inputs):
@@ -48,4 +60,4 @@ def scan_layers(body: Callable, x, stacked_params: dict,
             layer_params = layer_transform(layer_params, index)
         return body(carry, layer_params)
 
-    return jax.lax.scan(step, x, (stacked_params, jnp.arange(depth)))
+    return jax.lax.scan(step, x, (stacked_params, jnp.arange(depth)), unroll=unroll)

@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models.config import ModelConfig, compute_dtype
 from models.layers import LayerTransform, rms, scan_layers
 from models.tagged import tagged_param
-from scaling.config import ModelConfig
 
 
 class ByteMLP(nnx.Module):
@@ -23,6 +23,7 @@ class ByteMLP(nnx.Module):
         del attention_scale  # no attention in this model
         K, D, L, V = cfg.context, cfg.width, cfg.depth, vocab_size
         self.logit_multiplier = logit_multiplier
+        self.scan_unroll, self.compute_dtype = cfg.scan_unroll, compute_dtype(cfg.compute_dtype)
         self.embed = tagged_param(rngs.params(), (K, V, D), role="input", fan_in_axes=(-2,),
                                   fan_out_axes=(-1,), logical_axes=("context", "vocab", "embed"),
                                   init_scale=cfg.embed_std)
@@ -40,22 +41,25 @@ class ByteMLP(nnx.Module):
                                     init=readout_init)
 
     def forward(self, tokens_BxT: jax.Array, layer_transform: LayerTransform | None = None):
-        embed_KxVxD = self.embed[...]
+        dtype = self.compute_dtype
+        embed_KxVxD = self.embed[...].astype(dtype)
         K = embed_KxVxD.shape[0]
         padded_BxT = jnp.pad(tokens_BxT, ((0, 0), (K - 1, 0)))
         T = tokens_BxT.shape[1]
         h_BxTxD = sum(jnp.take(embed_KxVxD[k], padded_BxT[:, K - 1 - k:K - 1 - k + T], axis=0)
                       for k in range(K))
-        h_BxTxD = jax.nn.gelu(h_BxTxD + self.embed_bias[...])
+        h_BxTxD = jax.nn.gelu(h_BxTxD + self.embed_bias[...].astype(dtype))
         embed_rms = rms(h_BxTxD)
 
         def layer(h, p):
-            h = jax.nn.gelu(h @ p["w"] + p["b"])
+            h = jax.nn.gelu(h @ p["w"].astype(dtype) + p["b"].astype(dtype))
             return h, {"block_out": rms(h)}
 
         stacked = {name: param[...] for name, param in self.layers.items()}
-        h_BxTxD, layer_stats = scan_layers(layer, h_BxTxD, stacked, layer_transform)
-        logits_BxTxV = (h_BxTxD @ self.readout[...]) * self.logit_multiplier
+        h_BxTxD, layer_stats = scan_layers(layer, h_BxTxD, stacked, layer_transform,
+                                           self.scan_unroll)
+        logits_BxTxV = jnp.matmul(h_BxTxD, self.readout[...].astype(dtype),
+                                  preferred_element_type=jnp.float32) * self.logit_multiplier
         return logits_BxTxV, {"embed_out": embed_rms, **layer_stats, "logits": rms(logits_BxTxV)}
 
     def attention_flops_per_token(self, seq_len: int) -> float:

@@ -6,9 +6,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.layers import LayerTransform, causal_attention, rms, rms_norm, rope, scan_layers
+from models.config import ModelConfig, compute_dtype
+from models.layers import (
+    LayerTransform,
+    cast_matrices,
+    causal_attention,
+    rms,
+    rms_norm,
+    rope,
+    scan_layers,
+)
 from models.tagged import tagged_param
-from scaling.config import ModelConfig
 
 
 class Transformer(nnx.Module):
@@ -23,6 +31,7 @@ class Transformer(nnx.Module):
         D, L, F, V = cfg.width, cfg.depth, cfg.mlp_ratio * cfg.width, vocab_size
         self.head_dim, self.rope_base = cfg.head_dim, cfg.rope_base
         self.logit_multiplier, self.attention_scale = logit_multiplier, attention_scale
+        self.scan_unroll, self.compute_dtype = cfg.scan_unroll, compute_dtype(cfg.compute_dtype)
 
         def block_matrix(shape, axes):
             return tagged_param(rngs.params(), (L, *shape), role="hidden", fan_in_axes=(-2,),
@@ -55,6 +64,7 @@ class Transformer(nnx.Module):
     def _block(self, x_BxTxD, p):
         B, T, D = x_BxTxD.shape
         N, H = D // self.head_dim, self.head_dim
+        p = cast_matrices(p, self.compute_dtype)  # after any layer transform, which sees float32
         h_BxTxD = rms_norm(x_BxTxD, p["attn_norm"])
         q_BxTxNxH = rope((h_BxTxD @ p["wq"]).reshape(B, T, N, H), self.rope_base)
         k_BxTxNxH = rope((h_BxTxD @ p["wk"]).reshape(B, T, N, H), self.rope_base)
@@ -70,11 +80,14 @@ class Transformer(nnx.Module):
 
     def forward(self, tokens_BxT: jax.Array, layer_transform: LayerTransform | None = None):
         """Returns (logits_BxTxV, stats): stats holds the RMS of every block's outputs."""
-        embed_BxTxD = jnp.take(self.embed[...], tokens_BxT, axis=0)
+        embed_BxTxD = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(self.compute_dtype)
         stacked = {name: param[...] for name, param in self.blocks.items()}
-        x_BxTxD, layer_stats = scan_layers(self._block, embed_BxTxD, stacked, layer_transform)
+        x_BxTxD, layer_stats = scan_layers(self._block, embed_BxTxD, stacked, layer_transform,
+                                           self.scan_unroll)
         h_BxTxD = rms_norm(x_BxTxD, self.final_norm[...])
-        logits_BxTxV = (h_BxTxD @ self.readout[...]) * self.logit_multiplier
+        # the logits leave the readout in float32: the softmax and the loss are taken in float32
+        logits_BxTxV = jnp.matmul(h_BxTxD, self.readout[...].astype(self.compute_dtype),
+                                  preferred_element_type=jnp.float32) * self.logit_multiplier
         stats = {"embed_out": rms(embed_BxTxD), **layer_stats, "logits": rms(logits_BxTxV)}
         return logits_BxTxV, stats
 

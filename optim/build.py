@@ -1,36 +1,46 @@
-"""`build_optimizer`: one optax transformation per role, composed with `optax.partition`."""
+"""`build_optimizer`: one optax transformation per role, composed with `optax.partition`.
+
+The optimizer knows nothing of models or parametrizations: it receives the role label tree, the
+per-role multipliers and the fan axes of the hidden matrices as plain data.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from models.tagged import tree_from_paths
-from optim.muon import MatrixAxes, scale_by_muon
+from optim.config import OPTIMIZERS, AdamWConfig, MatrixOptimizerConfig, OptimizerConfig
+from optim.muon import scale_by_muon
 from optim.schedules import learning_rate
-from scaling.config import OptimConfig
-from scaling.parametrization import OptimizerMultipliers, Parametrization
 
-# Which column of the rule table each optimizer reads.
-FAMILY = {"adamw": "adam", "sgd": "sgd", "muon": "muon", "auon": "muon"}
 # Roles a matrix optimizer owns; the rest go to AdamW under the parametrization's Adam rules.
 MATRIX_ROLES = ("hidden",)
 
 
-def _adamw(cfg: OptimConfig, mult: OptimizerMultipliers, total_steps: int):
+@dataclasses.dataclass(frozen=True)
+class RoleMultipliers:
+    """Factors on the optimizer's base learning rate, ε and weight decay for one role."""
+
+    lr: float = 1.0
+    eps: float = 1.0
+    weight_decay: float = 1.0
+
+
+def _adamw(cfg: AdamWConfig, mult: RoleMultipliers, total_steps: int):
     parts = [optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps * mult.eps)]
     return parts + _decay_and_step(cfg, mult, total_steps)
 
 
-def _sgd(cfg: OptimConfig, mult: OptimizerMultipliers, total_steps: int):
+def _sgd(cfg, mult: RoleMultipliers, total_steps: int):
     parts = [optax.trace(decay=cfg.momentum, nesterov=cfg.nesterov)] if cfg.momentum > 0 else []
     return parts + _decay_and_step(cfg, mult, total_steps)
 
 
-def _decay_and_step(cfg: OptimConfig, mult: OptimizerMultipliers, total_steps: int):
+def _decay_and_step(cfg: OptimizerConfig, mult: RoleMultipliers, total_steps: int):
     # LR-coupled decay: added to the update before the LR scales it (p -= lr * (u + wd * p)).
     weight_decay = cfg.weight_decay * mult.weight_decay
     decay = [optax.add_decayed_weights(weight_decay)] if weight_decay > 0 else []
@@ -44,52 +54,52 @@ def ns_compute_dtype(name: str):
     return None if name == "float32" else jnp.dtype(name)
 
 
-def muon_transform(cfg: OptimConfig, matrix_axes) -> optax.GradientTransformation:
+def muon_transform(cfg: MatrixOptimizerConfig, matrix_axes) -> optax.GradientTransformation:
     """The direction part of `optim=muon` / `optim=auon` for the hidden matrices in matrix_axes."""
-    direction = ("newton_schulz" if cfg.name == "muon"
-                 else "auon_hybrid" if cfg.auon_hybrid else "auon")
+    common = dict(momentum=cfg.momentum, nesterov=cfg.nesterov, update_scale=cfg.update_scale,
+                  momentum_dtype=jnp.dtype(cfg.momentum_dtype),
+                  bias_correction=cfg.bias_correction, ns_backend=cfg.ns_backend)
+    if cfg.name == "auon":
+        return scale_by_muon(matrix_axes, direction="auon_hybrid" if cfg.auon_hybrid else "auon",
+                             **common)
     return scale_by_muon(
-        matrix_axes, momentum=cfg.momentum, nesterov=cfg.nesterov,
-        update_scale=cfg.update_scale, direction=direction, ns_scheme=cfg.ns_scheme,
-        ns_steps=cfg.ns_steps, ns_normalization=cfg.ns_normalization, ns_method=cfg.ns_method,
-        ns_dtype=ns_compute_dtype(cfg.ns_dtype), momentum_dtype=jnp.dtype(cfg.momentum_dtype),
-        bias_correction=cfg.bias_correction, ns_backend=cfg.ns_backend)
+        matrix_axes, direction="newton_schulz", ns_scheme=cfg.ns_scheme, ns_steps=cfg.ns_steps,
+        ns_normalization=cfg.ns_normalization, ns_method=cfg.ns_method,
+        ns_dtype=ns_compute_dtype(cfg.ns_dtype), **common)
 
 
-def matrix_axes(parametrization: Parametrization) -> dict:
-    """Fan axes of every hidden matrix, as a (partial) tree like the parameters."""
-    return tree_from_paths({path: MatrixAxes(spec.fan_in_axes, spec.fan_out_axes)
-                            for path, spec in parametrization.specs.items()
-                            if spec.role in MATRIX_ROLES})
-
-
-def _role_transform(cfg: OptimConfig, role: str, mult: OptimizerMultipliers, total_steps: int,
-                    parametrization: Parametrization):
-    if cfg.name == "adamw":
-        return _adamw(cfg, mult, total_steps)
-    if cfg.name == "sgd":
+def _role_transform(cfg: OptimizerConfig, role: str, mult: RoleMultipliers, total_steps: int,
+                    matrix_axes):
+    if cfg.family == "sgd":
         return _sgd(cfg, mult, total_steps)
+    if cfg.family == "adam":
+        return _adamw(cfg, mult, total_steps)
     if role in MATRIX_ROLES:
-        return [muon_transform(cfg, matrix_axes(parametrization))] + _decay_and_step(
-            cfg, mult, total_steps)
+        if matrix_axes is None:
+            raise ValueError(f"optim.name={cfg.name!r} needs matrix_axes: the fan axes of every "
+                             "hidden matrix (a MatrixAxes tree like the parameters)")
+        return [muon_transform(cfg, matrix_axes)] + _decay_and_step(cfg, mult, total_steps)
     adam_mult = dataclasses.replace(mult, lr=mult.lr * cfg.adam_lr_ratio)
     return _adamw(cfg, adam_mult, total_steps)
 
 
-def build_optimizer(cfg: OptimConfig, parametrization: Parametrization, labels,
-                    *, total_steps: int) -> optax.GradientTransformation:
-    """Global-norm clipping, then per-role transforms with the parametrization's multipliers.
+def build_optimizer(cfg: OptimizerConfig, labels, multipliers: Mapping[str, RoleMultipliers],
+                    *, total_steps: int, matrix_axes=None) -> optax.GradientTransformation:
+    """Global-norm clipping, then one transform per role with that role's multipliers.
 
-    `labels` is the role tree of the parameters (models.label_tree), computed once. For muon and
-    auon, hidden matrices take the Muon direction and every other role AdamW.
+    `labels` is the role of every parameter as a tree like the parameters; `multipliers` maps
+    each role to its RoleMultipliers; `matrix_axes` (muon and auon only) is a tree of
+    MatrixAxes for the hidden matrices. For muon and auon, hidden matrices take the matrix
+    direction and every other role AdamW.
     """
-    if cfg.name not in FAMILY:
-        raise ValueError(f"optim.name={cfg.name!r}: expected one of {sorted(FAMILY)}")
-    multipliers = parametrization.optimizer_multipliers(
-        FAMILY[cfg.name], update_scale=cfg.update_scale,
-        wd_width_exponent=cfg.wd_width_exponent)
-    per_role = {role: optax.chain(*_role_transform(cfg, role, mult, total_steps,
-                                                   parametrization))
-                for role, mult in multipliers.items()}
+    if type(cfg) is not OPTIMIZERS.get(cfg.name):
+        raise ValueError(f"optim.name={cfg.name!r} with a {type(cfg).__name__}: expected one of "
+                         f"{ {n: c.__name__ for n, c in OPTIMIZERS.items()} }")
+    missing = sorted(set(jax.tree.leaves(labels)) - set(multipliers))
+    if missing:
+        raise ValueError(f"multipliers: no entry for the roles {missing}")
+    per_role = {role: optax.chain(*_role_transform(cfg, role, multipliers[role], total_steps,
+                                                   matrix_axes))
+                for role in sorted(set(jax.tree.leaves(labels)))}
     clip = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
     return optax.chain(*clip, optax.partition(per_role, labels))

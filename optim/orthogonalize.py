@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from optim.kernels.ns_math import matmul_in, normalized_gram, short_side_first
+
 Coefficients = tuple[float, float, float]
 
 JORDAN: Coefficients = (3.4445, -4.7750, 2.0315)  # fast, lands σ in about [0.68, 1.14]
@@ -50,41 +52,8 @@ def preset(name: str, steps: int | None = None) -> tuple[tuple[Coefficients, ...
     raise ValueError(f"orthogonalize.preset={name!r}: expected one of {sorted(PRESET_NAMES)}")
 
 
-NORMALIZATIONS = ("frobenius", "schatten4")
 METHODS = ("auto", "direct", "gram")
 GRAM_MIN_ASPECT = 2.0  # long/short side at which the Gram iteration needs fewer FLOPs (5 steps)
-
-
-def _short_side_first(g: jax.Array) -> tuple[jax.Array, bool]:
-    if g.ndim < 2:
-        raise ValueError(f"orthogonalize: expected a matrix or a stack of them, got {g.shape}")
-    tall = g.shape[-2] > g.shape[-1]
-    x = jnp.swapaxes(g, -1, -2) if tall else g  # iterate on the short side: XXᵀ is m × m
-    return x.astype(jnp.float32), tall
-
-
-def _matmul_in(operand_dtype):
-    def matmul(p, q):
-        return jnp.matmul(p.astype(operand_dtype), q.astype(operand_dtype),
-                          preferred_element_type=jnp.float32)
-    return matmul
-
-
-def _normalized_gram(gram, normalization: str, safety: float, eps: float):
-    """The scale 1/ν with ν ≥ ‖X‖₂, and the Gram matrix of X/ν, from XXᵀ of the raw X.
-
-    Frobenius: ν² = tr(XXᵀ). Schatten-4: ν⁴ = ‖XXᵀ‖_F², a tighter bound (for r equal singular
-    values it is r^(1/4)·σ against r^(1/2)·σ), so fewer steps reach the same band.
-    """
-    if normalization == "frobenius":
-        nu = jnp.sqrt(jnp.trace(gram, axis1=-2, axis2=-1))[..., None, None]
-    elif normalization == "schatten4":
-        nu = jnp.sqrt(jnp.linalg.norm(gram, axis=(-2, -1), keepdims=True))
-    else:
-        raise ValueError(f"orthogonalize.normalization={normalization!r}: expected one of "
-                         f"{list(NORMALIZATIONS)}")
-    scale = 1.0 / (nu * safety + eps)
-    return scale, gram * scale**2
 
 
 def newton_schulz(g: jax.Array, coefficients: Sequence[Coefficients], *, safety: float = 1.0,
@@ -95,10 +64,10 @@ def newton_schulz(g: jax.Array, coefficients: Sequence[Coefficients], *, safety:
     The reference: every step forms A = XXᵀ from X. `compute_dtype` (e.g. bfloat16) sets the
     matmul operands; products accumulate in float32.
     """
-    x, tall = _short_side_first(g)
-    matmul = _matmul_in(compute_dtype or jnp.float32)
+    x, tall = short_side_first(g)
+    matmul = matmul_in(compute_dtype or jnp.float32)
     gram = matmul(x, jnp.swapaxes(x, -1, -2))
-    scale, gram = _normalized_gram(gram, normalization, safety, eps)
+    scale, gram = normalized_gram(gram, normalization, safety, eps)
     x = x * scale
     for i, (a, b, c) in enumerate(coefficients):
         if i > 0:
@@ -117,10 +86,10 @@ def gram_newton_schulz(g: jax.Array, coefficients: Sequence[Coefficients], *,
     X_k = Q_k X_0 with Q_k = P_k Q_{k-1} and A_k = P_k² A_{k-1}. For an m × n input with n ≫ m
     this costs 2m²n + (4k − 3)m³ multiply-adds against k(2m²n + m³) for the direct form.
     """
-    x0, tall = _short_side_first(g)
-    matmul = _matmul_in(compute_dtype or jnp.float32)
+    x0, tall = short_side_first(g)
+    matmul = matmul_in(compute_dtype or jnp.float32)
     gram = matmul(x0, jnp.swapaxes(x0, -1, -2))
-    scale, gram = _normalized_gram(gram, normalization, safety, eps)
+    scale, gram = normalized_gram(gram, normalization, safety, eps)
     eye = jnp.eye(gram.shape[-1], dtype=jnp.float32)
     q = None
     for i, (a, b, c) in enumerate(coefficients):

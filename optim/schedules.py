@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import optax
 
-from scaling.config import OptimConfig
+from optim.config import OptimizerConfig
 
 
-def relative_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+def relative_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
     """Linear warmup to 1, then cosine decay, warmup-stable-decay, or constant."""
     warmup = cfg.warmup_steps
     if cfg.schedule == "cosine":
@@ -29,6 +29,7 @@ def relative_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     raise ValueError(f"optim.schedule={cfg.schedule!r}: expected cosine, wsd or constant")
 
 
-def learning_rate(cfg: OptimConfig, total_steps: int, multiplier: float = 1.0) -> optax.Schedule:
+def learning_rate(cfg: OptimizerConfig, total_steps: int,
+                  multiplier: float = 1.0) -> optax.Schedule:
     relative = relative_schedule(cfg, total_steps)
     return lambda count: cfg.lr * multiplier * relative(count)

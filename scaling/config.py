@@ -8,6 +8,15 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
+from models.config import COMPUTE_DTYPES, ModelConfig
+from optim.config import (
+    OPTIMIZERS,
+    AdamWConfig,
+    MatrixOptimizerConfig,
+    MuonConfig,
+    OptimizerConfig,
+)
+
 
 class ConfigError(ValueError):
     """A bad config value: names the field, the value and what was expected."""
@@ -18,53 +27,10 @@ class ConfigError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    kind: str = "transformer"  # transformer | mlp
-    width: int = 128
-    depth: int = 4
-    head_dim: int = 32
-    mlp_ratio: int = 4
-    context: int = 8  # mlp only: bytes of context seen by the byte MLP
-    readout_init: str = "normal"  # normal | zero
-    embed_std: float = 1.0
-    rope_base: float = 10000.0
-
-
-@dataclasses.dataclass(frozen=True)
 class ParamConfig:
     name: str = "mup"  # sp | mup
     base_width: int = 64
     base_depth: int = 4
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimConfig:
-    name: str = "adamw"  # adamw | sgd | muon | auon
-    lr: float = 1e-2
-    b1: float = 0.9  # Adam, also for the roles muon/auon hand to AdamW
-    b2: float = 0.95
-    eps: float = 1e-8
-    momentum: float = 0.9  # sgd, muon, auon
-    nesterov: bool = False  # sgd, muon, auon
-    weight_decay: float = 0.0
-    wd_width_exponent: float | None = None  # hidden λ ∝ width_mult**γ; None: the table's rule
-    schedule: str = "cosine"  # cosine | wsd | constant
-    warmup_steps: int = 20
-    decay_fraction: float = 0.2  # wsd: fraction of steps spent decaying
-    final_lr_fraction: float = 0.1
-    clip_norm: float = 1.0  # 0 disables global-norm clipping
-    # muon / auon: hidden matrices; every other role goes to AdamW at lr * adam_lr_ratio
-    adam_lr_ratio: float = 1.0
-    update_scale: str = "keller"  # keller | spectral | moonlight
-    ns_scheme: str = "polar_express"  # jordan | polar_express | classical
-    ns_steps: int | None = None  # None: the scheme's default (5, 5, 30)
-    ns_normalization: str = "schatten4"  # frobenius | schatten4
-    ns_method: str = "auto"  # auto | direct | gram (auto: Gram for float32 at aspect >= 2)
-    ns_dtype: str = "auto"  # auto (bfloat16 on GPU/TPU, float32 on CPU) | float32 | bfloat16
-    ns_backend: str = "auto"  # auto | xla | pallas (auto: pallas only where verified compiled)
-    momentum_dtype: str = "float32"  # float32 | bfloat16
-    bias_correction: bool = False  # divide the momentum terms by (1 - β^t), as optax does
-    auon_hybrid: bool = False  # auon: one Newton–Schulz step after the AuON normalization
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,10 +53,16 @@ class TrainConfig:
     out_dir: str = "runs"
 
 
+WANDB_MODES = ("offline", "online", "disabled")
+
+
 @dataclasses.dataclass(frozen=True)
 class LoggingConfig:
-    wandb_mode: str = "offline"  # offline | online | disabled
-    project: str = "scaling"
+    # None defers to the user's WANDB_MODE / WANDB_PROJECT / WANDB_ENTITY, then to offline and
+    # "scaling"; a value set here wins over the environment (scaling/training/tracking.py)
+    wandb_mode: str | None = None  # offline | online | disabled
+    project: str | None = None
+    entity: str | None = None
     group: str | None = None
     progress: bool = True
 
@@ -109,7 +81,7 @@ class SweepConfig:
 class RunConfig:
     model: ModelConfig = ModelConfig()
     param: ParamConfig = ParamConfig()
-    optim: OptimConfig = OptimConfig()
+    optim: OptimizerConfig = AdamWConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     logging: LoggingConfig = LoggingConfig()
@@ -123,6 +95,10 @@ def _coerce(field: str, value: Any, annotation: Any) -> Any:
         if value is None:
             return None
         annotation = next(t for t in options if t is not type(None))
+    if set(options) == {int, bool}:  # jax's `unroll`: a count, or true for all
+        if isinstance(value, int):
+            return value
+        raise ConfigError(field, value, "an integer or true/false")
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -142,11 +118,23 @@ def _coerce(field: str, value: Any, annotation: Any) -> Any:
     raise TypeError(f"unsupported annotation {annotation} for {field}")
 
 
+def _optimizer_class(values: Mapping[str, Any]) -> type[OptimizerConfig]:
+    """The config class of the optimizer named in `values` (AdamW when none is named)."""
+    name = values.get("name", RunConfig.optim.name)
+    _require(name in OPTIMIZERS, "optim.name", name, f"one of {list(OPTIMIZERS)}")
+    return OPTIMIZERS[name]
+
+
 def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
+    if cls is OptimizerConfig:
+        cls = _optimizer_class(values)
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = [f.name for f in dataclasses.fields(cls)]
     for key in values:
         if key not in known:
+            if issubclass(cls, OptimizerConfig):
+                raise ConfigError(f"{prefix}{key}", values[key],
+                                  f"a field of optim={cls().name} (it has {', '.join(known)})")
             raise ConfigError(f"{prefix}{key}", values[key], f"one of the fields {sorted(known)}")
     kwargs = {}
     for f in dataclasses.fields(cls):
@@ -183,43 +171,66 @@ def validate(cfg: RunConfig) -> RunConfig:
                  f"a multiple of model.head_dim={m.head_dim}")
     _choice("model.readout_init", m.readout_init, ("normal", "zero"))
     _require(m.embed_std > 0, "model.embed_std", m.embed_std, "a positive number")
+    _require(m.scan_unroll is True or (m.scan_unroll is not False and m.scan_unroll >= 1),
+             "model.scan_unroll", m.scan_unroll,
+             "true (unroll every layer) or a positive integer (layers per scan iteration)")
+    _choice("model.compute_dtype", m.compute_dtype, COMPUTE_DTYPES)
     _choice("param.name", p.name, ("sp", "mup"))
     _require(p.base_width > 0, "param.base_width", p.base_width, "a positive integer")
     _require(p.base_depth > 0, "param.base_depth", p.base_depth, "a positive integer")
     if m.kind == "transformer":
         _require(p.base_width % m.head_dim == 0, "param.base_width", p.base_width,
                  f"a multiple of model.head_dim={m.head_dim}")
-    _choice("optim.name", o.name, ("adamw", "sgd", "muon", "auon"))
-    _require(o.lr > 0, "optim.lr", o.lr, "a positive learning rate")
-    for name in ("b1", "b2", "momentum"):
-        _require(0 <= getattr(o, name) < 1, f"optim.{name}", getattr(o, name), "a value in [0, 1)")
-    _require(o.eps >= 0, "optim.eps", o.eps, "a non-negative number")
-    _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a non-negative number")
-    _choice("optim.schedule", o.schedule, ("cosine", "wsd", "constant"))
     # a bad train.steps is reported as itself, not as a warmup that is too long for it
     _require(t.steps > 0, "train.steps", t.steps, "a positive integer")
-    _require(0 <= o.warmup_steps < t.steps, "optim.warmup_steps", o.warmup_steps,
-             f"a non-negative integer below train.steps={t.steps}")
-    _require(0 < o.decay_fraction <= 1, "optim.decay_fraction", o.decay_fraction,
-             "a fraction in (0, 1]")
-    _require(0 <= o.final_lr_fraction <= 1, "optim.final_lr_fraction", o.final_lr_fraction,
-             "a fraction in [0, 1]")
-    _require(o.clip_norm >= 0, "optim.clip_norm", o.clip_norm, "a non-negative number (0: off)")
-    _validate_matrix_optimizer(o)
+    validate_optimizer(o, t.steps)
     _choice("data.dtype", d.dtype, ("uint16", "uint32"))
     _require(d.vocab_size > 1, "data.vocab_size", d.vocab_size, "an integer above 1")
     for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "log_every",
                  "checkpoint_every"):
         _require(getattr(t, name) > 0, f"train.{name}", getattr(t, name), "a positive integer")
     _require(t.seed >= 0, "train.seed", t.seed, "a non-negative integer")
-    _choice("logging.wandb_mode", lg.wandb_mode, ("offline", "online", "disabled"))
+    if lg.wandb_mode is not None:
+        _choice("logging.wandb_mode", lg.wandb_mode, WANDB_MODES)
     _validate_sweep(cfg.sweep)
     return cfg
 
 
-def _validate_matrix_optimizer(o: OptimConfig) -> None:
+def validate_optimizer(o: OptimizerConfig, steps: int) -> None:
+    """The fields every optimizer shares, then its own family's fields."""
+    _require(type(o) is OPTIMIZERS.get(o.name), "optim.name", o.name,
+             f"the name of its config class {type(o).__name__}, one of "
+             f"{ {n: c.__name__ for n, c in OPTIMIZERS.items()} }")
+    _require(o.lr > 0, "optim.lr", o.lr, "a positive learning rate")
+    _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a non-negative number")
+    _choice("optim.schedule", o.schedule, ("cosine", "wsd", "constant"))
+    _require(0 <= o.warmup_steps < steps, "optim.warmup_steps", o.warmup_steps,
+             f"a non-negative integer below train.steps={steps}")
+    _require(0 < o.decay_fraction <= 1, "optim.decay_fraction", o.decay_fraction,
+             "a fraction in (0, 1]")
+    _require(0 <= o.final_lr_fraction <= 1, "optim.final_lr_fraction", o.final_lr_fraction,
+             "a fraction in [0, 1]")
+    _require(o.clip_norm >= 0, "optim.clip_norm", o.clip_norm, "a non-negative number (0: off)")
+    for name in ("b1", "b2", "momentum"):
+        if hasattr(o, name):
+            _require(0 <= getattr(o, name) < 1, f"optim.{name}", getattr(o, name),
+                     "a value in [0, 1)")
+    if isinstance(o, AdamWConfig):
+        _require(o.eps >= 0, "optim.eps", o.eps, "a non-negative number")
+    if isinstance(o, MatrixOptimizerConfig):
+        _validate_matrix_optimizer(o)
+    if isinstance(o, MuonConfig):
+        _validate_newton_schulz(o)
+
+
+def _validate_matrix_optimizer(o: MatrixOptimizerConfig) -> None:
     _require(o.adam_lr_ratio > 0, "optim.adam_lr_ratio", o.adam_lr_ratio, "a positive number")
     _choice("optim.update_scale", o.update_scale, ("keller", "spectral", "moonlight"))
+    _choice("optim.ns_backend", o.ns_backend, ("auto", "xla", "pallas"))
+    _choice("optim.momentum_dtype", o.momentum_dtype, ("float32", "bfloat16"))
+
+
+def _validate_newton_schulz(o: MuonConfig) -> None:
     _choice("optim.ns_scheme", o.ns_scheme, ("jordan", "polar_express", "classical"))
     if o.ns_steps is not None:
         _require(o.ns_steps >= 1, "optim.ns_steps", o.ns_steps,
@@ -227,12 +238,10 @@ def _validate_matrix_optimizer(o: OptimConfig) -> None:
     _choice("optim.ns_normalization", o.ns_normalization, ("frobenius", "schatten4"))
     _choice("optim.ns_method", o.ns_method, ("auto", "direct", "gram"))
     _choice("optim.ns_dtype", o.ns_dtype, ("auto", "float32", "bfloat16"))
-    _choice("optim.ns_backend", o.ns_backend, ("auto", "xla", "pallas"))
     if o.ns_backend == "pallas":
         _require(o.ns_method != "gram", "optim.ns_method", o.ns_method,
                  "'auto' or 'direct' with optim.ns_backend=pallas (its kernels run the direct "
                  "form)")
-    _choice("optim.momentum_dtype", o.momentum_dtype, ("float32", "bfloat16"))
 
 
 def _validate_sweep(s: SweepConfig) -> None:

@@ -15,8 +15,10 @@ import jax
 from flax import nnx
 
 from models import label_tree
+from models.config import ModelConfig
 from models.layers import rms
-from scaling.config import ModelConfig, OptimConfig, ParamConfig
+from optim import OptimizerConfig
+from scaling.config import ParamConfig
 from scaling.parametrization import build_model
 from scaling.training.step import init_train_state, make_train_step, unit_lr_optimizer
 
@@ -35,7 +37,7 @@ def _flatten(stats: dict[str, jax.Array]) -> dict[str, float]:
     return out
 
 
-def _one_width(model_cfg: ModelConfig, param_cfg: ParamConfig, optim_cfg: OptimConfig,
+def _one_width(model_cfg: ModelConfig, param_cfg: ParamConfig, optim_cfg: OptimizerConfig,
                steps: int, inputs_BxT: jax.Array, targets_BxT: jax.Array, vocab_size: int,
                seed: int) -> dict[int, dict[str, float]]:
     model, parametrization = build_model(model_cfg, param_cfg, vocab_size, seed)
@@ -59,7 +61,7 @@ def _one_width(model_cfg: ModelConfig, param_cfg: ParamConfig, optim_cfg: OptimC
     return out
 
 
-def coordinate_check(model_cfg: ModelConfig, param_cfg: ParamConfig, optim_cfg: OptimConfig,
+def coordinate_check(model_cfg: ModelConfig, param_cfg: ParamConfig, optim_cfg: OptimizerConfig,
                      widths: list[int], steps: int, batch: tuple[jax.Array, jax.Array], *,
                      vocab_size: int = 256, seed: int = 0) -> CoordStats:
     """Trains `steps` steps on `batch` = (inputs_BxT, targets_BxT) at each width, recording

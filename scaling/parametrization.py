@@ -8,18 +8,12 @@ from typing import Any
 from flax import nnx
 
 import models
-from models.tagged import ParamSpec, iter_params, param_specs
-from scaling.config import ModelConfig, ParamConfig
+import optim
+from models.config import ModelConfig
+from models.tagged import ParamSpec, iter_params, param_specs, tree_from_paths
+from optim import MATRIX_ROLES, MatrixAxes, OptimizerConfig, RoleMultipliers
+from scaling.config import ParamConfig
 from scaling.rules import ATTENTION_EXPONENT, BASE_STD, MUON_LR, MUON_WD, ONE, TABLES, RoleRule, W
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimizerMultipliers:
-    """Per-role factors on the optimizer's base learning rate, ε and weight decay."""
-
-    lr: float
-    eps: float
-    weight_decay: float
 
 
 class Parametrization:
@@ -70,7 +64,7 @@ class Parametrization:
 
     def optimizer_multipliers(self, family: str, *, update_scale: str | None = None,
                               wd_width_exponent: float | None = None
-                              ) -> dict[str, OptimizerMultipliers]:
+                              ) -> dict[str, RoleMultipliers]:
         """Role -> multipliers for `family` 'adam' (Adam-like), 'sgd' or 'muon'.
 
         'muon' reads MUON_LR[update_scale] for hidden matrices and the Adam column for the other
@@ -93,8 +87,20 @@ class Parametrization:
                 lr, eps, wd = rule.adam_lr, rule.adam_eps, rule.adam_wd
             if hidden and wd_width_exponent is not None:
                 wd = W(a=wd_width_exponent)
-            return OptimizerMultipliers(lr(*mults), eps(*mults), wd(*mults))
+            return RoleMultipliers(lr(*mults), eps(*mults), wd(*mults))
         return self._per_role(of)
+
+    def optimizer_multipliers_for(self, cfg: OptimizerConfig) -> dict[str, RoleMultipliers]:
+        """The per-role multipliers the optimizer `cfg` trains with under this table."""
+        return self.optimizer_multipliers(
+            cfg.family, update_scale=getattr(cfg, "update_scale", None),
+            wd_width_exponent=cfg.wd_width_exponent)
+
+    def matrix_axes(self) -> dict:
+        """Fan axes of every matrix a matrix optimizer owns, as a tree like the parameters."""
+        return tree_from_paths({path: MatrixAxes(spec.fan_in_axes, spec.fan_out_axes)
+                                for path, spec in self.specs.items()
+                                if spec.role in MATRIX_ROLES})
 
 
 def _abstract_specs(cfg: ModelConfig, vocab_size: int) -> dict[tuple, ParamSpec]:
@@ -121,3 +127,11 @@ def build_model(model_cfg: ModelConfig, param_cfg: ParamConfig, vocab_size: int,
         if parametrization.specs[path].init == "normal":
             param[...] = param[...] * parametrization.init_std(path)
     return model, parametrization
+
+
+def build_optimizer(cfg: OptimizerConfig, parametrization: Parametrization, labels, *,
+                    total_steps: int):
+    """`optim.build_optimizer` with the multipliers and matrix axes this parametrization gives."""
+    return optim.build_optimizer(cfg, labels, parametrization.optimizer_multipliers_for(cfg),
+                                 total_steps=total_steps,
+                                 matrix_axes=parametrization.matrix_axes())

@@ -12,8 +12,8 @@ import dataclasses
 import math
 from collections.abc import Callable
 
-from optim.build import FAMILY
-from scaling.config import ConfigError, RunConfig, validate
+from scaling.analysis import analyze, shape_id
+from scaling.config import ConfigError, RunConfig, SweepConfig, from_dict, validate
 from scaling.parametrization import make_parametrization
 
 DATA_EXPONENT = 0.32  # k in η ∝ T^(−k), fitted by HyperP (ArchScale)
@@ -96,10 +96,9 @@ def transfer(proxy: RunConfig, proxy_lr: float, *, width: int, steps: int | None
 
 
 def _role_multipliers(proxy: RunConfig, target: RunConfig) -> dict[str, tuple[float, float]]:
-    family, vocab_size = FAMILY[proxy.optim.name], proxy.data.vocab_size
     before, after = (
-        make_parametrization(c.model, c.param, vocab_size).optimizer_multipliers(
-            family, update_scale=c.optim.update_scale)
+        make_parametrization(c.model, c.param, proxy.data.vocab_size).optimizer_multipliers_for(
+            c.optim)
         for c in (proxy, target))
     return {role: (before[role].lr, after[role].lr) for role in before}
 
@@ -120,3 +119,20 @@ def proxy_shape(analysis: dict, *, param: str | None = None, width: int | None =
             raise ConfigError("proxy_width", width, f"a swept width, one of {widths}")
     # an optimum on the grid's edge is a bound, not an optimum: prefer any interior one
     return max(shapes, key=lambda s: (not s["optimum"]["on_edge"], s["width"], s["tokens"]))
+
+
+def proxy_config(results: list[dict], shape: dict) -> RunConfig:
+    """The swept proxy's own config (tokens, base width, optimizer, …) of an analysed shape."""
+    proxy = from_dict(next(r["config"] for r in results if shape_id(r["config"]) == shape["id"]))
+    return dataclasses.replace(proxy, sweep=SweepConfig())
+
+
+def transfer_from_sweep(results: list[dict], *, width: int, steps: int | None = None,
+                        batch_size: int | None = None, param: str | None = None,
+                        proxy_width: int | None = None,
+                        data_exponent: float = DATA_EXPONENT) -> tuple[dict, TransferResult]:
+    """(proxy shape, transfer) from a sweep's `result.json` dicts, as `scaling-transfer` does:
+    the proxy is the analysed optimum's own run config, never a default config."""
+    shape = proxy_shape(analyze(results), param=param, width=proxy_width)
+    return shape, transfer(proxy_config(results, shape), shape["optimum"]["lr"], width=width,
+                           steps=steps, batch_size=batch_size, data_exponent=data_exponent)

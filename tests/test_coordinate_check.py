@@ -20,14 +20,15 @@ import jax
 import numpy as np
 import pytest
 
-from scaling.config import ModelConfig, OptimConfig, ParamConfig
+from optim import AdamWConfig
+from scaling.config import ModelConfig, ParamConfig
 from scaling.coord_check import CoordStats, coordinate_check
 
 WIDTHS = [64, 128, 256, 512]
 STEPS = 3
 FLAT = 1.3  # max/min across an 8x width range (SCALING_RULES.md §1)
 B, T, VOCAB = 4, 32, 256
-OPTIM = OptimConfig(name="adamw", lr=1e-2, schedule="constant", warmup_steps=0, clip_norm=0.0)
+OPTIM = AdamWConfig(lr=1e-2, schedule="constant", warmup_steps=0, clip_norm=0.0)
 
 
 def _check(name: str, readout_init: str) -> CoordStats:

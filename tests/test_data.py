@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scaling.training import data
 from scaling.config import ConfigError, DataConfig
+from scaling.training import data
 
 
 def test_stdlib_corpus_excludes_tests_and_installed_packages():

@@ -10,9 +10,15 @@ import pytest
 from flax import nnx
 
 from models import label_tree
-from scaling.config import ModelConfig, OptimConfig, ParamConfig
+from optim import AdamWConfig
+from scaling.config import ModelConfig, ParamConfig
 from scaling.parametrization import build_model
-from scaling.training.step import init_train_state, make_train_step, next_token_loss, unit_lr_optimizer
+from scaling.training.step import (
+    init_train_state,
+    make_train_step,
+    next_token_loss,
+    unit_lr_optimizer,
+)
 
 # Measured on CPU (float32) with jax 0.10.2 / Python 3.11 and jax 0.12.0.1 / Python 3.12: the losses
 # agree to the last bit, the gradient norm differs by 6e-8 relative (0.9642991423606873 on 0.12);
@@ -39,7 +45,7 @@ def measured() -> dict[str, float]:
     model, parametrization = build_model(ModelConfig(width=64, depth=2, head_dim=32),
                                          ParamConfig("mup", base_width=32, base_depth=2),
                                          VOCAB, seed=0)
-    cfg = OptimConfig(name="adamw", lr=1e-2, weight_decay=0.1, schedule="constant",
+    cfg = AdamWConfig(lr=1e-2, weight_decay=0.1, schedule="constant",
                       warmup_steps=0, clip_norm=1.0)
     tx = unit_lr_optimizer(cfg, parametrization, label_tree(model), total_steps=1)
     graphdef, params = nnx.split(model)

@@ -20,13 +20,13 @@ from synthetic import assert_one_line_cli_error
 import experiments.train
 from experiments.compose import compose, to_run_config
 from models import label_tree
-from optim import build_optimizer
-from optim.build import matrix_axes, ns_compute_dtype
+from optim import OptimizerConfig, optimizer_config
+from optim.build import ns_compute_dtype
 from optim.muon import UPDATE_SCALES, MatrixAxes, auon_direction, scale_by_muon
 from optim.orthogonalize import JORDAN, orthogonalize
-from scaling.config import ConfigError, ModelConfig, OptimConfig, ParamConfig
+from scaling.config import ConfigError, ModelConfig, ParamConfig
+from scaling.parametrization import build_model, build_optimizer, make_parametrization
 from scaling.training.files import read_jsonl
-from scaling.parametrization import build_model, make_parametrization
 from scaling.training.loop import train
 
 VOCAB = 64
@@ -50,11 +50,11 @@ def _params(model) -> dict:
     return nnx.state(model, nnx.Param).to_pure_dict()
 
 
-def _optim(name: str = "muon", **overrides) -> OptimConfig:
+def _optim(name: str = "muon", **overrides) -> OptimizerConfig:
     """A constant LR from step 0 and no clipping, so an update is the transform's own output."""
-    values = {"name": name, "lr": 0.02, "schedule": "constant", "warmup_steps": 0,
-              "clip_norm": 0.0, "b1": 0.9, "b2": 0.95, "eps": 1e-8}
-    return OptimConfig(**{**values, **overrides})
+    values = {"lr": 0.02, "schedule": "constant", "warmup_steps": 0, "clip_norm": 0.0,
+              "b1": 0.9, "b2": 0.95, "eps": 1e-8}
+    return optimizer_config(name, **{**values, **overrides})
 
 
 # Inputs come from numpy (jax.random would compile a kernel per shape), and no check calls
@@ -612,7 +612,7 @@ def test_every_orthogonalization_field_reaches_the_hidden_update():
     updates = _flat(_step(tx)(grads, tx.init(params), params)[0])
     hidden = {"blocks": {k: v for k, v in grads["blocks"].items() if v.ndim == 3}}
     for dtype, agrees in [(jnp.bfloat16, True), (None, False)]:
-        hand = scale_by_muon(matrix_axes(parametrization), ns_dtype=dtype, **fields)
+        hand = scale_by_muon(parametrization.matrix_axes(), ns_dtype=dtype, **fields)
         expected = _flat(_step(hand)(hidden, hand.init(hidden))[0])
         gaps = [float(jnp.max(jnp.abs(updates[name] + 0.02 * value)))
                 for name, value in expected.items()]

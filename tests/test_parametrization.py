@@ -12,11 +12,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import optim
 from models import label_tree
-from scaling.config import ModelConfig, OptimConfig, ParamConfig
-from scaling.parametrization import OptimizerMultipliers, build_model
-from scaling.training.step import init_train_state, make_train_step, next_token_loss, unit_lr_optimizer
+from optim import AdamWConfig, RoleMultipliers, SGDConfig, optimizer_config
+from scaling.config import ModelConfig, ParamConfig
+from scaling.parametrization import build_model, build_optimizer
+from scaling.training.step import (
+    init_train_state,
+    make_train_step,
+    next_token_loss,
+    unit_lr_optimizer,
+)
 
 VOCAB = 256
 BASE_WIDTH, WIDTH, HEAD_DIM, DEPTH = 32, 128, 16, 2
@@ -39,7 +44,7 @@ def _params(model) -> dict:
     return nnx.split(model)[1].to_pure_dict()
 
 
-def _train(kind: str, name: str, optim_cfg: OptimConfig, steps: int) -> dict:
+def _train(kind: str, name: str, optim_cfg, steps: int) -> dict:
     model, parametrization = _build(kind, name, BASE_WIDTH)
     tx = unit_lr_optimizer(optim_cfg, parametrization, label_tree(model), total_steps=steps)
     graphdef, params = nnx.split(model)
@@ -68,8 +73,8 @@ def test_mup_equals_sp_at_base_width_init(kind, depth):
 
 
 @pytest.mark.parametrize("optim_cfg", [
-    OptimConfig(name="adamw", lr=1e-2, weight_decay=0.1, warmup_steps=1),
-    OptimConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=0.1, warmup_steps=1),
+    AdamWConfig(lr=1e-2, weight_decay=0.1, warmup_steps=1),
+    SGDConfig(lr=0.1, momentum=0.9, weight_decay=0.1, warmup_steps=1),
 ], ids=["adamw", "sgd"])
 def test_mup_equals_sp_at_base_width_after_steps(optim_cfg):
     """At the base shape μP and SP give bit-identical parameters after 3 optimizer steps."""
@@ -120,8 +125,8 @@ def test_logit_multiplier_at_width_mult_4(name, expected):
     assert parametrization.attention_scale == pytest.approx(HEAD_DIM**-0.5)
 
 
-def _mults(lr, eps, wd) -> OptimizerMultipliers:
-    return OptimizerMultipliers(lr=lr, eps=eps, weight_decay=wd)
+def _mults(lr, eps, wd) -> RoleMultipliers:
+    return RoleMultipliers(lr=lr, eps=eps, weight_decay=wd)
 
 
 # Hand-computed from SCALING_RULES.md §1 at m = 4 (every fan that grows grows by 4).
@@ -151,7 +156,7 @@ def test_optimizer_multipliers_at_width_mult_4(kind, name, family):
                 role, field)
 
 
-def _first_update(name: str, cfg: OptimConfig, zero_grads: bool = False):
+def _first_update(name: str, cfg, zero_grads: bool = False):
     """(labels, params, grads, updates) of the first optimizer update at width_mult 4."""
     model, parametrization = _build("transformer", name, WIDTH)
     graphdef, params = nnx.split(model)
@@ -161,7 +166,7 @@ def _first_update(name: str, cfg: OptimConfig, zero_grads: bool = False):
     else:
         grads = jax.jit(jax.grad(lambda p: next_token_loss(graphdef, p, *_batch())))(params)
     labels = label_tree(model)
-    tx = optim.build_optimizer(cfg, parametrization, labels, total_steps=10)
+    tx = build_optimizer(cfg, parametrization, labels, total_steps=10)
     updates, _ = tx.update(grads, tx.init(params), params)
     return labels, params, grads, updates
 
@@ -173,7 +178,7 @@ CONSTANT = {"schedule": "constant", "warmup_steps": 0, "clip_norm": 0.0}
 def test_first_adam_update_size_per_role(name, hidden_lr_mult):
     """Adam's first step moves each entry by lr * role multiplier: lr/4 for μP hidden, else lr."""
     lr = 1e-3
-    labels, _, grads, updates = _first_update(name, OptimConfig(lr=lr, **CONSTANT))
+    labels, _, grads, updates = _first_update(name, AdamWConfig(lr=lr, **CONSTANT))
     for role, g, u in zip(jax.tree.leaves(labels), jax.tree.leaves(grads),
                           jax.tree.leaves(updates)):
         expected = lr * (hidden_lr_mult if role == "hidden" else 1.0)
@@ -187,7 +192,7 @@ def test_first_adam_update_size_per_role(name, hidden_lr_mult):
 def test_first_adam_update_applies_eps_multiplier(name):
     """With ε comparable to the gradients, u = -lr·k_lr·g/(|g| + ε·k_eps) entry by entry."""
     lr, eps = 1e-3, 1e-4
-    labels, _, grads, updates = _first_update(name, OptimConfig(lr=lr, eps=eps, **CONSTANT))
+    labels, _, grads, updates = _first_update(name, AdamWConfig(lr=lr, eps=eps, **CONSTANT))
     mults = EXPECTED_MULTIPLIERS[(name, "adam")]
     for role, g, u in zip(jax.tree.leaves(labels), jax.tree.leaves(grads),
                           jax.tree.leaves(updates)):
@@ -209,7 +214,8 @@ EXPECTED_DECAY = {
 def test_weight_decay_multipliers_applied(name, optim_name):
     """With zero gradients the update is pure LR-coupled decay, -lr·λ·(lr mult·wd mult)·p."""
     lr, wd = 1e-2, 0.1
-    cfg = OptimConfig(name=optim_name, lr=lr, weight_decay=wd, momentum=0.0, **CONSTANT)
+    momentum = {"momentum": 0.0} if optim_name == "sgd" else {}
+    cfg = optimizer_config(optim_name, lr=lr, weight_decay=wd, **momentum, **CONSTANT)
     labels, params, _, updates = _first_update(name, cfg, zero_grads=True)
     for role, p, u in zip(jax.tree.leaves(labels), jax.tree.leaves(params),
                           jax.tree.leaves(updates)):

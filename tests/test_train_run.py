@@ -19,8 +19,8 @@ import scaling.training.data
 from experiments.compose import compose, to_run_config
 from scaling.training.checkpoint import Checkpointer
 from scaling.training.files import read_jsonl
-from scaling.training.rundir import run_name
 from scaling.training.loop import train
+from scaling.training.rundir import run_name
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT_KEYS = {"train_loss", "val_loss", "diverged", "steps", "tokens", "params",

@@ -16,18 +16,19 @@ from synthetic import assert_one_line_cli_error, run_result, write_results
 
 from experiments.compose import compose, to_run_config
 from experiments.transfer import command_overrides, main, plan
-from scaling.analysis import analyze
+from optim import AdamWConfig, SGDConfig, optimizer_config
+from scaling.analysis import analyze, load_results
 from scaling.config import (
     ConfigError,
     LoggingConfig,
     ModelConfig,
-    OptimConfig,
     ParamConfig,
     RunConfig,
     SweepConfig,
     TrainConfig,
+    from_dict,
 )
-from scaling.transfer import proxy_shape, transfer
+from scaling.transfer import proxy_config, proxy_shape, tokens, transfer, transfer_from_sweep
 
 PROXY_LR = 2.0**-7
 # tokens ×8 (steps ×4, batch ×2): 2**-7 · 8**-0.32 · 2**0.5, exponents added by hand
@@ -37,7 +38,7 @@ TARGET_LR = 2.0 ** (-7 - 0.96 + 0.5)
 def _proxy(param: str = "mup", optim: str = "adamw") -> RunConfig:
     return RunConfig(model=ModelConfig(width=64, depth=2),
                      param=ParamConfig(name=param, base_width=32),
-                     optim=OptimConfig(name=optim, lr=PROXY_LR),
+                     optim=optimizer_config(optim, lr=PROXY_LR),
                      train=TrainConfig(steps=100, batch_size=8, seq_len=64))
 
 
@@ -113,7 +114,7 @@ def test_refused_transfers_name_the_field(kwargs, field):
 def _sp_sgd_target() -> RunConfig:
     return RunConfig(model=ModelConfig(width=96, depth=3, readout_init="zero"),
                      param=ParamConfig(name="sp", base_width=32, base_depth=3),
-                     optim=OptimConfig(name="sgd", lr=0.05, momentum=0.8, nesterov=True,
+                     optim=SGDConfig(lr=0.05, momentum=0.8, nesterov=True,
                                        schedule="wsd"),
                      train=TrainConfig(steps=50, out_dir="runs/w96,d3"),  # unquoted, a sweep
                      logging=LoggingConfig(group="sweep-x", progress=False),
@@ -122,7 +123,7 @@ def _sp_sgd_target() -> RunConfig:
 
 def _mlp_target() -> RunConfig:
     return RunConfig(model=ModelConfig(kind="mlp", width=200, depth=2, context=16),
-                     optim=OptimConfig(lr=2.0**-9.3, weight_decay=0.1))
+                     optim=AdamWConfig(lr=2.0**-9.3, weight_decay=0.1))
 
 
 @pytest.mark.parametrize("name", ["mup", "sp_sgd", "mlp"])
@@ -273,3 +274,15 @@ def test_a_zero_target_budget_is_refused_not_ignored(kwargs, field):
     with pytest.raises(ConfigError) as error:
         transfer(_proxy(), PROXY_LR, width=256, **kwargs)
     assert error.value.field == field
+
+
+def test_library_transfer_starts_from_the_swept_proxy(sweep):
+    """The library call gives the CLI's answer: the proxy is the swept run's own config (its
+    tokens, base width, optimizer), not RunConfig()'s defaults, which would move the LR."""
+    results = load_results(sweep)
+    shape, from_library = transfer_from_sweep(results, width=512, steps=200)
+    _, from_cli = plan(sweep, width=512, steps=200)
+    assert from_library.lr == from_cli.lr and from_library.config == from_cli.config
+    proxy = proxy_config(results, shape)
+    assert tokens(proxy) != tokens(RunConfig())  # so starting from the defaults would differ
+    assert proxy.train == from_dict(results[0]["config"]).train

@@ -15,8 +15,8 @@ import experiments.train
 import scaling.training.data
 from experiments.compose import compose, to_run_config
 from scaling.config import lr_grid
-from scaling.training.rundir import run_name
 from scaling.training.loop import member_config, train, train_lrs, train_sweep
+from scaling.training.rundir import run_name
 
 # Measured: the largest |difference| of any logged loss between vmapped and separate runs is
 # ~1e-6 after 12 steps (vmap batches the matmuls, so float32 sums round differently). A wrong LR,

@@ -16,9 +16,9 @@ from optim.kernels import platforms as P
 from optim.kernels import tiles as T
 from optim.kernels.compat import platform
 from optim.kernels.fused import fused_newton_schulz
+from optim.kernels.ns_math import NORMALIZATIONS, normalized_gram, short_side_first
 from optim.kernels.polynomial import apply_polynomial
 from optim.kernels.symmetric import symmetric_gram
-from optim.orthogonalize import NORMALIZATIONS, _normalized_gram, _short_side_first
 
 KERNELS = ("auto", "fused", "tiled")
 
@@ -43,7 +43,7 @@ def tiled_newton_schulz(x: jax.Array, coefficients: Sequence[tuple[float, float,
     opts = {"tile": tile, "dtype": dtype, "reduce_in_grid": reduce_in_grid, "target": target,
             "interpret": interpret}
     # the reference's normalization, on the whole symmetric matrix (a valid upper storage too)
-    scale, gram = _normalized_gram(T.mirror_upper(symmetric_gram(x, **opts), tile),
+    scale, gram = normalized_gram(T.mirror_upper(symmetric_gram(x, **opts), tile),
                                    normalization, safety, eps)
     x = x * scale
     for step, (a, b, c) in enumerate(coefficients):
@@ -78,7 +78,7 @@ def pallas_newton_schulz(g: jax.Array, coefficients: Sequence[tuple[float, float
         raise ValueError(f"orthogonalize.tile={tile!r}: expected a positive integer")
     target = target or platform()
     facts = P.platform_facts(target)
-    x, tall = _short_side_first(g)
+    x, tall = short_side_first(g)
     lead, (m, n) = x.shape[:-2], x.shape[-2:]
     x = x.reshape((-1, m, n))
     dtype = jnp.dtype(compute_dtype or jnp.float32)

@@ -11,8 +11,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-import optim
-from scaling.config import OptimConfig
+from optim import OptimizerConfig
+from scaling.parametrization import build_optimizer
 
 
 def next_token_loss(graphdef, params, inputs_BxT, targets_BxT) -> jax.Array:
@@ -42,10 +42,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lrs_together: in
     return jax.jit(train_step, donate_argnums=0)
 
 
-def unit_lr_optimizer(cfg: OptimConfig, parametrization, labels, *,
+def unit_lr_optimizer(cfg: OptimizerConfig, parametrization, labels, *,
                       total_steps: int) -> optax.GradientTransformation:
     """The optimizer that make_train_step expects: built at LR 1, the state's LR scales it."""
-    return optim.build_optimizer(dataclasses.replace(cfg, lr=1.0), parametrization, labels,
+    return build_optimizer(dataclasses.replace(cfg, lr=1.0), parametrization, labels,
                                  total_steps=total_steps)
 
 

@@ -1,0 +1,101 @@
+"""One config per optimizer family; each family's fields and defaults are defined here only.
+
+`configs/optim/<name>.yaml` must compose to exactly `OPTIMIZERS[name]()` (a test checks it), so
+`optim=muon` on the command line and `MuonConfig()` in Python train the same thing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """Fields every optimizer has: the base LR, its schedule, clipping and weight decay."""
+
+    # Which column of the parametrization's rule table the optimizer reads: adam | sgd | muon.
+    family: ClassVar[str]
+
+    name: str
+    lr: float
+    weight_decay: float = 0.0  # LR-coupled: p -= lr * (u + weight_decay * p)
+    wd_width_exponent: float | None = None  # hidden λ ∝ width_mult**γ; None: the table's rule
+    schedule: str = "cosine"  # cosine | wsd | constant
+    warmup_steps: int = 20
+    decay_fraction: float = 0.2  # wsd: fraction of steps spent decaying
+    final_lr_fraction: float = 0.1
+    clip_norm: float = 1.0  # 0 disables global-norm clipping
+
+
+@dataclasses.dataclass(frozen=True)
+class AdamWConfig(OptimizerConfig):
+    family: ClassVar[str] = "adam"
+
+    name: str = "adamw"
+    lr: float = 1e-2
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+
+
+@dataclasses.dataclass(frozen=True)
+class SGDConfig(OptimizerConfig):
+    family: ClassVar[str] = "sgd"
+
+    name: str = "sgd"
+    lr: float = 0.3
+    momentum: float = 0.9  # 0: plain SGD
+    nesterov: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class MatrixOptimizerConfig(AdamWConfig):
+    """Hidden matrices take a matrix direction; every other role AdamW at lr * adam_lr_ratio."""
+
+    family: ClassVar[str] = "muon"
+
+    lr: float = 0.02
+    momentum: float = 0.95
+    nesterov: bool = True
+    adam_lr_ratio: float = 0.5
+    update_scale: str = "keller"  # keller | spectral | moonlight
+    momentum_dtype: str = "float32"  # float32 | bfloat16
+    bias_correction: bool = False  # divide the momentum terms by (1 - β^t), as optax does
+    ns_backend: str = "auto"  # auto | xla | pallas (auto: pallas only where verified compiled)
+
+
+@dataclasses.dataclass(frozen=True)
+class MuonConfig(MatrixOptimizerConfig):
+    name: str = "muon"
+    ns_scheme: str = "polar_express"  # jordan | polar_express | classical
+    ns_steps: int | None = None  # None: the scheme's default (5, 5, 30)
+    ns_normalization: str = "schatten4"  # frobenius | schatten4
+    ns_method: str = "auto"  # auto | direct | gram (auto: Gram for float32 at aspect >= 2)
+    ns_dtype: str = "auto"  # auto (bfloat16 on GPU/TPU, float32 on CPU) | float32 | bfloat16
+
+
+@dataclasses.dataclass(frozen=True)
+class AuONConfig(MatrixOptimizerConfig):
+    name: str = "auon"
+    auon_hybrid: bool = False  # one Newton–Schulz step after the AuON normalization
+
+
+OPTIMIZERS: dict[str, type[OptimizerConfig]] = {
+    "adamw": AdamWConfig, "sgd": SGDConfig, "muon": MuonConfig, "auon": AuONConfig}
+
+
+def optimizer_fields(name: str) -> list[str]:
+    """The fields `optim=<name>` has, in declaration order."""
+    return [f.name for f in dataclasses.fields(OPTIMIZERS[name])]
+
+
+def optimizer_config(name: str, **fields) -> OptimizerConfig:
+    """The config of optimizer `name` with `fields` changed from its defaults."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optim.name={name!r}: expected one of {list(OPTIMIZERS)}")
+    unknown = sorted(set(fields) - set(optimizer_fields(name)))
+    if unknown:
+        raise ValueError(f"optim.{unknown[0]}={fields[unknown[0]]!r}: expected a field of "
+                         f"optim={name} (it has {', '.join(optimizer_fields(name))})")
+    return OPTIMIZERS[name](**fields)

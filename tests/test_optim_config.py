@@ -1,0 +1,78 @@
+"""One config per optimizer family: Hydra's option and the dataclass are one set of defaults,
+and a field the chosen optimizer does not have is a one-line error naming both."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from importlib import resources
+
+import pytest
+import yaml
+from synthetic import assert_one_line_cli_error
+
+import experiments.train
+from experiments.compose import compose, group_options, to_run_config
+from optim import OPTIMIZERS, AdamWConfig, MuonConfig, SGDConfig, optimizer_config
+from scaling.config import ConfigError, RunConfig, from_dict, to_dict, validate
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_hydra_option_composes_to_exactly_the_dataclass_defaults(name):
+    """`optim=NAME` trains `OPTIMIZERS[NAME]()`: same fields, in the same order, same values."""
+    composed = to_run_config(compose([f"optim={name}"]))
+    assert composed.optim == OPTIMIZERS[name]()
+    assert type(composed.optim) is OPTIMIZERS[name]
+    text = (resources.files("configs") / "optim" / f"{name}.yaml").read_text()
+    fields = [f.name for f in dataclasses.fields(OPTIMIZERS[name])]
+    assert list(yaml.safe_load(text)) == fields  # nothing extra, nothing missing
+
+
+def test_every_optim_option_is_an_optimizer_family():
+    assert group_options("optim") == sorted(OPTIMIZERS)
+
+
+def test_python_defaults_are_the_command_lines():
+    """MuonConfig() needs no spelled-out defaults to equal `optim=muon` (momentum 0.95,
+    Nesterov, AdamW roles at half the LR), and RunConfig() is `scaling-train` with no overrides."""
+    muon = MuonConfig()
+    assert (muon.momentum, muon.nesterov, muon.adam_lr_ratio, muon.lr) == (0.95, True, 0.5, 0.02)
+    assert RunConfig(optim=muon) == to_run_config(compose(["optim=muon"]))
+    assert to_run_config(compose([])) == RunConfig()
+
+
+@pytest.mark.parametrize(("name", "field", "value"), [
+    ("adamw", "ns_steps", 3), ("adamw", "momentum", 0.9), ("sgd", "b1", 0.9),
+    ("muon", "auon_hybrid", True), ("auon", "ns_scheme", "jordan")])
+def test_a_field_of_another_optimizer_is_a_clear_error(name, field, value):
+    with pytest.raises(ConfigError) as error:
+        from_dict({"optim": {"name": name, field: value}})
+    message = str(error.value)
+    assert message.startswith(f"optim.{field}={value!r}: expected a field of optim={name}")
+    assert "\n" not in message
+    with pytest.raises(ValueError, match=f"optim.{field}=.*optim={name}"):
+        optimizer_config(name, **{field: value})
+
+
+@pytest.mark.parametrize("override", ["optim.ns_steps=3", "+optim.ns_steps=3"])
+def test_cli_names_the_field_and_the_optimizer(override, tiny_run, tmp_path, capsys,
+                                                monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["scaling-train"])
+    assert_one_line_cli_error(experiments.train.main, [*tiny_run, override], capsys,
+                              "scaling-train", ["optim.ns_steps=3", "optim=adamw"], tmp_path)
+
+
+def test_family_fields_are_validated():
+    """Each family's own fields are checked by the same one-line errors."""
+    cases = [(MuonConfig(ns_steps=0), "optim.ns_steps"),
+             (SGDConfig(momentum=1.0), "optim.momentum"), (AdamWConfig(b2=1.5), "optim.b2"),
+             (MuonConfig(update_scale="x"), "optim.update_scale")]
+    for optim_cfg, field in cases:
+        with pytest.raises(ConfigError, match=f"^{field}="):
+            from_dict({**to_dict(RunConfig()), "optim": dataclasses.asdict(optim_cfg)})
+
+
+def test_a_config_class_must_match_its_name():
+    """name is data in the run's hash: an AdamWConfig calling itself muon is refused."""
+    with pytest.raises(ConfigError, match="optim.name='muon'"):
+        validate(RunConfig(optim=AdamWConfig(name="muon")))
