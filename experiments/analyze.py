@@ -14,8 +14,10 @@ from typing import NoReturn
 
 from scaling.analysis import METRICS, analyze, format_table, load_results
 from scaling.analysis_run import log_analysis
-from scaling.training.files import atomic_open, write_json_atomic
+from scaling.config import LoggingConfig
 from scaling.plots import plot_analysis
+from scaling.training.files import atomic_open, write_json_atomic
+from scaling.training.tracking import wandb_mode
 
 
 def _fail(message: str) -> NoReturn:
@@ -35,8 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="output folder (default: SWEEP_DIR/analysis)")
     parser.add_argument("--metric", choices=METRICS, default="val_loss")
     parser.add_argument("--wandb-mode", choices=("offline", "online", "disabled"),
-                        default="offline")
-    parser.add_argument("--project", default="scaling", help="W&B project")
+                        help="default: $WANDB_MODE, else offline")
+    parser.add_argument("--project", help="W&B project (default: $WANDB_PROJECT, else scaling)")
     return parser
 
 
@@ -48,6 +50,18 @@ def write_csv_atomic(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+def write_analysis(analysis: dict, out: Path, *, project: str | None,
+                   mode: str | None) -> tuple[list[Path], str | None]:
+    """Every output of an analysis, for scaling-analyze and scaling-demo alike: analysis.json,
+    runs.csv and the plots in `out`, and the W&B analysis run. Returns (files, W&B run id)."""
+    write_json_atomic(out / "analysis.json", analysis)  # creates `out`
+    write_csv_atomic(out / "runs.csv", analysis["runs"])
+    images = plot_analysis(analysis, out)
+    run_id = log_analysis(analysis, images, project=project, group=analysis["group"], mode=mode,
+                          directory=out)
+    return [out / "analysis.json", out / "runs.csv", *images], run_id
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if not args.sweep_dir.is_dir():
@@ -57,16 +71,13 @@ def main(argv: list[str] | None = None) -> None:
     except (FileNotFoundError, ValueError) as error:
         _fail(str(error))
     out = args.out or args.sweep_dir / "analysis"
-    write_json_atomic(out / "analysis.json", analysis)  # creates `out`
-    write_csv_atomic(out / "runs.csv", analysis["runs"])
-    images = plot_analysis(analysis, out)
-    run_id = log_analysis(analysis, images, project=args.project, group=analysis["group"],
-                          mode=args.wandb_mode, directory=out)
+    files, run_id = write_analysis(analysis, out, project=args.project, mode=args.wandb_mode)
     print(format_table(analysis))
-    for path in [out / "analysis.json", out / "runs.csv", *images]:
+    for path in files:
         print(f"wrote {path}")
     if run_id is not None:
-        print(f"W&B analysis run {run_id} ({args.wandb_mode}) under {out / 'wandb'}")
+        mode = wandb_mode(LoggingConfig(wandb_mode=args.wandb_mode))
+        print(f"W&B analysis run {run_id} ({mode}) under {out / 'wandb'}")
 
 
 if __name__ == "__main__":

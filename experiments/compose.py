@@ -15,6 +15,7 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from optim.config import optimizer_fields
 from scaling.config import ConfigError, RunConfig, from_dict
 
 __all__ = ["ConfigError", "compose", "compose_or_explain", "expand_sweep", "precheck",
@@ -97,20 +98,43 @@ def _check_groups(overrides: list[str]) -> None:
                 raise ConfigError(o.key_or_group, value, f"one of {options}")
 
 
+def _expected(key: str, value: str, error: Exception, point: list[str]) -> str:
+    """What an override that Hydra refused should have been."""
+    first_line = str(error).strip().splitlines()[0]
+    if "No match in the defaults list" in first_line and group_options(key) is not None:
+        return f"+{key}={value} (a config group outside the defaults list is added with a `+`)"
+    if "not in struct" in str(error) or "Could not override" in first_line:
+        if key.startswith("optim."):  # each optimizer has its own fields: name the chosen one
+            name = _chosen_option("optim", point)
+            return f"a field of optim={name} (it has {', '.join(optimizer_fields(name))})"
+        return "a key of the config (see `scaling-train --cfg job`)"
+    return f"a valid override ({first_line})"
+
+
+def _chosen_option(group: str, point: list[str]) -> str:
+    """The option of `group` that the point selects, or the config's default."""
+    chosen = [o.split("=", 1)[1] for o in point if o.lstrip("+").split("=", 1)[0] == group]
+    return chosen[-1] if chosen else str(compose([])[group]["name"])
+
+
+def _group_choices(point: list[str]) -> list[str]:
+    return [o for o in point if group_options(o.lstrip("+~").split("=", 1)[0]) is not None]
+
+
 def compose_or_explain(point: list[str], config_name: str) -> dict[str, Any]:
     try:
         return compose(point, config_name)
     except COMPOSE_ERRORS as whole:  # Hydra's errors are many-lined; find the override to blame
-        for override in point:
+        groups = _group_choices(point)
+        # a field override is tried with the point's group choices, so optim=muon's fields exist
+        for override in groups + [o for o in point if o not in groups]:
             try:
-                compose([override], config_name)
+                compose(groups if override in groups else [*groups, override], config_name)
             except COMPOSE_ERRORS as error:
                 key, _, value = override.partition("=")
-                first_line = str(error).strip().splitlines()[0]
-                reason = ("a key of the config (see `scaling-train --cfg job`)"
-                          if "not in struct" in str(error) or "Could not override" in first_line
-                          else f"a valid override ({first_line})")
-                raise ConfigError(key, value, reason) from None
+                parsed = OverridesParser.create().parse_overrides([override])[0]
+                typed = value if parsed.is_sweep_override() else parsed.value()
+                raise ConfigError(key, typed, _expected(key, value, error, point)) from None
         raise ConfigError("overrides", " ".join(point),
                           f"a valid combination ({str(whole).strip().splitlines()[0]})") from None
 
@@ -149,7 +173,8 @@ def precheck(argv: list[str]) -> list[str]:
                         if any(o not in other for other in points)})
         raise ConfigError("overrides", " ".join(overrides),
                           f"a single value per key, or -m (--multirun) to sweep {', '.join(swept)}")
-    from scaling.training import data  # numpy only; checks each distinct source before any run starts
+    # numpy only: checks each distinct source before any run starts
+    from scaling.training import data
 
     checked_sources = set()
     for point in points:

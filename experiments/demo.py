@@ -17,16 +17,21 @@ from tqdm.auto import tqdm
 
 from experiments.compose import ConfigError, compose_or_explain, sweep_points, to_run_config
 from experiments.transfer import command_overrides, explain, plan, write_overrides
+from scaling.config import RunConfig
 
 MODES = {False: "demo", True: "demo_quick"}
 TARGET_WIDTH_MULT = 4  # the target is this much wider than the widest proxy
+# The verdict's thresholds on |slope|, the optimum's drift in octaves per width doubling: they
+# read the same over one doubling (--quick) or several. μP predicts 0; SP under Adam −1 (η ∝ 1/m).
+STAYS_PUT = 0.5  # at most this: nearer μP's 0 than SP's 1
+MOVES = 0.75  # at least this: most of SP's octave, beyond an optimum's 0.1–0.2 octave seed spread
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scaling-demo", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the short version (~2 minutes)")
     parser.add_argument("--wandb-mode", choices=("offline", "online", "disabled"),
-                        default="offline")
+                        help="default: $WANDB_MODE, else offline")
     parser.add_argument("--out-dir", type=Path, help="default: runs/demo (runs/demo_quick)")
     parser.add_argument("--target-width", type=int, help="default: 4× the widest proxy width")
     parser.add_argument("overrides", nargs="*",
@@ -64,12 +69,14 @@ def verdict(analysis: dict, targets: dict[str, dict]) -> list[str]:
         lines.append(f"{param:>4}: target w{run['config']['model']['width']} at the transferred "
                      f"LR {run['config']['optim']['lr']:.4g}: {loss}")
     if "mup" in drift and "sp" in drift:
-        transfers = drift["mup"]["drift_octaves"] <= 1.0
-        sp_moves = drift["sp"]["drift_octaves"] >= 2.0 or not wider["sp"]["holds"]
-        lines.append("μP's optimum " + ("stays put (≤ 1 octave)" if transfers else
-                                        "moves by more than an octave")
-                     + "; SP's " + ("moves (≥ 2 octaves) or wider gets worse" if sp_moves else
-                                    "does not move by 2 octaves here"))
+        per_doubling = "octave per width doubling"
+        transfers = abs(drift["mup"]["slope"]) <= STAYS_PUT
+        sp_moves = abs(drift["sp"]["slope"]) >= MOVES or not wider["sp"]["holds"]
+        mup_says = (f"stays put (≤ {STAYS_PUT} {per_doubling})" if transfers
+                    else f"moves by more than {STAYS_PUT} {per_doubling}")
+        sp_says = (f"moves (≥ {MOVES} {per_doubling}) or wider gets worse" if sp_moves
+                   else f"does not move by {MOVES} {per_doubling} here")
+        lines.append(f"μP's optimum {mup_says}; SP's {sp_says}")
         if targets.get("mup") and targets.get("sp") and not targets["mup"]["diverged"]:
             sp_loss = targets["sp"]["val_loss"]
             better = targets["sp"]["diverged"] or targets["mup"]["val_loss"] < sp_loss
@@ -78,17 +85,65 @@ def verdict(analysis: dict, targets: dict[str, dict]) -> list[str]:
     return lines
 
 
+def on_terminal() -> bool:
+    """Progress bars only on a terminal: nested bars move the cursor with escape codes, which a
+    log file or a pipe keeps as garbage."""
+    return sys.stderr.isatty()
+
+
+def sweep_proxies(jobs: list[RunConfig]) -> None:
+    """Trains each job's LR grid: nested bars on a terminal, else a plain line per job done."""
+    from scaling.training.loop import train_sweep
+
+    if on_terminal():
+        for cfg in tqdm(jobs, unit="job", dynamic_ncols=True):
+            train_sweep(cfg)
+        return
+    started = time.perf_counter()
+    for i, cfg in enumerate(jobs, 1):
+        train_sweep(dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging,
+                                                                         progress=False)))
+        print(f"proxy job {i}/{len(jobs)} done: {cfg.param.name} w{cfg.model.width} "
+              f"seed {cfg.train.seed} ({time.perf_counter() - started:.0f} s)", file=sys.stderr,
+              flush=True)
+
+
+def analyse(sweep_dir: Path, *, project: str | None,
+            mode: str | None) -> tuple[dict, list[Path]]:
+    """The proxy sweep's analysis and the files scaling-analyze writes for it (in its analysis/)."""
+    from experiments.analyze import write_analysis
+    from scaling.analysis import analyze, format_table, load_results
+
+    analysis = analyze(load_results(sweep_dir))
+    files, _ = write_analysis(analysis, sweep_dir / "analysis", project=project, mode=mode)
+    print(format_table(analysis))
+    return analysis, files
+
+
+def train_targets(sweep_dir: Path, out_dir: Path, width: int) -> dict[str, dict]:
+    """Each parametrization's proxy optimum transferred to `width` and trained, by param."""
+    from scaling.training.loop import train
+
+    targets = {}
+    for param in ("sp", "mup"):
+        shape, result = plan(sweep_dir, width=width, param=param)
+        target = dataclasses.replace(result.config, train=dataclasses.replace(
+            result.config.train, out_dir=str(out_dir / "target")),
+            logging=dataclasses.replace(result.config.logging, progress=on_terminal()))
+        write_overrides(out_dir / f"transfer-{param}.yaml", command_overrides(target),
+                        result.reasons)
+        print(explain(shape, result))
+        targets[param] = train(target)
+    return targets
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    from scaling.analysis import analyze, format_table, load_results
-    from scaling.analysis_run import log_analysis
     from scaling.training.files import write_json_atomic
-    from scaling.plots import plot_analysis
-    from scaling.training.loop import train, train_sweep
 
     experiment = MODES[args.quick]
-    extra = [*args.overrides, f"logging.wandb_mode={args.wandb_mode}",
-             f"logging.group=scaling-demo-{experiment}"]
+    mode = [f"logging.wandb_mode={args.wandb_mode}"] if args.wandb_mode else []
+    extra = [*args.overrides, *mode, f"logging.group=scaling-demo-{experiment}"]
     if args.out_dir is not None:
         extra.append(f"train.out_dir={args.out_dir / 'proxy'}")
     try:
@@ -102,28 +157,11 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
 
     print(f"[1/4] proxy sweep: {len(jobs)} jobs (param × width × seed), each over the LR grid")
-    for cfg in tqdm(jobs, unit="job", dynamic_ncols=True):
-        train_sweep(cfg)
-
+    sweep_proxies(jobs)
     print(f"[2/4] analysis of {sweep_dir}")
-    analysis = analyze(load_results(sweep_dir))
-    write_json_atomic(sweep_dir / "analysis" / "analysis.json", analysis)
-    images = plot_analysis(analysis, sweep_dir / "analysis")
-    log_analysis(analysis, images, project=jobs[0].logging.project, group=analysis["group"],
-                 mode=args.wandb_mode, directory=sweep_dir / "analysis")
-    print(format_table(analysis))
-
+    analysis, files = analyse(sweep_dir, project=jobs[0].logging.project, mode=args.wandb_mode)
     print(f"[3/4] transfer to width {target_width} and train the targets")
-    targets = {}
-    for param in ("sp", "mup"):
-        shape, result = plan(sweep_dir, width=target_width, param=param)
-        target = dataclasses.replace(result.config, train=dataclasses.replace(
-            result.config.train, out_dir=str(out_dir / "target")),
-            logging=dataclasses.replace(result.config.logging, progress=True))
-        write_overrides(out_dir / f"transfer-{param}.yaml", command_overrides(target),
-                        result.reasons)
-        print(explain(shape, result))
-        targets[param] = train(target)
+    targets = train_targets(sweep_dir, out_dir, target_width)
 
     print("[4/4] verdict")
     lines = verdict(analysis, targets)
@@ -132,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
         "verdict": lines, "targets": targets, "drift": analysis["drift"],
         "wider_is_better": analysis["wider_is_better"],
         "wall_seconds": time.perf_counter() - started})
-    print(f"plots: {', '.join(str(p) for p in images)}\nverdict: {out_dir / 'verdict.json'}")
+    print(f"analysis: {', '.join(str(p) for p in files)}\nverdict: {out_dir / 'verdict.json'}")
 
 
 if __name__ == "__main__":

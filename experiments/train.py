@@ -8,11 +8,85 @@ stderr (field, value, expectation) and exit code 2.
 from __future__ import annotations
 
 import sys
+from importlib import resources
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.compose import ConfigError, precheck, to_run_config
+from experiments.compose import CONFIG_MODULE, ConfigError, group_options, precheck, to_run_config
+
+HELP_FLAGS = {"-h", "--help"}  # ours; Hydra's own help stays at --hydra-help
+OVERLAY_GROUP = "experiment"
+USAGE = "usage: scaling-train [-m] [+experiment=NAME] [GROUP=OPTION ...] [GROUP.FIELD=VALUE ...]"
+ABOUT = """\
+Trains a language model (a Transformer or a byte MLP) under SP or μP with one optimizer, from a
+Hydra config; with -m, a sweep of such runs. A run writes metrics.jsonl, checkpoints, a W&B run and
+result.json to train.out_dir/<run name>; the same command again resumes it, or reports it when it
+has finished. Every point of a sweep is checked before the first one starts."""
+# The fields a first run most often sets; `--cfg job` prints them all.
+MAIN_FIELDS = {
+    "model.width": "hidden width, a multiple of model.head_dim",
+    "model.depth": "number of blocks",
+    "model.compute_dtype": "auto (bf16 on GPU/TPU), float32 or bfloat16; weights stay float32",
+    "model.scan_unroll": "layers unrolled per scan iteration: true (all), 1 (a rolled loop), k",
+    "param.base_width": "the width at which μP equals SP",
+    "optim.lr": "base learning rate (each optim=NAME has its own fields: see --cfg job)",
+    "optim.warmup_steps": "steps of linear warmup",
+    "train.steps": "optimizer steps",
+    "train.batch_size": "sequences per step",
+    "train.seq_len": "tokens per sequence",
+    "train.seed": "initialization and data order",
+    "train.out_dir": "folder of the run directories",
+    "data.path": "a text file or folder, or a .bin of tokens (default: Python's stdlib source)",
+    "logging.wandb_mode": "offline, online or disabled (default: $WANDB_MODE, else offline)",
+    "sweep.log2_lr_min": "smallest log2 LR of a grid trained inside each job",
+    "sweep.log2_lr_max": "largest log2 LR of that grid",
+    "sweep.vectorize_lr": "LRs of the grid trained together in one program",
+}
+SWEEPS = """\
+  scaling-train -m optim.lr=1e-3,3e-3 model.width=64,128    one run per combination
+  scaling-train sweep.log2_lr_min=-10 sweep.log2_lr_max=-6  an LR grid inside one job"""
+OTHER_FLAGS = """\
+  --cfg job     print the composed config, every field, and exit
+  --hydra-help  Hydra's own help and flags"""
+
+
+def help_text() -> str:
+    """What the command does, its config groups, main fields, sweeps and experiment overlays."""
+    defaults = _default_options()
+    groups = [f"  {group:<8} " + ", ".join(f"{o} (default)" if o == defaults.get(group) else o
+                                           for o in options)
+              for group, options in _choice_groups().items()]
+    fields = [f"  {field:<20} {meaning}" for field, meaning in MAIN_FIELDS.items()]
+    overlays = [f"  {name:<16} {_overlay_summary(name)}" for name in group_options(OVERLAY_GROUP)]
+    overlays_head = (f"experiment overlays (configs/{OVERLAY_GROUP}), added with a `+`: "
+                     f"scaling-train -m +{OVERLAY_GROUP}=NAME")
+    return "\n".join([
+        USAGE, "", ABOUT, "", "config groups (GROUP=OPTION):", *groups,
+        "main fields (GROUP.FIELD=VALUE):", *fields, "sweeps (-m, --multirun):", SWEEPS,
+        overlays_head, *overlays, "other flags:", OTHER_FLAGS])
+
+
+def _choice_groups() -> dict[str, list[str]]:
+    """Options of each config group that has more than one (the rest are field namespaces)."""
+    folders = sorted(p.name for p in resources.files(CONFIG_MODULE).iterdir() if p.is_dir())
+    options = {group: group_options(group) for group in folders if group != OVERLAY_GROUP}
+    return {group: names for group, names in options.items() if len(names) > 1}
+
+
+def _default_options() -> dict[str, str]:
+    """The option config.yaml's defaults list picks per group."""
+    config = OmegaConf.create((resources.files(CONFIG_MODULE) / "config.yaml").read_text())
+    return {k: v for entry in config.defaults if not isinstance(entry, str)
+            for k, v in entry.items()}
+
+
+def _overlay_summary(name: str) -> str:
+    """An overlay file's first comment line, up to its first colon: what the experiment is."""
+    text = (resources.files(CONFIG_MODULE) / OVERLAY_GROUP / f"{name}.yaml").read_text()
+    comments = [line[2:] for line in text.splitlines()
+                if line.startswith("# ") and "@package" not in line]
+    return comments[0].partition(":")[0] if comments else ""
 
 
 def _fail(error: ConfigError) -> None:
@@ -22,20 +96,33 @@ def _fail(error: ConfigError) -> None:
 
 @hydra.main(config_path="pkg://configs", config_name="config", version_base="1.3")
 def _run(cfg: DictConfig) -> None:
-    from scaling.training.loop import train_sweep  # after validation: importing jax is the slow part
+    # after validation: importing jax is the slow part
+    from scaling.config import lr_grid
+    from scaling.training.loop import finished_result, member_config, train_sweep
 
+    run_cfg = to_run_config(OmegaConf.to_container(cfg, resolve=True))
+    lrs = lr_grid(run_cfg.sweep) or [run_cfg.optim.lr]
+    finished = {r["run_dir"] for lr in lrs if (r := finished_result(member_config(run_cfg, lr)))}
     try:
-        results = train_sweep(to_run_config(OmegaConf.to_container(cfg, resolve=True)))
+        results = train_sweep(run_cfg)
     except ConfigError as error:
         _fail(error)
     for result in results:  # one per LR when sweep.log2_lr_min/max define a grid
-        losses = f"train_loss={result['train_loss']} val_loss={result['val_loss']}"
-        print(f"{result['run_dir']}: {losses} diverged={result['diverged']} "
-              f"steps={result['steps']} wall={result['wall_seconds']:.1f}s")
+        print(_result_line(result, result["run_dir"] in finished))
+
+
+def _result_line(result: dict, already_finished: bool) -> str:
+    done = "already finished, not retrained: " if already_finished else ""
+    losses = f"train_loss={result['train_loss']} val_loss={result['val_loss']}"
+    return (f"{result['run_dir']}: {done}{losses} diverged={result['diverged']} "
+            f"steps={result['steps']} wall={result['wall_seconds']:.1f}s")
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if HELP_FLAGS & set(argv):
+        print(help_text())
+        return
     try:
         argv = precheck(argv)
     except ConfigError as error:

@@ -56,9 +56,9 @@ def ns_compute_dtype(name: str):
 
 def muon_transform(cfg: MatrixOptimizerConfig, matrix_axes) -> optax.GradientTransformation:
     """The direction part of `optim=muon` / `optim=auon` for the hidden matrices in matrix_axes."""
-    common = dict(momentum=cfg.momentum, nesterov=cfg.nesterov, update_scale=cfg.update_scale,
-                  momentum_dtype=jnp.dtype(cfg.momentum_dtype),
-                  bias_correction=cfg.bias_correction, ns_backend=cfg.ns_backend)
+    common = {"momentum": cfg.momentum, "nesterov": cfg.nesterov,
+              "update_scale": cfg.update_scale, "momentum_dtype": jnp.dtype(cfg.momentum_dtype),
+              "bias_correction": cfg.bias_correction, "ns_backend": cfg.ns_backend}
     if cfg.name == "auon":
         return scale_by_muon(matrix_axes, direction="auon_hybrid" if cfg.auon_hybrid else "auon",
                              **common)

@@ -19,6 +19,8 @@ METRICS = ("val_loss", "train_loss")
 # What a sweep varies within one shape (LR, seed) and bookkeeping that does not change training.
 NOT_SHAPE = ("optim.lr", "train.seed", "logging", "sweep", "train.out_dir", "train.eval_every",
              "train.log_every", "train.checkpoint_every")
+# Two points fit any power law exactly: a third is the least that can disagree with the law.
+MIN_POWER_LAW_POINTS = 3
 
 
 def load_results(sweep_dir: str | Path) -> list[dict]:
@@ -189,6 +191,7 @@ def _drift(family: list[dict]) -> dict:
     return {"family": {k: first[k] for k in ("param", "optim", "kind", "depth", "tokens",
                                              "batch_size")},
             "widths": widths, "log2_lr": log2_lr, "log2_lr_std": [s["log2_lr_std"] for s in family],
+            "n_seeds": [len(s["seed_optima"]) for s in family],  # behind each std; 1: no spread
             "drift_octaves": log2_lr[hi] - log2_lr[lo],
             "drift_uncertainty": math.hypot(*sems) if None not in sems else None,
             "slope": float(np.polyfit(np.log2(widths), log2_lr, 1)[0]),
@@ -215,9 +218,21 @@ def _wider_is_better(family: list[dict], drift: dict) -> dict:
 
 
 def _power_law(x: list[float], y: list[float]) -> dict:
+    """The fitted law, or null numbers and `fitted: false` below MIN_POWER_LAW_POINTS x values."""
+    points = len(set(x))
+    if points < MIN_POWER_LAW_POINTS:
+        return {"exponent": None, "exponent_stderr": None, "coefficient": None, "fitted": False,
+                "points": points}
     fit = fit_power_law(x, y)
     return {"exponent": fit.exponent, "exponent_stderr": _number(fit.exponent_stderr),
-            "coefficient": fit.coefficient}
+            "coefficient": fit.coefficient, "fitted": True, "points": points}
+
+
+def exponent_text(law: dict) -> str:
+    """The exponent ± its standard error, or why there is none ("not fitted: 2 points")."""
+    if not law["fitted"]:
+        return f"not fitted: {law['points']} points"
+    return f"{law['exponent']:.3f} ± {_pm(law['exponent_stderr'], 3)}"
 
 
 def analyze(results: list[dict], metric: str = "val_loss") -> dict:
@@ -301,8 +316,7 @@ def format_table(analysis: dict) -> str:
     for p in analysis["lr_vs_tokens"]:
         f = p["family"]
         lines.append(f"{f['param']} {f['optim']} w{f['width']} d{f['depth']}: optimal lr ∝ "
-                     f"tokens^({p['exponent']:.3f} ± {_pm(p['exponent_stderr'], 3)})")
+                     f"tokens^({exponent_text(p)})")
     for p in analysis["loss_vs_compute"]:
-        lines.append(f"{p['param']} {p['optim']}: best loss ∝ "
-                     f"compute^({p['exponent']:.3f} ± {_pm(p['exponent_stderr'], 3)})")
+        lines.append(f"{p['param']} {p['optim']}: best loss ∝ compute^({exponent_text(p)})")
     return "\n".join(lines)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from scaling.config import LoggingConfig
 from scaling.plots import family_names
+from scaling.training.tracking import wandb_entity, wandb_mode, wandb_project
 
 OPTIMA_COLUMNS = ["param", "optim", "width", "depth", "tokens", "log2_lr", "lr", "argmin_log2_lr",
                   "on_edge", "best_loss"]
@@ -16,14 +18,19 @@ SUMMARY_FIELDS = [("drift", "drift", "drift_octaves"),
                   ("loss_vs_compute", "loss_vs_compute_exponent", "exponent")]
 
 
-def log_analysis(analysis: dict, images: list[Path], *, project: str, group: str | None,
-                 mode: str, directory: Path) -> str | None:
-    """Logs one W&B run with job_type 'analysis'; returns its id, or None when mode is disabled."""
+def log_analysis(analysis: dict, images: list[Path], *, project: str | None, group: str | None,
+                 mode: str | None, directory: Path) -> str | None:
+    """Logs one W&B run with job_type 'analysis'; returns its id, or None when mode is disabled.
+
+    mode and project None defer to WANDB_MODE / WANDB_PROJECT, as a training run's do."""
+    logging = LoggingConfig(wandb_mode=mode, project=project)
+    mode = wandb_mode(logging)
     if mode == "disabled":
         return None
     import wandb  # slow to import; only when logging is on
 
-    run = wandb.init(project=project, group=group, job_type="analysis",
+    run = wandb.init(project=wandb_project(logging), entity=wandb_entity(logging), group=group,
+                     job_type="analysis",
                      name=f"analysis-{group or 'sweep'}", dir=str(directory), mode=mode,
                      settings=wandb.Settings(silent=True, console="off"), reinit="create_new")
     runs = analysis["runs"]

@@ -6,6 +6,7 @@ no global figure state behind.
 
 from __future__ import annotations
 
+import math
 import textwrap
 from collections import defaultdict
 from pathlib import Path
@@ -14,8 +15,9 @@ import matplotlib
 import numpy as np
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
-from matplotlib.ticker import FormatStrFormatter, NullFormatter
+from matplotlib.ticker import NullLocator
 
+from scaling.analysis import exponent_text
 from scaling.training.files import atomic_open
 
 DPI = 120
@@ -24,6 +26,7 @@ PARAM_ORDER = ["sp", "mup"]  # the baseline on the left, the scaled parametrizat
 MARKERS = "osD^v"  # hollow and distinct, so coinciding points of two fits stay visible
 FAMILY_FIELDS = ("param", "optim", "kind", "width", "depth", "tokens", "batch_size")
 FIELD_PREFIXES = {"width": "w", "depth": "d", "tokens": "t", "batch_size": "b"}
+MAX_LOG_TICKS = 6  # data values labelled on a log axis; more would crowd it
 
 
 def family_names(families: list[dict]) -> list[list[str]]:
@@ -74,11 +77,59 @@ def _labels(families: list[dict]) -> list[str]:
     return [" ".join([_param_label(parts[0]), *parts[1:]]) for parts in family_names(families)]
 
 
-def _tokens_label(tokens: float) -> str:
+def _tokens_label(tokens: float, digits: int = 3) -> str:
     for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
         if tokens >= scale:
-            return f"{tokens / scale:.3g}{suffix}"
-    return f"{tokens:g}"
+            return f"{tokens / scale:.{digits}g}{suffix}"
+    return f"{tokens:.{digits}g}"
+
+
+def _plain(value: float, digits: int) -> str:
+    return f"{value:.{digits}g}"
+
+
+def _seed_note(seed_counts: list[int]) -> str:
+    """What a plotted value is: a mean ± std over seeds, or one seed's value (no spread)."""
+    most = max(seed_counts)
+    return "one seed" if most == 1 else f"mean ± std over {most} seeds"
+
+
+def _line_with_spread(ax, x: list, y: list, spread: list, seed_counts: list[int], capsize: float,
+                      **style) -> None:
+    """The line, with std bars only where ≥ 2 seeds give a spread: one seed has none to show."""
+    (line,) = ax.plot(x, y, **style)
+    bars = [(a, b, e) for a, b, e, n in zip(x, y, spread, seed_counts, strict=True) if n >= 2]
+    if bars:
+        bar_x, bar_y, bar_e = zip(*bars, strict=True)
+        ax.errorbar(bar_x, bar_y, yerr=bar_e, color=line.get_color(), lw=line.get_linewidth(),
+                    ls="none", capsize=capsize)
+
+
+def _label_log_axis(axis, values: list[float], label=_plain) -> None:
+    """Ticks at the data's values: over less than two decades a log axis's own ticks can leave a
+    single label, or none. `label(value, digits)` writes one, with the fewest digits (≥ 3) that
+    tell the ticks apart."""
+    ticks = _log_ticks(values)
+    for digits in range(3, 8):
+        labels = [label(v, digits) for v in ticks]
+        if len(set(labels)) == len(labels):
+            break
+    axis.set_ticks(ticks, labels)
+    axis.set_minor_locator(NullLocator())
+
+
+def _log_ticks(values: list[float]) -> list[float]:
+    """Distinct values at least 1/(MAX_LOG_TICKS − 1) of their log range apart, smallest first, so
+    labels do not overlap; a lone value gets a neighbour an octave to each side."""
+    distinct = sorted(set(values))
+    if len(distinct) == 1:
+        return [distinct[0] / 2, distinct[0], distinct[0] * 2]
+    gap = math.log(distinct[-1] / distinct[0]) / (MAX_LOG_TICKS - 1)
+    ticks = [distinct[0]]
+    for value in distinct[1:]:
+        if math.log(value / ticks[-1]) >= gap:
+            ticks.append(value)
+    return ticks
 
 
 def _width_colors(widths: list[int]) -> dict[int, tuple]:
@@ -117,19 +168,21 @@ def _loss_vs_lr(analysis: dict) -> Figure | None:
         ax.set_xlabel("log₂ learning rate")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-    axes[0].set_ylabel(f"{analysis['metric']} (mean ± std over seeds)")
+    seed_counts = [len(s["seeds"]) for s in analysis["shapes"]]
+    axes[0].set_ylabel(f"{analysis['metric']} ({_seed_note(seed_counts)})")
     group = f" — {analysis['group']}" if analysis["group"] else ""
+    some_seed = " (some seed)" if max(seed_counts) > 1 else ""
     fig.suptitle(f"{analysis['metric']} vs learning rate by width{group}\n"
-                 "★ fitted optimum   × diverged (some seed) at that LR")
+                 f"★ fitted optimum   × diverged{some_seed} at that LR")
     return fig
 
 
 def _plot_curve(ax, shape: dict, color: tuple) -> None:
     """Seed-mean curve with std bars, its fitted optimum, and diverged LRs as x at the top."""
     finite = [p for p in shape["curve"] if p["mean"] is not None]
-    ax.errorbar([p["log2_lr"] for p in finite], [p["mean"] for p in finite],
-                yerr=[p["std"] for p in finite], color=color, marker="o", ms=3,
-                capsize=2, lw=1.3, label=f"width {shape['width']}")
+    _line_with_spread(ax, [p["log2_lr"] for p in finite], [p["mean"] for p in finite],
+                      [p["std"] for p in finite], [p["n"] for p in finite], capsize=2,
+                      color=color, marker="o", ms=3, lw=1.3, label=f"width {shape['width']}")
     optimum = shape["optimum"]
     if optimum is not None:  # None when every run of the shape diverged
         ax.plot(optimum["log2_lr"], optimum["loss"], marker="*", ms=13, color=color,
@@ -149,15 +202,16 @@ def _optimum_vs_width(drift: list[dict]) -> Figure | None:
     summaries = []
     for d, label in zip(drift, _labels([d["family"] for d in drift]), strict=True):
         edge = " (optimum at grid edge)" if d["any_on_edge"] else ""
-        ax.errorbar(d["widths"], d["log2_lr"], yerr=d["log2_lr_std"], marker="o", capsize=3,
-                    label=f"{label}{edge}")
+        _line_with_spread(ax, d["widths"], d["log2_lr"], d["log2_lr_std"], d["n_seeds"],
+                          capsize=3, marker="o", label=f"{label}{edge}")
         summaries.append(f"{label} {_octaves(d['drift_octaves'], d['drift_uncertainty'])}")
     widths = sorted({w for d in drift for w in d["widths"]})
     ax.set_xscale("log", base=2)
     ax.set_xticks(widths, [str(w) for w in widths])
     ax.minorticks_off()
     ax.set_xlabel("width")
-    ax.set_ylabel("optimal log₂ learning rate")
+    bars = any(n >= 2 for d in drift for n in d["n_seeds"])
+    ax.set_ylabel("optimal log₂ learning rate" + (" (bars: std over seeds)" if bars else ""))
     # non-breaking spaces keep each family's drift on one line of the wrapped title
     drifts = ", ".join(summary.replace(" ", "\u00a0") for summary in summaries)
     fig.suptitle(textwrap.fill(f"Optimal LR vs width — drift: {drifts}", 90))
@@ -170,16 +224,18 @@ def _octaves(drift: float, uncertainty: float | None) -> str:
     return f"{drift:.2f}" + (f" ± {uncertainty:.2f}" if uncertainty is not None else "") + " oct"
 
 
-def _power_law_label(name: str, exponent: float, stderr: float | None) -> str:
-    spread = f" ± {stderr:.3f}" if stderr is not None else ""
-    return f"{name}: exponent {exponent:.3f}{spread}"
+def _points_label(label: str, fit: dict) -> str:
+    """The data's legend label, saying so when there were too few points for a power law."""
+    return label if fit["fitted"] else f"{label} ({exponent_text(fit)})"
 
 
 def _plot_power_law(ax, x: list[float], fit: dict, color: str, name: str) -> None:
-    """The fitted line y = coefficient · x^exponent across the data's x range."""
+    """The fitted line y = coefficient · x^exponent across the data's x range, if fitted."""
+    if not fit["fitted"]:
+        return
     grid = np.geomspace(min(x), max(x), 50)
     ax.plot(grid, fit["coefficient"] * grid ** fit["exponent"], color=color, ls="--",
-            label=_power_law_label(name, fit["exponent"], fit["exponent_stderr"]))
+            label=f"{name}: exponent {exponent_text(fit)}")
 
 
 def _loss_vs_compute(metric: str, fits: list[dict]) -> Figure | None:
@@ -192,14 +248,12 @@ def _loss_vs_compute(metric: str, fits: list[dict]) -> Figure | None:
         name = f"{_param_label(fit['param'])} · {fit['optim']}"
         color = f"C{i}"
         ax.plot(fit["compute"], fit["loss"], MARKERS[i % len(MARKERS)], color=color, mfc="none",
-                mew=1.5, label=f"{name}: best per shape")
+                mew=1.5, label=_points_label(f"{name}: best per shape", fit))
         _plot_power_law(ax, fit["compute"], fit, color, f"{name} fit")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    # losses span well under a decade: label the log axis's minor ticks in plain numbers
-    ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
-    ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
-    ax.xaxis.set_minor_formatter(NullFormatter())
+    _label_log_axis(ax.xaxis, [c for fit in fits for c in fit["compute"]])
+    _label_log_axis(ax.yaxis, [loss for fit in fits for loss in fit["loss"]])
     ax.set_xlabel("compute (FLOPs)")
     ax.set_ylabel(f"best {metric}")
     fig.suptitle(f"Best {metric} vs compute")
@@ -218,11 +272,12 @@ def _optimum_vs_tokens(fits: list[dict]) -> Figure | None:
                                          strict=True)):
         color = f"C{i}"
         ax.plot(fit["tokens"], [2.0 ** v for v in fit["log2_lr"]], MARKERS[i % len(MARKERS)],
-                color=color, mfc="none", mew=1.5, label=label)
+                color=color, mfc="none", mew=1.5, label=_points_label(label, fit))
         _plot_power_law(ax, fit["tokens"], fit, color, f"{label} fit")
     ax.set_xscale("log")
     ax.set_yscale("log", base=2)
-    ax.xaxis.set_minor_formatter(NullFormatter())
+    _label_log_axis(ax.xaxis, [t for fit in fits for t in fit["tokens"]], label=_tokens_label)
+    _label_log_axis(ax.yaxis, [2.0 ** v for fit in fits for v in fit["log2_lr"]])
     ax.set_xlabel("training tokens")
     ax.set_ylabel("optimal learning rate")
     fig.suptitle("Optimal LR vs training tokens")

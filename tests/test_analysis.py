@@ -134,6 +134,20 @@ def test_lr_and_loss_power_laws_in_tokens_and_compute():
     assert abs(fit["exponent"] + 0.32) < 0.02
     (law,) = analysis["loss_vs_compute"]
     assert abs(law["exponent"] + 0.1) < 0.01
+    assert fit["fitted"] and law["fitted"] and fit["points"] == law["points"] == 4
+
+
+def test_no_power_law_through_two_points():
+    """Two budgets fit any power law exactly: null numbers, `fitted: false`, and the table says so
+    where the exponent would be."""
+    analysis = analyze(_sweep(lambda w, t: -8.0, steps=(100, 400)))
+    laws = [*analysis["lr_vs_tokens"], *analysis["loss_vs_compute"]]
+    assert len(laws) == 2
+    for law in laws:
+        assert (law["fitted"], law["points"]) == (False, 2)
+        assert law["exponent"] is law["exponent_stderr"] is law["coefficient"] is None
+    table = format_table(analysis)
+    assert "tokens^(not fitted: 2 points)" in table and "compute^(not fitted: 2 points)" in table
 
 
 @pytest.mark.parametrize("gap, beyond_noise", [(0.1, True), (0.005, False)])

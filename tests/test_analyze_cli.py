@@ -92,8 +92,8 @@ def test_writes_tables_and_plots_with_recovered_optima(sweep, capsys):
 
 
 def test_token_budgets_give_the_lr_vs_tokens_plot(tmp_path):
-    """Two budgets at one width: an LR-vs-tokens law (exponent -0.5), no width-drift plot."""
-    write_sweep(tmp_path / "sweep", params=("mup",), widths=(64,), steps=(100, 400))
+    """Three budgets at one width: an LR-vs-tokens law (exponent -0.5), no width-drift plot."""
+    write_sweep(tmp_path / "sweep", params=("mup",), widths=(64,), steps=(100, 200, 400))
     out = tmp_path / "out"
 
     main([str(tmp_path / "sweep"), "--out", str(out), "--wandb-mode", "disabled"])

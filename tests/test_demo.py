@@ -3,10 +3,19 @@ seconds with overrides), and the verdict it prints."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import math
+from pathlib import Path
 
-from experiments.demo import main, verdict
-from scaling.config import lr_grid
+import pytest
+from synthetic import run_result, write_results
+from tqdm.auto import tqdm
+
+import experiments.analyze
+from experiments.demo import MOVES, STAYS_PUT, main, verdict
+from scaling.config import lr_grid, to_dict
 from scaling.transfer import proxy_shape
 
 TINY = ["train.steps=6", "train.batch_size=2", "train.seq_len=16", "train.eval_every=3",
@@ -19,8 +28,10 @@ def test_demo_runs_the_whole_story(tmp_path, capsys):
     """Every proxy LR trained, plots drawn, both targets trained at their transferred LR."""
     main(["--quick", "--wandb-mode", "disabled", "--out-dir", str(tmp_path), "--target-width",
           "128", *TINY])
-    out = capsys.readouterr().out
-    assert "[4/4] verdict" in out
+    captured = capsys.readouterr()
+    assert "[4/4] verdict" in captured.out
+    assert "\x1b[" not in captured.err  # stderr is not a terminal here: plain progress lines
+    assert (tmp_path / "proxy" / "analysis" / "runs.csv").is_file()
     proxy = sorted((tmp_path / "proxy").glob("*/result.json"))
     # demo_quick: sp,mup × widths 32,64 × seed 0, over a 3-point grid
     assert len(proxy) == 2 * 2 * 3
@@ -38,11 +49,14 @@ def test_demo_runs_the_whole_story(tmp_path, capsys):
     assert summary["verdict"] == verdict(analysis, summary["targets"])
 
 
-def _analysis(drift: dict[str, float], wider: dict[str, bool]) -> dict:
+def _analysis(slope: dict[str, float], wider: dict[str, bool], widths=(64, 512)) -> dict:
+    """Drift whose optimum moves by `slope` octaves per width doubling over `widths`."""
+    doublings = math.log2(widths[-1] / widths[0])
     return {
-        "drift": [{"family": {"param": p}, "widths": [64, 512], "drift_octaves": d,
-                   "drift_uncertainty": 0.1, "slope": -d / 3, "any_on_edge": False}
-                  for p, d in drift.items()],
+        "drift": [{"family": {"param": p}, "widths": list(widths),
+                   "drift_octaves": abs(s) * doublings, "drift_uncertainty": 0.1, "slope": s,
+                   "any_on_edge": False}
+                  for p, s in slope.items()],
         "wider_is_better": [{"family": {"param": p}, "holds": w, "beyond_noise": w,
                              "noise": 0.01} for p, w in wider.items()],
     }
@@ -55,16 +69,16 @@ def _target(param: str, loss: float | None) -> dict:
 
 def test_verdict_says_what_the_numbers_say():
     """Flat μP and moving SP read as transfer; the reverse does not; target losses compared."""
-    good = verdict(_analysis({"mup": 0.3, "sp": 2.5}, {"mup": True, "sp": False}),
+    good = verdict(_analysis({"mup": -0.1, "sp": -1.0}, {"mup": True, "sp": False}),
                    {"sp": _target("sp", 2.6), "mup": _target("mup", 2.4)})
-    assert "stays put" in good[-2] and "moves (≥ 2 octaves) or wider gets worse" in good[-2]
+    assert "stays put" in good[-2] and "moves (≥ 0.75 octave" in good[-2]
     assert good[-1].endswith("beats SP's")
-    assert any("0.30 ± 0.10 octaves" in line for line in good)
-    bad = verdict(_analysis({"mup": 1.6, "sp": 0.5}, {"mup": True, "sp": True}),
+    assert any("0.30 ± 0.10 octaves (slope -0.10 per width doubling)" in line for line in good)
+    bad = verdict(_analysis({"mup": -0.6, "sp": -0.3}, {"mup": True, "sp": True}),
                   {"sp": _target("sp", 2.4), "mup": _target("mup", 2.6)})
-    assert "moves by more than an octave" in bad[-2] and "does not move" in bad[-2]
+    assert "moves by more than 0.5 octave" in bad[-2] and "does not move" in bad[-2]
     assert bad[-1].endswith("does not beat SP's")
-    diverged_sp = verdict(_analysis({"mup": 0.3, "sp": 2.5}, {"mup": True, "sp": True}),
+    diverged_sp = verdict(_analysis({"mup": -0.1, "sp": -1.0}, {"mup": True, "sp": True}),
                           {"sp": _target("sp", None), "mup": _target("mup", 2.4)})
     assert any("diverged" in line for line in diverged_sp)
     assert diverged_sp[-1].endswith("beats SP's")
@@ -79,3 +93,84 @@ def test_demo_grids_cover_both_parametrizations():
         assert {c.param.name for c in jobs} == {"sp", "mup"}
         assert len({c.model.width for c in jobs}) >= 2
         assert all(len(lr_grid(c.sweep)) >= 5 for c in jobs)
+
+
+@pytest.mark.parametrize("widths, slope", [((32, 64), {"mup": -0.29, "sp": -1.47}),
+                                           ((32, 512), {"mup": -0.3, "sp": -1.0})])
+def test_verdict_judges_drift_per_width_doubling(widths, slope):
+    """One doubling (--quick) or four: SP's octave-per-doubling drift moves, μP's 0.3 stays put,
+    whatever the total drift in octaves."""
+    lines = verdict(_analysis(slope, {"mup": True, "sp": True}, widths),
+                    {"sp": _target("sp", 2.5), "mup": _target("mup", 2.4)})
+    assert lines[-2] == (f"μP's optimum stays put (≤ {STAYS_PUT} octave per width doubling); "
+                         f"SP's moves (≥ {MOVES} octave per width doubling) or wider gets worse")
+
+
+def _stand_in_sweep(cfg) -> list[dict]:
+    """What a proxy job leaves (SP's optimum halves per width doubling, μP's stays at 2^-7), with
+    the progress bar the training loop draws for it."""
+    lrs = lr_grid(cfg.sweep)
+    bar = tqdm(total=len(lrs), disable=not cfg.logging.progress)  # as scaling/training/loop.py
+    vertex = -6.0 - math.log2(cfg.model.width / 32) if cfg.param.name == "sp" else -7.0
+    results = []
+    for log2_lr in map(math.log2, lrs):
+        loss = 2.0 + 8 / cfg.model.width + 0.05 * (log2_lr - vertex) ** 2
+        results.append(run_result(
+            cfg.param.name, cfg.model.width, log2_lr, cfg.train.seed, loss, steps=cfg.train.steps,
+            batch=cfg.train.batch_size, seq_len=cfg.train.seq_len, depth=cfg.model.depth,
+            base_width=cfg.param.base_width, group=cfg.logging.group,
+            root=Path(cfg.train.out_dir)))
+        bar.update()
+    bar.close()
+    write_results(Path(cfg.train.out_dir), results)
+    return results
+
+
+def _stand_in_train(cfg) -> dict:
+    return {"diverged": False, "val_loss": 2.0 if cfg.param.name == "mup" else 2.1,
+            "config": to_dict(cfg)}
+
+
+@pytest.fixture(scope="module")
+def stand_in_demo(tmp_path_factory) -> tuple[Path, str, str]:
+    """`scaling-demo --quick` around stand-in training, its stderr a file (not a terminal):
+    (out dir, stdout, stderr)."""
+    out_dir = tmp_path_factory.mktemp("demo")
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("scaling.training.loop.train_sweep", _stand_in_sweep)
+        patch.setattr("scaling.training.loop.train", _stand_in_train)
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            main(["--quick", "--wandb-mode", "disabled", "--out-dir", str(out_dir),
+                  "--target-width", "128"])
+    return out_dir, stdout.getvalue(), stderr.getvalue()
+
+
+def test_quick_demo_verdict_sees_sp_move_over_one_doubling(stand_in_demo):
+    """Widths 32→64: SP's optimum moves one octave, far short of 2 octaves, yet it moves."""
+    out_dir, stdout, _ = stand_in_demo
+    (sp_drift,) = [line for line in stdout.splitlines() if line.startswith("  sp: optimum drift")]
+    assert "1.00 ± ? octaves (slope -1.00 per width doubling)" in sp_drift
+    assert "SP's moves (≥ 0.75 octave per width doubling)" in stdout
+    assert json.loads((out_dir / "verdict.json").read_text())["verdict"][-2].startswith(
+        "μP's optimum stays put")
+
+
+def test_demo_writes_the_analysis_files_scaling_analyze_writes(stand_in_demo, tmp_path, capsys):
+    out_dir, _, _ = stand_in_demo
+    demo_files = out_dir / "proxy" / "analysis"
+    experiments.analyze.main([str(out_dir / "proxy"), "--out", str(tmp_path),
+                              "--wandb-mode", "disabled"])
+    names = sorted(p.name for p in demo_files.iterdir())
+    assert names == sorted(p.name for p in tmp_path.iterdir())
+    assert "runs.csv" in names
+    for name in ("analysis.json", "runs.csv"):
+        assert (demo_files / name).read_bytes() == (tmp_path / name).read_bytes(), name
+
+
+def test_progress_to_a_file_is_plain_lines(stand_in_demo):
+    """No cursor-moving escape codes from nested bars: one line per proxy job instead."""
+    _, _, stderr = stand_in_demo
+    assert "\x1b[" not in stderr and "\r" not in stderr
+    jobs = [line for line in stderr.splitlines() if line.startswith("proxy job ")]
+    assert [line.split(" done")[0] for line in jobs] == [f"proxy job {i}/4" for i in (1, 2, 3, 4)]

@@ -54,12 +54,17 @@ def test_a_field_of_another_optimizer_is_a_clear_error(name, field, value):
         optimizer_config(name, **{field: value})
 
 
-@pytest.mark.parametrize("override", ["optim.ns_steps=3", "+optim.ns_steps=3"])
-def test_cli_names_the_field_and_the_optimizer(override, tiny_run, tmp_path, capsys,
+@pytest.mark.parametrize(("overrides", "named"), [
+    (["optim.ns_steps=3"], ["optim.ns_steps=3", "optim=adamw"]),
+    (["+optim.ns_steps=3"], ["optim.ns_steps=3", "optim=adamw"]),
+    (["optim.auon_hybrid=true", "optim=muon"], ["optim.auon_hybrid=True", "optim=muon"]),
+    (["optim=auon", "optim.ns_scheme=jordan"], ["optim.ns_scheme='jordan'", "optim=auon"])])
+def test_cli_names_the_field_and_the_optimizer(overrides, named, tiny_run, tmp_path, capsys,
                                                 monkeypatch):
+    """The chosen optimizer is named wherever it was chosen on the command line."""
     monkeypatch.setattr(sys, "argv", ["scaling-train"])
-    assert_one_line_cli_error(experiments.train.main, [*tiny_run, override], capsys,
-                              "scaling-train", ["optim.ns_steps=3", "optim=adamw"], tmp_path)
+    assert_one_line_cli_error(experiments.train.main, [*tiny_run, *overrides], capsys,
+                              "scaling-train", named, tmp_path)
 
 
 def test_family_fields_are_validated():

@@ -32,7 +32,6 @@ def test_console_script_is_installed(script, module):
     found = shutil.which(script, path=str(bin_dir))
     assert found is not None, f"no {script} in {bin_dir} (re-run pip install -e .)"
     assert module in Path(found).read_text()
-    if script != "scaling-train":  # Hydra's help is tested by Hydra
-        proc = subprocess.run([found, "--help"], capture_output=True, text=True, timeout=60,
-                              check=False)
-        assert proc.returncode == 0 and f"usage: {script}" in proc.stdout, proc.stderr
+    proc = subprocess.run([found, "--help"], capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert proc.returncode == 0 and f"usage: {script}" in proc.stdout, proc.stderr

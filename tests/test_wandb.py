@@ -11,7 +11,9 @@ from wandb_log import finished_run_records, items, of_type
 
 import scaling.training.data
 from experiments.compose import compose, to_run_config
+from scaling.config import ConfigError, LoggingConfig
 from scaling.training.loop import train
+from scaling.training.tracking import wandb_entity, wandb_mode, wandb_project
 
 
 def _offline_runs(run_dir: Path) -> list[Path]:
@@ -82,3 +84,50 @@ def test_resumed_run_keeps_its_wandb_id(offline, monkeypatch):
     steps = [[items(h.item)["_step"] for h in of_type(r, "history")] for r in records]
     assert steps == [[3, 6, 9], [9, 12]]  # the resumed run re-logs from its checkpoint at 6
     assert wandb.run is None
+
+
+@pytest.mark.parametrize(("env", "override", "expected"), [
+    ({}, None, "offline"), ({"WANDB_MODE": "disabled"}, None, "disabled"),
+    ({"WANDB_MODE": "online"}, None, "online"), ({"WANDB_MODE": "disabled"}, "offline", "offline"),
+    ({"WANDB_MODE": "online"}, "disabled", "disabled")])
+def test_wandb_mode_defers_to_the_environment_unless_set(env, override, expected, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert wandb_mode(LoggingConfig(wandb_mode=override)) == expected
+
+
+def test_project_and_entity_defer_to_the_environment(monkeypatch):
+    for key in ("WANDB_PROJECT", "WANDB_ENTITY"):
+        monkeypatch.delenv(key, raising=False)
+    assert wandb_project(LoggingConfig()) == "scaling" and wandb_entity(LoggingConfig()) is None
+    monkeypatch.setenv("WANDB_PROJECT", "from-env")
+    monkeypatch.setenv("WANDB_ENTITY", "team")
+    assert wandb_project(LoggingConfig()) == "from-env" and wandb_entity(LoggingConfig()) == "team"
+    assert wandb_project(LoggingConfig(project="mine")) == "mine"
+    assert wandb_entity(LoggingConfig(entity="me")) == "me"
+
+
+def test_a_bad_wandb_mode_in_the_environment_is_named(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "sometimes")
+    with pytest.raises(ConfigError, match="WANDB_MODE='sometimes'"):
+        wandb_mode(LoggingConfig())
+
+
+def test_exported_wandb_mode_disabled_logs_nothing(tiny_run, monkeypatch):
+    """A user's `export WANDB_MODE=disabled` is obeyed when the config does not set a mode."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    overrides = [o for o in tiny_run if not o.startswith("logging.wandb_mode=")]
+    result = train(to_run_config(compose(overrides)))
+    assert not (Path(result["run_dir"]) / "wandb").exists()
+
+
+def test_an_explicit_mode_wins_over_the_environment(offline, monkeypatch):
+    """logging.wandb_mode=offline logs although WANDB_MODE=disabled; the project comes from
+    WANDB_PROJECT since the config leaves it unset."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("WANDB_PROJECT", "from-env")
+    result = train(to_run_config(compose(offline)))
+    (offline_dir,) = _offline_runs(Path(result["run_dir"]))
+    (run,) = of_type(finished_run_records(next(offline_dir.glob("*.wandb"))), "run")
+    assert run.project == "from-env"

@@ -10,7 +10,8 @@ import importlib
 _EXPORTS = {"KERNELS": "newton_schulz", "pallas_newton_schulz": "newton_schulz",
             "tiled_newton_schulz": "newton_schulz", "VERIFIED_PLATFORMS": "platforms",
             "symmetric_gram": "symmetric"}
-__all__ = sorted(_EXPORTS)
+__all__ = ["KERNELS", "VERIFIED_PLATFORMS", "pallas_newton_schulz", "symmetric_gram",
+           "tiled_newton_schulz"]
 
 
 def __getattr__(name: str):

@@ -37,6 +37,11 @@ def _finished(run_dir: Path) -> dict | None:
     return json.loads(result.read_text()) if result.exists() else None
 
 
+def finished_result(cfg: RunConfig) -> dict | None:
+    """The `result.json` of the run `cfg` describes, if that run has finished; else None."""
+    return _finished(Path(cfg.train.out_dir) / run_name(cfg))
+
+
 def member_config(cfg: RunConfig, lr: float) -> RunConfig:
     """The config of one LR of a grid: what a separate run at that LR would be given."""
     return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=lr),
