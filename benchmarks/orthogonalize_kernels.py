@@ -36,29 +36,18 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from peaks import NOMINAL_BF16_PEAKS, nominal_peak
 
 from optim.kernels import KERNELS, pallas_newton_schulz
 from optim.kernels.compat import platform
-from optim.orthogonalize import NORMALIZATIONS, PRESET_NAMES, newton_schulz, preset
+from optim.kernels.ns_math import NORMALIZATIONS
+from optim.orthogonalize import PRESET_NAMES, newton_schulz, preset
 from scaling.training.files import write_json_atomic
 
 EPS = 1e-7
 SVD_MAX_ELEMENTS = 4096 * 4096  # larger matrices skip the orthogonality error
 SPEEDUP_TARGET, ROOFLINE_TARGET, ROOFLINE_MIN_SIDE = 1.2, 0.6, 1024
 INTERPRET_LABEL = "interpret mode (CPU): times are not kernel performance"
-# Nominal dense bf16 FLOP/s by device kind: (label, substrings of device_kind, peak); first match
-# wins. An H100 SXM reports its kind as "NVIDIA H100 80GB HBM3".
-NOMINAL_BF16_PEAKS = (
-    ("H100 PCIe", ("H100 PCIe",), 756e12),
-    ("H100 SXM", ("H100 SXM", "H100 80GB HBM3"), 989e12),
-    ("H200", ("H200",), 989e12),
-    ("A100", ("A100",), 312e12),
-    ("TPU v5 lite", ("TPU v5 lite",), 197e12),
-    ("TPU v5p", ("TPU v5p",), 459e12),
-    ("TPU v6 lite", ("TPU v6 lite",), 918e12),
-)
-
-
 def shape_arg(value: str) -> tuple[int, int]:
     match = re.fullmatch(r"([1-9][0-9]*)[xX]([1-9][0-9]*)", value.strip())
     if match is None:
@@ -71,13 +60,6 @@ def positive(value: str) -> int:
     if not re.fullmatch(r"[1-9][0-9]*", value.strip()):
         raise argparse.ArgumentTypeError(f"{value!r}: expected a positive integer")
     return int(value)
-
-
-def nominal_peak(device_kind: str) -> tuple[str, float] | None:
-    for label, substrings, peak in NOMINAL_BF16_PEAKS:
-        if any(s in device_kind for s in substrings):
-            return label, peak
-    return None
 
 
 def compile_and_warm(fn, *args):

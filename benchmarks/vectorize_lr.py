@@ -10,8 +10,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import shlex
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 from optim import AdamWConfig
 from scaling.config import (
@@ -21,6 +24,7 @@ from scaling.config import (
     RunConfig,
     TrainConfig,
 )
+from scaling.training.files import write_json_atomic
 from scaling.training.loop import train, train_lrs
 
 
@@ -32,6 +36,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--out", type=Path, help="also write the results here as JSON")
     args = parser.parse_args()
     lrs = [2.0 ** (-10 + i) for i in range(args.lrs)]
     with tempfile.TemporaryDirectory() as out:
@@ -59,6 +64,12 @@ def main() -> None:
           f"batch={args.batch_size}x{args.seq_len}: together {t_together:.1f}s, "
           f"separate {t_separate:.1f}s, ratio {t_together / t_separate:.2f}, "
           f"max |val loss difference| {worst:.2e}")
+    if args.out is not None:
+        write_json_atomic(args.out, {
+            "command": shlex.join([Path(sys.executable).name, *sys.argv]), "width": args.width,
+            "depth": args.depth, "lrs": lrs, "steps": args.steps, "together_s": t_together,
+            "separate_s": t_separate, "ratio": t_together / t_separate,
+            "max_val_loss_difference": worst})
 
 
 if __name__ == "__main__":
