@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -17,7 +18,11 @@ pytest.register_assert_rewrite("synthetic")  # its shared assertions report like
 
 REPO = Path(__file__).resolve().parents[1]
 
-jax.config.update("jax_compilation_cache_dir", str(REPO / ".jax_cache"))
+# SCALING_TEST_JAX_CACHE overrides the cache folder: point it at an empty one to time the suite
+# as a fresh clone (CI) runs it. Subprocesses (the kill -9 run, benchmarks/gpu.sh) share it.
+JAX_CACHE = Path(os.environ.get("SCALING_TEST_JAX_CACHE", REPO / ".jax_cache"))
+os.environ["JAX_COMPILATION_CACHE_DIR"] = str(JAX_CACHE)
+jax.config.update("jax_compilation_cache_dir", str(JAX_CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 # A run small enough to train in seconds on 2 CPU cores (Hydra override syntax).
@@ -27,6 +32,30 @@ TINY_RUN = [
     "train.log_every=3", "train.checkpoint_every=6", "optim.warmup_steps=2", "logging.wandb_mode=disabled",
     "logging.progress=false",
 ]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def stdlib_corpus_read_once():
+    """The default corpus (the standard library's bytes) is read and split once per session
+    instead of once per run (measured: 55 reads of ~0.3 s): it cannot change while the tests run. Its
+    arrays are made read-only, so a run that wrote into them would fail instead of leaking into
+    later tests. Other sources (files, folders, .bin) are read every time, as before."""
+    from scaling.training import data
+
+    read = data.load
+
+    @functools.cache
+    def stdlib(cfg, seq_len):
+        splits = read(cfg, seq_len)
+        splits.train.flags.writeable = splits.val.flags.writeable = False
+        return splits
+
+    def load(cfg, seq_len):
+        return stdlib(cfg, seq_len) if cfg.path is None else read(cfg, seq_len)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(data, "load", load)
+        yield
 
 
 @pytest.fixture

@@ -34,7 +34,8 @@ def influence_TxT(model) -> np.ndarray:
         logits_1xTxV = nnx.merge(graphdef, {**params, "embed": embed})(TOKENS_1xT)
         return logits_1xTxV[0] @ r_V
 
-    jac = jax.jacrev(projected_logits_T)(params["embed"])  # (T, V, D) or (T, K, V, D)
+    # one compiled program: jacrev run op by op compiles each of its many small steps alone
+    jac = jax.jit(jax.jacrev(projected_logits_T))(params["embed"])  # (T, V, D) or (T, K, V, D)
     rows = jac[:, TOKENS_1xT[0]] if jac.ndim == 3 else jac[:, :, TOKENS_1xT[0]].swapaxes(1, 2)
     return np.asarray(jnp.abs(rows).reshape(T, T, -1).sum(-1))
 

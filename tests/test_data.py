@@ -29,7 +29,8 @@ def test_split_holds_out_every_twentieth_block():
     train, val = data.split(tokens)
     assert len(val) == 2 * data.VAL_BLOCK and len(train) == 38 * data.VAL_BLOCK
     assert val[0] == 19 * data.VAL_BLOCK and val[data.VAL_BLOCK] == 39 * data.VAL_BLOCK
-    assert np.all(np.diff(train) > 0) and not np.intersect1d(train, val).size
+    # disjoint: np.isin, as np.intersect1d takes seconds on these 2.6M tokens
+    assert np.all(np.diff(train) > 0) and not np.isin(val, train).any()
 
 
 def test_batch_is_a_pure_function_of_seed_and_step():

@@ -56,12 +56,30 @@ def _input(shape, seed=0):
     return _well_conditioned(jax.random.key(seed), m, n, tuple(batch))
 
 
-def _ns(g, dtype=None, normalization="frobenius", scheme="polar_express", steps=STEPS, **kernel):
+def _traced_ns(g, dtype=None, normalization="frobenius", scheme="polar_express", steps=STEPS,
+               **kernel):
     coefficients, safety = preset(scheme, steps)
     opts = {"safety": safety, "compute_dtype": dtype, "normalization": normalization}
     if not kernel:
         return newton_schulz(g, coefficients, **opts)
     return pallas_newton_schulz(g, coefficients, tile=TILE, **opts, **kernel)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
+def _compiled_ns(g, dtype, normalization, scheme, steps, kernel: tuple):
+    return _traced_ns(g, dtype, normalization, scheme, steps, **dict(kernel))
+
+
+def _ns(g, dtype=None, normalization="frobenius", scheme="polar_express", steps=STEPS, **kernel):
+    """The reference (no kernel options) or the kernels, as one compiled program per shape and
+    options: the cases that share them share it, and it compiles faster than running the map
+    op by op. Traced once per signature, so the mutation tests below use _fresh_ns instead."""
+    return _compiled_ns(g, dtype, normalization, scheme, steps, tuple(sorted(kernel.items())))
+
+
+def _fresh_ns(g, **options):
+    """_ns traced anew: it sees the tile functions as they are now (monkeypatched or not)."""
+    return jax.jit(lambda x: _traced_ns(x, **options))(g)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,7 +242,7 @@ def test_a_broken_tile_index_or_mirror_fails_the_reference_check(mutation, monke
     assert float(jnp.max(jnp.abs(good - ref))) < F32_ATOL
     name, replacement = MUTATIONS[mutation]
     monkeypatch.setattr(tiles, name, replacement)
-    broken = _ns(g, kernel="tiled")
+    broken = _fresh_ns(g, kernel="tiled")
     finite = bool(jnp.all(jnp.isfinite(broken)))
     gap = float(jnp.max(jnp.abs(broken - ref))) if finite else float("nan")
     assert not finite or gap > 100 * F32_ATOL, (mutation, gap)

@@ -3,6 +3,7 @@ stds, logit multiplier and optimizer multipliers follow the table, and the optim
 
 from __future__ import annotations
 
+import functools
 import math
 
 import chex
@@ -156,16 +157,22 @@ def test_optimizer_multipliers_at_width_mult_4(kind, name, family):
                 role, field)
 
 
-def _first_update(name: str, cfg, zero_grads: bool = False):
-    """(labels, params, grads, updates) of the first optimizer update at width_mult 4."""
+@functools.cache
+def _width_mult_4(name: str):
+    """(labels, parametrization, params, grads on _batch()) of the Transformer at width_mult 4,
+    built and differentiated once per parametrization for the update tests (which only read)."""
     model, parametrization = _build("transformer", name, WIDTH)
     graphdef, params = nnx.split(model)
     params = params.to_pure_dict()
+    grads = jax.jit(jax.grad(lambda p: next_token_loss(graphdef, p, *_batch())))(params)
+    return label_tree(model), parametrization, params, grads
+
+
+def _first_update(name: str, cfg, zero_grads: bool = False):
+    """(labels, params, grads, updates) of the first optimizer update at width_mult 4."""
+    labels, parametrization, params, grads = _width_mult_4(name)
     if zero_grads:
         grads = jax.tree.map(jnp.zeros_like, params)
-    else:
-        grads = jax.jit(jax.grad(lambda p: next_token_loss(graphdef, p, *_batch())))(params)
-    labels = label_tree(model)
     tx = build_optimizer(cfg, parametrization, labels, total_steps=10)
     updates, _ = tx.update(grads, tx.init(params), params)
     return labels, params, grads, updates

@@ -12,7 +12,9 @@ import time
 from pathlib import Path
 
 import chex
+import jax
 import pytest
+from conftest import TINY_RUN
 
 import experiments.train
 import scaling.training.data
@@ -22,15 +24,11 @@ from scaling.training.files import read_jsonl
 from scaling.training.loop import train
 from scaling.training.rundir import run_name
 
-REPO = Path(__file__).resolve().parents[1]
 RESULT_KEYS = {"train_loss", "val_loss", "diverged", "steps", "tokens", "params",
                "flops_per_token", "wall_seconds"}
 # Mean per-byte entropy of the stdlib corpus under a unigram model is ~3.24 nats, so a
 # validation loss below 3.0 needs context, far below the uniform ln(256) = 5.545.
 LEARNED_VAL_LOSS = 3.0
-# A longer tiny_run run for the kill -9 test: many checkpoints, a metrics line every 2 steps.
-LONG = ["train.steps=120", "train.checkpoint_every=10", "train.log_every=2",
-        "train.eval_every=60"]
 
 
 # Hydra's job logging rebinds the root logger in the multirun tests: every test restores it.
@@ -106,11 +104,31 @@ def test_short_run_learns_the_default_corpus(tmp_path):
     assert records[-1]["train_loss"] == saved["train_loss"]
 
 
-def test_resume_after_an_in_process_crash_is_bit_exact(tiny_run, tmp_path, monkeypatch):
-    """A run crashed after a checkpoint, then re-run, ends identical to an uninterrupted one."""
-    whole = train(_config([*tiny_run, f"train.out_dir={tmp_path / 'a'}"]))
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> tuple[list[str], dict]:
+    """(overrides, result) of one finished tiny_run run: the reference every resume test ends
+    equal to, and the finished run the re-run test re-reads. Nothing may write into it."""
+    overrides = [*TINY_RUN, f"train.out_dir={tmp_path_factory.mktemp('uninterrupted')}"]
+    return overrides, train(_config(overrides))
 
-    cfg = _config([*tiny_run, f"train.out_dir={tmp_path / 'b'}"])
+
+def _assert_ends_like(run_dir: Path, whole: dict) -> None:
+    """The run at `run_dir` finished with the metrics, result and final train state (parameters,
+    optimizer state, loss sums) of the uninterrupted run `whole`, bit for bit."""
+    assert _deterministic(_metrics(run_dir)) == _deterministic(_metrics(whole["run_dir"]))
+    assert [r["step"] for r in _metrics(run_dir)] == [3, 6, 9, 12]
+    resumed = _result(run_dir)
+    assert (resumed["train_loss"], resumed["val_loss"], resumed["steps"]) == (
+        whole["train_loss"], whole["val_loss"], 12)
+    (step_b, state_b), (step_a, state_a) = _final_state(run_dir), _final_state(whole["run_dir"])
+    assert step_a == step_b == 12
+    chex.assert_trees_all_equal(state_b, state_a)  # bit for bit, optimizer state included
+
+
+def test_resume_after_an_in_process_crash_is_bit_exact(uninterrupted, tmp_path, monkeypatch):
+    """A run crashed after a checkpoint, then re-run, ends identical to an uninterrupted one."""
+    _, whole = uninterrupted
+    cfg = _config([*TINY_RUN, f"train.out_dir={tmp_path / 'b'}"])
     _crash_at(monkeypatch, crash_step=10)  # checkpoint at 6, a metrics line at 9, then the crash
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(cfg)
@@ -120,36 +138,47 @@ def test_resume_after_an_in_process_crash_is_bit_exact(tiny_run, tmp_path, monke
 
     resumed = train(cfg)
 
-    assert Path(resumed["run_dir"]).name == Path(whole["run_dir"]).name
-    assert _deterministic(_metrics(resumed["run_dir"])) == _deterministic(
-        _metrics(whole["run_dir"]))
-    assert [r["step"] for r in _metrics(resumed["run_dir"])] == [3, 6, 9, 12]
+    assert Path(resumed["run_dir"]) == run_dir and run_dir.name == Path(whole["run_dir"]).name
     assert (resumed["train_loss"], resumed["val_loss"]) == (whole["train_loss"],
                                                            whole["val_loss"])
-    assert _result(resumed["run_dir"])["val_loss"] == _result(whole["run_dir"])["val_loss"]
-    (step_b, state_b), (step_a, state_a) = (_final_state(resumed["run_dir"]),
-                                            _final_state(whole["run_dir"]))
-    assert step_a == step_b == 12
-    chex.assert_trees_all_equal(state_b, state_a)  # bit for bit, optimizer state included
+    _assert_ends_like(run_dir, whole)
 
 
-def test_resume_after_kill_9_is_bit_exact(tiny_run, tmp_path, monkeypatch):
-    """`kill -9` mid-run, then the same command again: metrics equal an uninterrupted run's."""
-    long_run = [*tiny_run, *LONG]
-    whole = train(_config([*long_run, f"train.out_dir={tmp_path / 'whole'}"]))  # warms the cache
+# The kill -9 child: the real command line, held before its 10th step so that the kill lands
+# mid-run however fast or slow the machine is. The parent kills it as soon as it logs step 9,
+# while the asynchronous checkpoints are still being written (measured: 3 complete, 6 in its
+# temporary folder), so the resume also has to discard a half-written checkpoint.
+HELD_AT_STEP = 9
+HOLD_CHILD = f"""
+import runpy, time
+import scaling.training.data as data
+batch = data.train_batch
+def train_batch(tokens, seed, step, *args):
+    if step == {HELD_AT_STEP}:
+        time.sleep(600)
+    return batch(tokens, seed, step, *args)
+data.train_batch = train_batch
+runpy.run_module("experiments.train", run_name="__main__", alter_sys=True)
+"""
 
-    argv = [*long_run, f"train.out_dir={tmp_path / 'killed'}"]
-    run_dir = tmp_path / "killed" / Path(whole["run_dir"]).name
+
+def test_resume_after_kill_9_is_bit_exact(uninterrupted, tmp_path, monkeypatch):
+    """`kill -9` mid-run, then the same command again: the run ends as an uninterrupted one."""
+    _, whole = uninterrupted
+    # a checkpoint every 3 steps, so that one is complete at the kill; the cadence changes the
+    # run's directory name but nothing that is trained
+    argv = [*TINY_RUN, "train.checkpoint_every=3", f"train.out_dir={tmp_path / 'killed'}"]
+    run_dir = tmp_path / "killed" / run_name(_config(argv))
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "WANDB_MODE": "disabled",
-           "JAX_COMPILATION_CACHE_DIR": str(REPO / ".jax_cache"),
+           "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
-    proc = subprocess.Popen([sys.executable, "-m", "experiments.train", *argv], cwd=tmp_path,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_CHILD, *argv], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
             steps = [r["step"] for r in _metrics(run_dir)]
-            if steps and steps[-1] >= 30:  # past the checkpoints at steps 10 and 20
+            if steps and steps[-1] >= HELD_AT_STEP:
                 break
             time.sleep(0.02)
         assert proc.poll() is None, f"run ended before the kill: {proc.stderr.read().decode()}"
@@ -161,24 +190,18 @@ def test_resume_after_kill_9_is_bit_exact(tiny_run, tmp_path, monkeypatch):
             proc.wait()
         proc.stderr.close()
     assert not (run_dir / "result.json").exists()
-    killed_at = _metrics(run_dir)[-1]["step"]
-    assert 30 <= killed_at < 120
+    assert [r["step"] for r in _metrics(run_dir)] == [3, 6, 9]
     assert any(p.name.isdigit() for p in (run_dir / "checkpoints").iterdir())
 
     monkeypatch.setattr(sys, "argv", ["scaling-train"])
     experiments.train.main(argv)  # the same command line, to completion
 
-    assert _deterministic(_metrics(run_dir)) == _deterministic(_metrics(whole["run_dir"]))
-    resumed = _result(run_dir)
-    assert (resumed["train_loss"], resumed["val_loss"], resumed["steps"]) == (
-        whole["train_loss"], whole["val_loss"], 120)
-    chex.assert_trees_all_equal(_final_state(run_dir), _final_state(whole["run_dir"]))
+    _assert_ends_like(run_dir, whole)
 
 
-def test_rerunning_a_finished_run_reports_without_training(tiny_run, monkeypatch):
+def test_rerunning_a_finished_run_reports_without_training(uninterrupted, monkeypatch):
     """A second call on a finished run returns the saved result and trains nothing."""
-    cfg = _config(tiny_run)
-    first = train(cfg)
+    overrides, first = uninterrupted
     result_file = Path(first["run_dir"]) / "result.json"
     saved, mtime = result_file.read_bytes(), result_file.stat().st_mtime_ns
 
@@ -187,7 +210,7 @@ def test_rerunning_a_finished_run_reports_without_training(tiny_run, monkeypatch
 
     monkeypatch.setattr(scaling.training.data, "train_batch", no_training)
     monkeypatch.setattr("scaling.training.loop.make_train_step", no_training)
-    second = train(cfg)
+    second = train(_config(overrides))
 
     assert second == first == json.loads(saved)
     assert result_file.read_bytes() == saved and result_file.stat().st_mtime_ns == mtime

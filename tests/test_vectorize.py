@@ -22,6 +22,8 @@ from scaling.training.rundir import run_name
 # ~1e-6 after 12 steps (vmap batches the matmuls, so float32 sums round differently). A wrong LR,
 # a shared optimizer state or a mixed-up member moves the losses by 1e-3 or more.
 ATOL = 2e-5
+# Every vmapped tiny_run group below trains three LRs, so that the tests share one compiled
+# program (through the persistent compilation cache) instead of compiling one per group size.
 LRS = [2.0**-9, 2.0**-7, 2.0**-5]
 
 
@@ -72,14 +74,14 @@ def test_a_diverging_lr_does_not_stop_the_others(tiny_run, tmp_path):
 
 def test_a_grid_skips_finished_lrs_and_trains_the_rest(tiny_run, monkeypatch):
     """A finished LR of the grid is reported, not retrained; a re-run of the grid trains nothing."""
-    grid = [*tiny_run, "sweep.log2_lr_min=-8", "sweep.log2_lr_max=-7", "sweep.vectorize_lr=3"]
+    grid = [*tiny_run, "sweep.log2_lr_min=-8", "sweep.log2_lr_max=-6.5", "sweep.vectorize_lr=4"]
     cfg = _cfg(grid)
     lrs = lr_grid(cfg.sweep)
-    assert lrs == [2.0**-8, 2.0**-7.5, 2.0**-7]
+    assert lrs == [2.0**-8, 2.0**-7.5, 2.0**-7, 2.0**-6.5]
     first = train(member_config(cfg, lrs[1]))
     results = train_sweep(cfg)
     assert results[1] == first  # reported as it was, including its wall time
-    assert results[0]["lrs_trained_together"] == 2  # the two unfinished LRs, together
+    assert [r["lrs_trained_together"] for r in results] == [3, 1, 3, 3]  # the unfinished, together
     assert [Path(r["run_dir"]).name for r in results] == [
         run_name(member_config(cfg, lr)) for lr in lrs]
 
@@ -97,14 +99,17 @@ def test_experiment_multirun_trains_the_grid_and_a_rerun_skips_it(tiny_run, tmp_
     """`scaling-train -m +experiment=lr_width_sweep ...`: one job per width, each over the LR
     grid; running the same command again trains nothing and rewrites no result."""
     monkeypatch.setattr(sys, "argv", ["scaling-train"])
+    # the default head_dim (one head at width 32) and three LRs a job keep width 64 the program
+    # the tests above compiled
     argv = ["-m", "+experiment=lr_width_sweep", *tiny_run, "model.width=32,64", "train.seed=0",
-            "model.head_dim=16", "param.base_width=32", "sweep.log2_lr_min=-8",
-            "sweep.log2_lr_max=-7", "sweep.log2_lr_step=1", "sweep.vectorize_lr=2"]
+            "param.base_width=32", "sweep.log2_lr_min=-8", "sweep.log2_lr_max=-7",
+            "sweep.log2_lr_step=0.5", "sweep.vectorize_lr=3"]
     experiments.train.main(argv)
     results = sorted((tmp_path / "runs").glob("*/result.json"))
     configs = [json.loads(p.read_text())["config"] for p in results]
     assert sorted((c["model"]["width"], c["optim"]["lr"]) for c in configs) == [
-        (32, 2.0**-8), (32, 2.0**-7), (64, 2.0**-8), (64, 2.0**-7)]
+        (width, 2.0**log2_lr) for width in (32, 64) for log2_lr in (-8, -7.5, -7)]
+    assert {json.loads(p.read_text())["lrs_trained_together"] for p in results} == {3}
     assert len({c["logging"]["group"] for c in configs}) == 1
     stamps = [p.stat().st_mtime_ns for p in results]
 
@@ -131,7 +136,7 @@ def test_an_interrupted_grid_resumes_as_separate_runs(tiny_run, tmp_path, monkey
 
     monkeypatch.setattr(scaling.training.data, "train_batch", crash_at_step_8)
     with pytest.raises(KeyboardInterrupt):
-        train_lrs(cfg, LRS[:2])
+        train_lrs(cfg, LRS)
     monkeypatch.setattr(scaling.training.data, "train_batch", batch)
     resumed = train(member_config(cfg, LRS[0]))
     records = [json.loads(line) for line in
