@@ -170,7 +170,7 @@ def test_bf16_trains_like_float32(tiny_run):
 @pytest.mark.slow
 def test_bf16_trains_the_default_model_like_float32(tmp_path):
     """The default run (width 128, depth 4, 300 steps) in bf16 and float32 compute: measured
-    val loss 1.477 (float32) against the figure in docs/performance.md for bfloat16."""
+    val loss 1.4775 (float32) and 1.4754 (bfloat16) on CPU, jax 0.10.2."""
     common = [f"train.out_dir={tmp_path}", "logging.wandb_mode=disabled",
               "logging.progress=false"]
     fp32 = _train([*common, "model.compute_dtype=float32"])
