@@ -29,7 +29,7 @@ MOVES = 0.75  # at least this: most of SP's octave, beyond an optimum's 0.1–0.
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scaling-demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="the short version (~2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="the short version (about a minute on 2 idle CPU cores)")
     parser.add_argument("--wandb-mode", choices=("offline", "online", "disabled"),
                         help="default: $WANDB_MODE, else offline")
     parser.add_argument("--out-dir", type=Path, help="default: runs/demo (runs/demo_quick)")
