@@ -15,7 +15,7 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from optim.config import optimizer_fields
+from optim.config import expected_field
 from scaling.config import ConfigError, RunConfig, from_dict
 
 __all__ = ["ConfigError", "compose", "compose_or_explain", "expand_sweep", "precheck",
@@ -98,23 +98,22 @@ def _check_groups(overrides: list[str]) -> None:
                 raise ConfigError(o.key_or_group, value, f"one of {options}")
 
 
-def _expected(key: str, value: str, error: Exception, point: list[str]) -> str:
+def _expected(key: str, value: str, error: Exception, point: list[str], config_name: str) -> str:
     """What an override that Hydra refused should have been."""
     first_line = str(error).strip().splitlines()[0]
     if "No match in the defaults list" in first_line and group_options(key) is not None:
         return f"+{key}={value} (a config group outside the defaults list is added with a `+`)"
     if "not in struct" in str(error) or "Could not override" in first_line:
         if key.startswith("optim."):  # each optimizer has its own fields: name the chosen one
-            name = _chosen_option("optim", point)
-            return f"a field of optim={name} (it has {', '.join(optimizer_fields(name))})"
+            return expected_field(_chosen_option("optim", point, config_name))
         return "a key of the config (see `scaling-train --cfg job`)"
     return f"a valid override ({first_line})"
 
 
-def _chosen_option(group: str, point: list[str]) -> str:
+def _chosen_option(group: str, point: list[str], config_name: str) -> str:
     """The option of `group` that the point selects, or the config's default."""
     chosen = [o.split("=", 1)[1] for o in point if o.lstrip("+").split("=", 1)[0] == group]
-    return chosen[-1] if chosen else str(compose([])[group]["name"])
+    return chosen[-1] if chosen else str(compose([], config_name)[group]["name"])
 
 
 def _group_choices(point: list[str]) -> list[str]:
@@ -134,7 +133,7 @@ def compose_or_explain(point: list[str], config_name: str) -> dict[str, Any]:
                 key, _, value = override.partition("=")
                 parsed = OverridesParser.create().parse_overrides([override])[0]
                 typed = value if parsed.is_sweep_override() else parsed.value()
-                raise ConfigError(key, typed, _expected(key, value, error, point)) from None
+                raise ConfigError(key, typed, _expected(key, value, error, point, config_name)) from None
         raise ConfigError("overrides", " ".join(point),
                           f"a valid combination ({str(whole).strip().splitlines()[0]})") from None
 

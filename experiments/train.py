@@ -97,12 +97,11 @@ def _fail(error: ConfigError) -> None:
 @hydra.main(config_path="pkg://configs", config_name="config", version_base="1.3")
 def _run(cfg: DictConfig) -> None:
     # after validation: importing jax is the slow part
-    from scaling.config import lr_grid
-    from scaling.training.loop import finished_result, member_config, train_sweep
+    from scaling.training.loop import finished_result, member_config, sweep_lrs, train_sweep
 
     run_cfg = to_run_config(OmegaConf.to_container(cfg, resolve=True))
-    lrs = lr_grid(run_cfg.sweep) or [run_cfg.optim.lr]
-    finished = {r["run_dir"] for lr in lrs if (r := finished_result(member_config(run_cfg, lr)))}
+    finished = {r["run_dir"] for lr in sweep_lrs(run_cfg)
+                if (r := finished_result(member_config(run_cfg, lr)))}
     try:
         results = train_sweep(run_cfg)
     except ConfigError as error:

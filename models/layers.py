@@ -40,6 +40,13 @@ def causal_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, scale: float) -> jax.Array
                                         is_causal=True)
 
 
+def float32_logits(h_BxTxD: jax.Array, readout_DxV: jax.Array) -> jax.Array:
+    """The readout in the activations' dtype, accumulated and returned in float32: the softmax
+    and the loss are taken in float32 whatever the compute dtype."""
+    return jnp.matmul(h_BxTxD, readout_DxV.astype(h_BxTxD.dtype),
+                      preferred_element_type=jnp.float32)
+
+
 def cast_matrices(layer_params: dict, dtype) -> dict:
     """Matrices in the compute dtype; vectors (norm gains, biases) stay float32 for the norms."""
     return {name: p.astype(dtype) if p.ndim >= 2 else p for name, p in layer_params.items()}

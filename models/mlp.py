@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import ModelConfig, compute_dtype
-from models.layers import LayerTransform, rms, scan_layers
+from models.layers import LayerTransform, float32_logits, rms, scan_layers
 from models.tagged import tagged_param
 
 
@@ -58,8 +58,7 @@ class ByteMLP(nnx.Module):
         stacked = {name: param[...] for name, param in self.layers.items()}
         h_BxTxD, layer_stats = scan_layers(layer, h_BxTxD, stacked, layer_transform,
                                            self.scan_unroll)
-        logits_BxTxV = jnp.matmul(h_BxTxD, self.readout[...].astype(dtype),
-                                  preferred_element_type=jnp.float32) * self.logit_multiplier
+        logits_BxTxV = float32_logits(h_BxTxD, self.readout[...]) * self.logit_multiplier
         return logits_BxTxV, {"embed_out": embed_rms, **layer_stats, "logits": rms(logits_BxTxV)}
 
     def attention_flops_per_token(self, seq_len: int) -> float:

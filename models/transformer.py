@@ -11,6 +11,7 @@ from models.layers import (
     LayerTransform,
     cast_matrices,
     causal_attention,
+    float32_logits,
     rms,
     rms_norm,
     rope,
@@ -85,9 +86,7 @@ class Transformer(nnx.Module):
         x_BxTxD, layer_stats = scan_layers(self._block, embed_BxTxD, stacked, layer_transform,
                                            self.scan_unroll)
         h_BxTxD = rms_norm(x_BxTxD, self.final_norm[...])
-        # the logits leave the readout in float32: the softmax and the loss are taken in float32
-        logits_BxTxV = jnp.matmul(h_BxTxD, self.readout[...].astype(self.compute_dtype),
-                                  preferred_element_type=jnp.float32) * self.logit_multiplier
+        logits_BxTxV = float32_logits(h_BxTxD, self.readout[...]) * self.logit_multiplier
         stats = {"embed_out": rms(embed_BxTxD), **layer_stats, "logits": rms(logits_BxTxV)}
         return logits_BxTxV, stats
 

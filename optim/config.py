@@ -90,12 +90,17 @@ def optimizer_fields(name: str) -> list[str]:
     return [f.name for f in dataclasses.fields(OPTIMIZERS[name])]
 
 
+def expected_field(name: str) -> str:
+    """What a field of `optim=<name>` must be, for the error on one it does not have."""
+    return f"a field of optim={name} (it has {', '.join(optimizer_fields(name))})"
+
+
 def optimizer_config(name: str, **fields) -> OptimizerConfig:
     """The config of optimizer `name` with `fields` changed from its defaults."""
     if name not in OPTIMIZERS:
         raise ValueError(f"optim.name={name!r}: expected one of {list(OPTIMIZERS)}")
     unknown = sorted(set(fields) - set(optimizer_fields(name)))
     if unknown:
-        raise ValueError(f"optim.{unknown[0]}={fields[unknown[0]]!r}: expected a field of "
-                         f"optim={name} (it has {', '.join(optimizer_fields(name))})")
+        raise ValueError(f"optim.{unknown[0]}={fields[unknown[0]]!r}: expected "
+                         f"{expected_field(name)}")
     return OPTIMIZERS[name](**fields)

@@ -15,6 +15,7 @@ from optim.config import (
     MatrixOptimizerConfig,
     MuonConfig,
     OptimizerConfig,
+    expected_field,
 )
 
 
@@ -133,8 +134,7 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
     for key in values:
         if key not in known:
             if issubclass(cls, OptimizerConfig):
-                raise ConfigError(f"{prefix}{key}", values[key],
-                                  f"a field of optim={cls().name} (it has {', '.join(known)})")
+                raise ConfigError(f"{prefix}{key}", values[key], expected_field(cls.name))
             raise ConfigError(f"{prefix}{key}", values[key], f"one of the fields {sorted(known)}")
     kwargs = {}
     for f in dataclasses.fields(cls):

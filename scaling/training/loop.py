@@ -53,9 +53,14 @@ def train(cfg: RunConfig) -> dict:
     return train_lrs(cfg, [cfg.optim.lr])[0]
 
 
+def sweep_lrs(cfg: RunConfig) -> list[float]:
+    """The learning rates `cfg` trains: its sweep's grid, or just optim.lr."""
+    return lr_grid(cfg.sweep) or [cfg.optim.lr]
+
+
 def train_sweep(cfg: RunConfig) -> list[dict]:
     """Every LR of `cfg.sweep`'s grid (or just optim.lr), `sweep.vectorize_lr` at a time."""
-    lrs = lr_grid(cfg.sweep) or [cfg.optim.lr]
+    lrs = sweep_lrs(cfg)
     k = cfg.sweep.vectorize_lr
     return [r for i in range(0, len(lrs), k) for r in train_lrs(cfg, lrs[i:i + k])]
 

@@ -46,7 +46,7 @@ def unit_lr_optimizer(cfg: OptimizerConfig, parametrization, labels, *,
                       total_steps: int) -> optax.GradientTransformation:
     """The optimizer that make_train_step expects: built at LR 1, the state's LR scales it."""
     return build_optimizer(dataclasses.replace(cfg, lr=1.0), parametrization, labels,
-                                 total_steps=total_steps)
+                           total_steps=total_steps)
 
 
 def init_train_state(params, tx: optax.GradientTransformation, lr: float) -> dict:
