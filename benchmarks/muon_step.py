@@ -51,7 +51,7 @@ from optim.orthogonalize import JORDAN, orthogonalize
 from scaling.config import ModelConfig, ParamConfig
 from scaling.parametrization import build_model, build_optimizer
 from scaling.training.files import write_json_atomic
-from scaling.training.step import init_train_state, make_train_step, unit_lr_optimizer
+from scaling.training.step import init_train_state, make_train_step, optimizer_at
 
 VOCAB = 256  # bytes
 SPECTRA = (0.1, 1e-3)  # smallest singular value of the orthogonality-error inputs
@@ -183,15 +183,14 @@ def bench_width(width: int, args, row_names: list[str]) -> list[dict]:
     programs: dict[str, Program] = {}
     for name, cfg in configs.items():
         tx = (optax_muon(base, labels, base.lr) if cfg is None
-              else build_optimizer(cfg, parametrization, labels, total_steps=args.repeats + 1))
+              else build_optimizer(cfg, parametrization, total_steps=args.repeats + 1))
         programs[name] = compile_program(opt_step(tx), (copy(params), tx.init(params)), grads)
         progress(f"width {width}: {name} compiled and warmed up")
     for name in TRAIN_ROWS:
         if name not in configs:
             continue
-        tx = (optax_muon(base, labels, 1.0) if configs[name] is None  # the state's LR scales it
-              else unit_lr_optimizer(configs[name], parametrization, labels,
-                                     total_steps=args.repeats + 1))
+        tx = ((lambda lr: optax_muon(base, labels, lr)) if configs[name] is None
+              else optimizer_at(configs[name], parametrization, total_steps=args.repeats + 1))
         programs[f"train:{name}"] = compile_program(
             make_train_step(graphdef, tx), init_train_state(copy(params), tx, base.lr),
             inputs_BxT, targets_BxT)

@@ -6,7 +6,7 @@
 
 Framework: `scaling.training.step.make_train_step` on the Transformer of
 `scaling.parametrization.build_model` (μP, base width 64, 256-byte vocabulary) with AdamW from
-`unit_lr_optimizer` (lr 1e-2, global-norm clipping at 1, cosine schedule with warmup).
+`optimizer_at` (lr 1e-2, global-norm clipping at 1, cosine schedule with warmup).
 Reference: the same computation written the way a JAX user would without the framework: a dict
 of parameters holding a Python list of per-layer dicts, a `for` loop over the layers, and
 hand-written clipping, schedule and AdamW (weight decay 0, the framework's default, so neither
@@ -42,7 +42,6 @@ import optax
 from flax import nnx
 from peaks import nominal_peak
 
-from models import label_tree
 from models.config import ModelConfig, compute_dtype
 from optim import AdamWConfig
 from scaling.config import ParamConfig
@@ -52,7 +51,7 @@ from scaling.training.step import (
     flops_per_token,
     init_train_state,
     make_train_step,
-    unit_lr_optimizer,
+    optimizer_at,
 )
 
 VOCAB = 256  # bytes
@@ -223,7 +222,7 @@ def build(args) -> Setup:
                                          seed=0)
     graphdef, _ = nnx.split(model)
     opt_cfg = AdamWConfig(lr=args.lr, clip_norm=1.0, schedule="cosine")
-    tx = unit_lr_optimizer(opt_cfg, parametrization, label_tree(model), total_steps=TOTAL_STEPS)
+    tx = optimizer_at(opt_cfg, parametrization, total_steps=TOTAL_STEPS)
     mults = parametrization.optimizer_multipliers_for(opt_cfg)
     reference = Reference(
         head_dim=model_cfg.head_dim, rope_base=model_cfg.rope_base,

@@ -19,8 +19,11 @@ class ByteMLP(nnx.Module):
     """
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, *, logit_multiplier: float,
-                 attention_scale: float, rngs: nnx.Rngs):
+                 attention_scale: float, branch_multiplier: float = 1.0, rngs: nnx.Rngs):
         del attention_scale  # no attention in this model
+        if branch_multiplier != 1.0:
+            raise ValueError(f"branch_multiplier={branch_multiplier}: expected 1.0 for the byte "
+                             "MLP, which has no residual branches")
         K, D, L, V = cfg.context, cfg.width, cfg.depth, vocab_size
         self.logit_multiplier = logit_multiplier
         self.scan_unroll, self.compute_dtype = cfg.scan_unroll, compute_dtype(cfg.compute_dtype)

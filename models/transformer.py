@@ -28,10 +28,11 @@ class Transformer(nnx.Module):
     """
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, *, logit_multiplier: float,
-                 attention_scale: float, rngs: nnx.Rngs):
+                 attention_scale: float, branch_multiplier: float = 1.0, rngs: nnx.Rngs):
         D, L, F, V = cfg.width, cfg.depth, cfg.mlp_ratio * cfg.width, vocab_size
         self.head_dim, self.rope_base = cfg.head_dim, cfg.rope_base
         self.logit_multiplier, self.attention_scale = logit_multiplier, attention_scale
+        self.branch_multiplier = branch_multiplier
         self.scan_unroll, self.compute_dtype = cfg.scan_unroll, compute_dtype(cfg.compute_dtype)
 
         def block_matrix(shape, axes):
@@ -62,6 +63,12 @@ class Transformer(nnx.Module):
                                     fan_out_axes=(-1,), logical_axes=("embed", "vocab"),
                                     init=readout_init)
 
+    def _branch(self, out_BxTxD):
+        # skipped at 1 so that depth rules at their base depth are μP bit for bit
+        if self.branch_multiplier == 1.0:
+            return out_BxTxD
+        return out_BxTxD * jnp.asarray(self.branch_multiplier, out_BxTxD.dtype)
+
     def _block(self, x_BxTxD, p):
         B, T, D = x_BxTxD.shape
         N, H = D // self.head_dim, self.head_dim
@@ -71,10 +78,10 @@ class Transformer(nnx.Module):
         k_BxTxNxH = rope((h_BxTxD @ p["wk"]).reshape(B, T, N, H), self.rope_base)
         v_BxTxNxH = (h_BxTxD @ p["wv"]).reshape(B, T, N, H)
         o_BxTxNxH = causal_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, self.attention_scale)
-        attn_BxTxD = o_BxTxNxH.reshape(B, T, D) @ p["wo"]
+        attn_BxTxD = self._branch(o_BxTxNxH.reshape(B, T, D) @ p["wo"])
         x_BxTxD = x_BxTxD + attn_BxTxD
         h_BxTxD = rms_norm(x_BxTxD, p["mlp_norm"])
-        mlp_BxTxD = jax.nn.gelu(h_BxTxD @ p["w_up"]) @ p["w_down"]
+        mlp_BxTxD = self._branch(jax.nn.gelu(h_BxTxD @ p["w_up"]) @ p["w_down"])
         x_BxTxD = x_BxTxD + mlp_BxTxD
         stats = {"attn_out": rms(attn_BxTxD), "mlp_out": rms(mlp_BxTxD), "block_out": rms(x_BxTxD)}
         return x_BxTxD, stats

@@ -1,18 +1,23 @@
 """Optimizers as optax transformations, configured per parameter role (jax and optax only)."""
 
-from optim.build import MATRIX_ROLES, RoleMultipliers, build_optimizer
+from optim.build import MATRIX_ROLES, SPHERE_ROLES, RoleMultipliers, build_optimizer, role_of
 from optim.config import (
     OPTIMIZERS,
+    SPHERE_OPTIMIZERS,
+    AdamHConfig,
     AdamWConfig,
     AuONConfig,
     MuonConfig,
+    MuonHConfig,
     OptimizerConfig,
     SGDConfig,
     optimizer_config,
 )
 from optim.muon import MatrixAxes
 from optim.schedules import learning_rate, relative_schedule
+from optim.sphere import scale_to_sphere
 
-__all__ = ["MATRIX_ROLES", "OPTIMIZERS", "AdamWConfig", "AuONConfig", "MatrixAxes", "MuonConfig",
+__all__ = ["MATRIX_ROLES", "OPTIMIZERS", "SPHERE_OPTIMIZERS", "SPHERE_ROLES", "AdamHConfig",
+           "AdamWConfig", "AuONConfig", "MatrixAxes", "MuonConfig", "MuonHConfig",
            "OptimizerConfig", "RoleMultipliers", "SGDConfig", "build_optimizer", "learning_rate",
-           "optimizer_config", "relative_schedule"]
+           "optimizer_config", "relative_schedule", "role_of", "scale_to_sphere"]

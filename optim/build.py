@@ -7,18 +7,37 @@ per-role multipliers and the fan axes of the hidden matrices as plain data.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from optim.config import OPTIMIZERS, AdamWConfig, MatrixOptimizerConfig, OptimizerConfig
+from optim.config import (
+    OPTIMIZERS,
+    AdamWConfig,
+    MatrixOptimizerConfig,
+    MuonConfig,
+    OptimizerConfig,
+)
 from optim.muon import scale_by_muon
 from optim.schedules import learning_rate
+from optim.sphere import scale_to_sphere
 
 # Roles a matrix optimizer owns; the rest go to AdamW under the parametrization's Adam rules.
 MATRIX_ROLES = ("hidden",)
+# Roles MuonH and AdamH keep on spheres (hidden along Muon's or Adam's direction, the readout
+# along Adam's); embeddings and vectors go to AdamW.
+SPHERE_ROLES = ("hidden", "output")
+SPHERE_DECAY_WARNING = ("optim.weight_decay={}: applied, but on the sphere weight decay only "
+                        "rescales the step by 1/(1 - lr*weight_decay), a second-order effect")
+_warned: set[str] = set()
+
+
+def role_of(label: str) -> str:
+    """A group label is a role, optionally qualified: "vector.block" is a vector in a block."""
+    return label.split(".", 1)[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,16 +87,38 @@ def muon_transform(cfg: MatrixOptimizerConfig, matrix_axes) -> optax.GradientTra
         ns_dtype=ns_compute_dtype(cfg.ns_dtype), **common)
 
 
-def _role_transform(cfg: OptimizerConfig, role: str, mult: RoleMultipliers, total_steps: int,
+def _need_axes(cfg: OptimizerConfig, matrix_axes) -> None:
+    if matrix_axes is None:
+        raise ValueError(f"optim.name={cfg.name!r} needs matrix_axes: the fan axes of every "
+                         "matrix it owns (a MatrixAxes tree like the parameters)")
+
+
+def _sphere(cfg: AdamWConfig, role: str, mult: RoleMultipliers, total_steps: int, matrix_axes):
+    """MuonH/AdamH on one matrix role: a direction, then the relative step and retraction."""
+    _need_axes(cfg, matrix_axes)
+    weight_decay = cfg.weight_decay * mult.weight_decay
+    if weight_decay > 0 and (message := SPHERE_DECAY_WARNING.format(weight_decay)) not in _warned:
+        _warned.add(message)  # once: the optimizer is rebuilt at every trace of the train step
+        warnings.warn(message, stacklevel=4)
+    if role in MATRIX_ROLES and isinstance(cfg, MuonConfig):
+        direction = muon_transform(cfg, matrix_axes)
+    else:
+        direction = optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps * mult.eps)
+    step = learning_rate(cfg, total_steps, mult.lr)
+    return [direction, scale_to_sphere(step, matrix_axes, weight_decay=weight_decay)]
+
+
+def _role_transform(cfg: OptimizerConfig, label: str, mult: RoleMultipliers, total_steps: int,
                     matrix_axes):
+    role = role_of(label)
     if cfg.family == "sgd":
         return _sgd(cfg, mult, total_steps)
     if cfg.family == "adam":
         return _adamw(cfg, mult, total_steps)
-    if role in MATRIX_ROLES:
-        if matrix_axes is None:
-            raise ValueError(f"optim.name={cfg.name!r} needs matrix_axes: the fan axes of every "
-                             "hidden matrix (a MatrixAxes tree like the parameters)")
+    if cfg.family == "sphere" and role in SPHERE_ROLES:
+        return _sphere(cfg, role, mult, total_steps, matrix_axes)
+    if cfg.family == "muon" and role in MATRIX_ROLES:
+        _need_axes(cfg, matrix_axes)
         return [muon_transform(cfg, matrix_axes)] + _decay_and_step(cfg, mult, total_steps)
     adam_mult = dataclasses.replace(mult, lr=mult.lr * cfg.adam_lr_ratio)
     return _adamw(cfg, adam_mult, total_steps)
@@ -85,12 +126,14 @@ def _role_transform(cfg: OptimizerConfig, role: str, mult: RoleMultipliers, tota
 
 def build_optimizer(cfg: OptimizerConfig, labels, multipliers: Mapping[str, RoleMultipliers],
                     *, total_steps: int, matrix_axes=None) -> optax.GradientTransformation:
-    """Global-norm clipping, then one transform per role with that role's multipliers.
+    """Global-norm clipping, then one transform per parameter group with its multipliers.
 
-    `labels` is the role of every parameter as a tree like the parameters; `multipliers` maps
-    each role to its RoleMultipliers; `matrix_axes` (muon and auon only) is a tree of
-    MatrixAxes for the hidden matrices. For muon and auon, hidden matrices take the matrix
-    direction and every other role AdamW.
+    `labels` is every parameter's group as a tree like the parameters: its role, optionally
+    qualified ("vector.block": a vector inside a residual block, which depth rules scale apart);
+    `multipliers` maps each label to its RoleMultipliers; `matrix_axes` (muon, auon, muonh,
+    adamh) is a tree of MatrixAxes for the matrices they own. For muon and auon, hidden matrices
+    take the matrix direction; for muonh and adamh, hidden and output matrices stay on their
+    spheres; every other role takes AdamW at lr * adam_lr_ratio.
     """
     if type(cfg) is not OPTIMIZERS.get(cfg.name):
         raise ValueError(f"optim.name={cfg.name!r} with a {type(cfg).__name__}: expected one of "

@@ -14,7 +14,8 @@ from typing import ClassVar
 class OptimizerConfig:
     """Fields every optimizer has: the base LR, its schedule, clipping and weight decay."""
 
-    # Which column of the parametrization's rule table the optimizer reads: adam | sgd | muon.
+    # Which column of the parametrization's rule table the optimizer reads: adam | sgd | muon |
+    # sphere (MuonH, AdamH: relative steps on the matrices, Adam's column on the rest).
     family: ClassVar[str]
 
     name: str
@@ -81,8 +82,34 @@ class AuONConfig(MatrixOptimizerConfig):
     auon_hybrid: bool = False  # one Newton–Schulz step after the AuON normalization
 
 
+@dataclasses.dataclass(frozen=True)
+class MuonHConfig(MuonConfig):
+    """MuonH (HyperP): hidden matrices take a relative step of size lr along Muon's direction and
+    stay on their init sphere; the readout likewise along Adam's (AdamH); embeddings and vectors
+    AdamW at lr * adam_lr_ratio. weight_decay > 0 is applied, with a warning."""
+
+    family: ClassVar[str] = "sphere"
+
+    name: str = "muonh"
+
+
+@dataclasses.dataclass(frozen=True)
+class AdamHConfig(AdamWConfig):
+    """AdamH: every hidden and output matrix takes a relative step of size lr along Adam's
+    direction and stays on its init sphere; embeddings and vectors AdamW at lr * adam_lr_ratio."""
+
+    family: ClassVar[str] = "sphere"
+
+    name: str = "adamh"
+    lr: float = 0.02
+    adam_lr_ratio: float = 0.5
+
+
 OPTIMIZERS: dict[str, type[OptimizerConfig]] = {
-    "adamw": AdamWConfig, "sgd": SGDConfig, "muon": MuonConfig, "auon": AuONConfig}
+    "adamw": AdamWConfig, "sgd": SGDConfig, "muon": MuonConfig, "auon": AuONConfig,
+    "muonh": MuonHConfig, "adamh": AdamHConfig}
+# Families whose matrices live on spheres: a zero-initialized matrix has no sphere.
+SPHERE_OPTIMIZERS = tuple(name for name, cls in OPTIMIZERS.items() if cls.family == "sphere")
 
 
 def optimizer_fields(name: str) -> list[str]:

@@ -41,14 +41,14 @@ class MuonState(NamedTuple):
     mu: Any
 
 
-def _key(path) -> tuple:
+def path_key(path) -> tuple:
     return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
 
 
-def _axes_by_path(matrix_axes) -> dict[tuple, MatrixAxes]:
+def axes_by_path(matrix_axes) -> dict[tuple, MatrixAxes]:
     flat, _ = jax.tree_util.tree_flatten_with_path(
         matrix_axes, is_leaf=lambda x: isinstance(x, MatrixAxes))
-    return {_key(path): axes for path, axes in flat if isinstance(axes, MatrixAxes)}
+    return {path_key(path): axes for path, axes in flat if isinstance(axes, MatrixAxes)}
 
 
 def _as_matrices(x: jax.Array, axes: MatrixAxes):
@@ -89,16 +89,16 @@ def auon_direction(x_BxMxN: jax.Array, *, hybrid: bool = False, eps: float = 1e-
     return (u * math.sqrt(min(x.shape[-2:]))).astype(x_BxMxN.dtype)
 
 
-def _directions(tree, axes_by_path: dict, direction_fn, scale_fn):
+def _directions(tree, axes_of: dict, direction_fn, scale_fn):
     """Applies `direction_fn` to all matrices of a shape at once, then each leaf's scale."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
     views, groups = [], {}
     for i, (path, x) in enumerate(flat):
-        key = _key(path)
-        if key not in axes_by_path:
+        key = path_key(path)
+        if key not in axes_of:
             raise ValueError(f"muon: parameter {'/'.join(map(str, key))} has no matrix axes; "
                              "only hidden matrices may be routed to Muon")
-        m, restore, (fan_in, fan_out) = _as_matrices(x, axes_by_path[key])
+        m, restore, (fan_in, fan_out) = _as_matrices(x, axes_of[key])
         views.append((m, restore, scale_fn(fan_out, fan_in)))
         groups.setdefault((m.shape[1:], m.dtype), []).append(i)
     out = [None] * len(flat)
@@ -129,7 +129,7 @@ def scale_by_muon(matrix_axes, *, momentum: float = 0.95, nesterov: bool = True,
                          f"{sorted(UPDATE_SCALES)}")
     if direction not in DIRECTIONS:
         raise ValueError(f"muon direction={direction!r}: expected one of {list(DIRECTIONS)}")
-    axes_by_path = _axes_by_path(matrix_axes)
+    axes_of = axes_by_path(matrix_axes)
     scale_fn = UPDATE_SCALES[update_scale]
     if direction == "newton_schulz":
         def direction_fn(u):
@@ -160,7 +160,7 @@ def scale_by_muon(matrix_axes, *, momentum: float = 0.95, nesterov: bool = True,
             u = jax.tree.map(lambda m, g: beta * m / mu_c + (1 - beta) * g / g_c, mu, updates)
         else:
             u = jax.tree.map(lambda m: m / mu_c, mu)
-        out = _directions(u, axes_by_path, direction_fn, scale_fn)
+        out = _directions(u, axes_of, direction_fn, scale_fn)
         out = jax.tree.map(lambda o, g: o.astype(g.dtype), out, updates)
         return out, MuonState(count=count,
                               mu=jax.tree.map(lambda m: m.astype(momentum_dtype), mu))

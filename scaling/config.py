@@ -11,6 +11,7 @@ from typing import Any
 from models.config import COMPUTE_DTYPES, ModelConfig
 from optim.config import (
     OPTIMIZERS,
+    SPHERE_OPTIMIZERS,
     AdamWConfig,
     MatrixOptimizerConfig,
     MuonConfig,
@@ -27,11 +28,16 @@ class ConfigError(ValueError):
         super().__init__(f"{field}={value!r}: expected {expected}")
 
 
+PARAMETRIZATIONS = ("sp", "mup", "depth_mup", "completep", "hyperp")
+# Rules that scale residual branches: the model must have them (the byte MLP has none).
+DEPTH_PARAMETRIZATIONS = ("depth_mup", "completep", "hyperp")
+
+
 @dataclasses.dataclass(frozen=True)
 class ParamConfig:
-    name: str = "mup"  # sp | mup
+    name: str = "mup"  # sp | mup | depth_mup | completep | hyperp
     base_width: int = 64
-    base_depth: int = 4
+    base_depth: int = 4  # depth_mup and completep equal μP at this depth
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,7 +181,16 @@ def validate(cfg: RunConfig) -> RunConfig:
              "model.scan_unroll", m.scan_unroll,
              "true (unroll every layer) or a positive integer (layers per scan iteration)")
     _choice("model.compute_dtype", m.compute_dtype, COMPUTE_DTYPES)
-    _choice("param.name", p.name, ("sp", "mup"))
+    _choice("param.name", p.name, PARAMETRIZATIONS)
+    if p.name in DEPTH_PARAMETRIZATIONS:
+        _require(m.kind == "transformer", "model.kind", m.kind,
+                 f"transformer with param.name={p.name} (its depth rule scales residual "
+                 "branches, which the byte MLP does not have)")
+    if p.name == "hyperp" or o.name in SPHERE_OPTIMIZERS:
+        why = "param.name=hyperp" if p.name == "hyperp" else f"optim.name={o.name}"
+        _require(m.readout_init == "normal", "model.readout_init", m.readout_init,
+                 f"normal with {why} (the readout lives on a sphere, and a zero matrix has "
+                 "none)")
     _require(p.base_width > 0, "param.base_width", p.base_width, "a positive integer")
     _require(p.base_depth > 0, "param.base_depth", p.base_depth, "a positive integer")
     if m.kind == "transformer":
@@ -217,6 +232,8 @@ def validate_optimizer(o: OptimizerConfig, steps: int) -> None:
                      "a value in [0, 1)")
     if isinstance(o, AdamWConfig):
         _require(o.eps >= 0, "optim.eps", o.eps, "a non-negative number")
+    if hasattr(o, "adam_lr_ratio"):
+        _require(o.adam_lr_ratio > 0, "optim.adam_lr_ratio", o.adam_lr_ratio, "a positive number")
     if isinstance(o, MatrixOptimizerConfig):
         _validate_matrix_optimizer(o)
     if isinstance(o, MuonConfig):
@@ -224,7 +241,6 @@ def validate_optimizer(o: OptimizerConfig, steps: int) -> None:
 
 
 def _validate_matrix_optimizer(o: MatrixOptimizerConfig) -> None:
-    _require(o.adam_lr_ratio > 0, "optim.adam_lr_ratio", o.adam_lr_ratio, "a positive number")
     _choice("optim.update_scale", o.update_scale, ("keller", "spectral", "moonlight"))
     _choice("optim.ns_backend", o.ns_backend, ("auto", "xla", "pallas"))
     _choice("optim.momentum_dtype", o.momentum_dtype, ("float32", "bfloat16"))

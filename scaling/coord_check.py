@@ -14,13 +14,12 @@ import dataclasses
 import jax
 from flax import nnx
 
-from models import label_tree
 from models.config import ModelConfig
 from models.layers import rms
 from optim import OptimizerConfig
 from scaling.config import ParamConfig
 from scaling.parametrization import build_model
-from scaling.training.step import init_train_state, make_train_step, unit_lr_optimizer
+from scaling.training.step import init_train_state, make_train_step, optimizer_at
 
 # width -> step (0 = init) -> module name ("logits", "attn_out/0", ...) -> RMS of its output
 CoordStats = dict[int, dict[int, dict[str, float]]]
@@ -41,8 +40,7 @@ def _one_width(model_cfg: ModelConfig, param_cfg: ParamConfig, optim_cfg: Optimi
                steps: int, inputs_BxT: jax.Array, targets_BxT: jax.Array, vocab_size: int,
                seed: int) -> dict[int, dict[str, float]]:
     model, parametrization = build_model(model_cfg, param_cfg, vocab_size, seed)
-    tx = unit_lr_optimizer(optim_cfg, parametrization, label_tree(model),
-                           total_steps=max(steps, 1))
+    tx = optimizer_at(optim_cfg, parametrization, total_steps=max(steps, 1))
     graphdef, params = nnx.split(model)
     params = params.to_pure_dict()
     forward = jax.jit(lambda p: nnx.merge(graphdef, p).forward(inputs_BxT))

@@ -11,23 +11,58 @@ import models
 import optim
 from models.config import ModelConfig
 from models.tagged import ParamSpec, iter_params, param_specs, tree_from_paths
-from optim import MATRIX_ROLES, MatrixAxes, OptimizerConfig, RoleMultipliers
+from optim import MATRIX_ROLES, SPHERE_ROLES, MatrixAxes, OptimizerConfig, RoleMultipliers
 from scaling.config import ParamConfig
-from scaling.rules import ATTENTION_EXPONENT, BASE_STD, MUON_LR, MUON_WD, ONE, TABLES, RoleRule, W
+from scaling.rules import (
+    ATTENTION_EXPONENT,
+    BASE_STD,
+    DEPTH_RULES,
+    MUON_DEPTH_LR,
+    MUON_LR,
+    MUON_WD,
+    ONE,
+    SPHERE_LR,
+    TABLES,
+    Depth,
+    RoleRule,
+    W,
+)
+
+FAMILIES = ("adam", "sgd", "muon", "sphere")
+
+
+def group_label(spec: ParamSpec) -> str:
+    """The optimizer group of a parameter: its role, qualified when it sits in a residual block
+    (depth rules scale block parameters apart from the same role outside blocks)."""
+    return f"{spec.role}.block" if spec.residual else spec.role
 
 
 class Parametrization:
-    """A rule table bound to one model's shapes and its base shapes."""
+    """A rule table bound to one model's shapes and depth, and its base shapes and depth."""
 
     def __init__(self, name: str, specs: dict[tuple, ParamSpec],
-                 base_specs: dict[tuple, ParamSpec], head_dim: int, base_head_dim: int):
+                 base_specs: dict[tuple, ParamSpec], head_dim: int, base_head_dim: int,
+                 depth: int = 1, base_depth: int = 1):
         if name not in TABLES:
             raise ValueError(f"param.name={name!r}: expected one of {sorted(TABLES)}")
         if set(specs) != set(base_specs):
             raise ValueError("the base model has different parameters from the model")
-        self.name, self.table = name, TABLES[name]
+        self.name, self.table, self.depth_rule = name, TABLES[name], DEPTH_RULES[name]
         self.specs, self.base_specs = specs, base_specs
         self.head_dim, self.base_head_dim = head_dim, base_head_dim
+        self.depth, self.base_depth = depth, base_depth
+
+    def depth_factor(self, path: tuple, rule: Depth) -> float:
+        """`rule` at this depth for a parameter in a residual block; 1 outside blocks."""
+        return rule(self.depth, self.base_depth) if self.specs[path].residual else 1.0
+
+    @property
+    def branch_multiplier(self) -> float:
+        return self.depth_rule.branch(self.depth, self.base_depth)
+
+    def labels(self) -> dict:
+        """Every parameter's optimizer group (group_label), as a tree like the parameters."""
+        return tree_from_paths({path: group_label(spec) for path, spec in self.specs.items()})
 
     def fan_mults(self, path: tuple) -> tuple[float, float]:
         spec, base = self.specs[path], self.base_specs[path]
@@ -41,21 +76,22 @@ class Parametrization:
         base_std = BASE_STD[spec.role](spec.init_scale, base.fan_in)
         return base_std * self.rule(path).init_std(*self.fan_mults(path))
 
-    def _per_role(self, value_of) -> dict[str, Any]:
-        """One value per role; width dimensions grow together, so a role shares its factors."""
+    def _per_group(self, value_of, label=group_label) -> dict[str, Any]:
+        """One value per group; width dimensions grow together, so a group shares its factors."""
         out: dict[str, Any] = {}
         for path, spec in self.specs.items():
-            value = value_of(path)
-            if out.setdefault(spec.role, value) != value:
+            value, key = value_of(path), label(spec)
+            if out.setdefault(key, value) != value:
                 raise ValueError(
-                    f"parameters of role {spec.role!r} scale differently ({out[spec.role]} vs "
+                    f"parameters of group {key!r} scale differently ({out[key]} vs "
                     f"{value} at {'/'.join(map(str, path))}): every width dimension must grow "
                     "by the same factor")
         return out
 
     @property
     def logit_multiplier(self) -> float:
-        return self._per_role(lambda p: self.rule(p).forward(*self.fan_mults(p)))["output"]
+        return self._per_group(lambda p: self.rule(p).forward(*self.fan_mults(p)),
+                               lambda spec: spec.role)["output"]
 
     @property
     def attention_scale(self) -> float:
@@ -65,30 +101,38 @@ class Parametrization:
     def optimizer_multipliers(self, family: str, *, update_scale: str | None = None,
                               wd_width_exponent: float | None = None
                               ) -> dict[str, RoleMultipliers]:
-        """Role -> multipliers for `family` 'adam' (Adam-like), 'sgd' or 'muon'.
+        """Group label -> multipliers for `family` 'adam' (Adam-like), 'sgd', 'muon' or 'sphere'.
 
-        'muon' reads MUON_LR[update_scale] for hidden matrices and the Adam column for the other
-        roles. `wd_width_exponent` γ replaces the hidden weight-decay rule by λ ∝ m^γ.
+        'muon' reads MUON_LR[update_scale] for hidden matrices and 'sphere' SPHERE_LR for hidden
+        and output matrices; both the Adam column for the other roles. Block parameters take the
+        depth rule on top. `wd_width_exponent` γ replaces the hidden weight-decay rule by λ ∝ m^γ.
         """
-        if family not in ("adam", "sgd", "muon"):
-            raise ValueError(f"optimizer family {family!r}: expected 'adam', 'sgd' or 'muon'")
+        if family not in FAMILIES:
+            raise ValueError(f"optimizer family {family!r}: expected one of {list(FAMILIES)}")
         if family == "muon" and update_scale not in MUON_LR[self.name]:
             raise ValueError(f"optim.update_scale={update_scale!r}: expected one of "
                              f"{sorted(MUON_LR[self.name])}")
+        depth = self.depth_rule
 
         def of(path):
-            rule, mults = self.rule(path), self.fan_mults(path)
-            hidden = self.specs[path].role == "hidden"
+            rule, mults, role = self.rule(path), self.fan_mults(path), self.specs[path].role
             if family == "sgd":
                 lr, eps, wd = rule.sgd_lr, ONE, rule.sgd_wd
-            elif family == "muon" and hidden:
+                lr_depth, eps_depth = depth.sgd_lr, Depth()
+            elif family == "muon" and role in MATRIX_ROLES:
                 lr, eps, wd = MUON_LR[self.name][update_scale], ONE, MUON_WD[self.name]
+                lr_depth, eps_depth = MUON_DEPTH_LR[self.name][update_scale], Depth()
+            elif family == "sphere" and role in SPHERE_ROLES:
+                lr, eps, wd = SPHERE_LR[role], rule.adam_eps, ONE
+                lr_depth, eps_depth = depth.sphere_lr, depth.adam_eps
             else:
                 lr, eps, wd = rule.adam_lr, rule.adam_eps, rule.adam_wd
-            if hidden and wd_width_exponent is not None:
+                lr_depth, eps_depth = depth.adam_lr, depth.adam_eps
+            if role == "hidden" and wd_width_exponent is not None:
                 wd = W(a=wd_width_exponent)
-            return RoleMultipliers(lr(*mults), eps(*mults), wd(*mults))
-        return self._per_role(of)
+            return RoleMultipliers(lr(*mults) * self.depth_factor(path, lr_depth),
+                                   eps(*mults) * self.depth_factor(path, eps_depth), wd(*mults))
+        return self._per_group(of)
 
     def optimizer_multipliers_for(self, cfg: OptimizerConfig) -> dict[str, RoleMultipliers]:
         """The per-role multipliers the optimizer `cfg` trains with under this table."""
@@ -97,10 +141,20 @@ class Parametrization:
             wd_width_exponent=cfg.wd_width_exponent)
 
     def matrix_axes(self) -> dict:
-        """Fan axes of every matrix a matrix optimizer owns, as a tree like the parameters."""
+        """Fan axes of every matrix a matrix or sphere optimizer owns, as a parameter-like tree."""
         return tree_from_paths({path: MatrixAxes(spec.fan_in_axes, spec.fan_out_axes)
                                 for path, spec in self.specs.items()
-                                if spec.role in MATRIX_ROLES})
+                                if spec.role in MATRIX_ROLES + SPHERE_ROLES})
+
+    def check_spheres(self, cfg: OptimizerConfig) -> None:
+        """A sphere optimizer needs every matrix it owns to start with a nonzero norm."""
+        if cfg.family != "sphere":
+            return
+        for path, spec in self.specs.items():
+            if spec.role in SPHERE_ROLES and spec.init == "zeros":
+                field = "model.readout_init" if spec.role == "output" else "/".join(map(str, path))
+                raise ValueError(f"{field}=zero: expected a normal init with optim={cfg.name} "
+                                 "(a zero matrix has no sphere to stay on)")
 
 
 def _abstract_specs(cfg: ModelConfig, vocab_size: int) -> dict[tuple, ParamSpec]:
@@ -113,7 +167,7 @@ def make_parametrization(model_cfg: ModelConfig, param_cfg: ParamConfig,
                                    depth=param_cfg.base_depth)
     return Parametrization(param_cfg.name, _abstract_specs(model_cfg, vocab_size),
                            _abstract_specs(base_cfg, vocab_size), model_cfg.head_dim,
-                           base_cfg.head_dim)
+                           base_cfg.head_dim, model_cfg.depth, param_cfg.base_depth)
 
 
 def build_model(model_cfg: ModelConfig, param_cfg: ParamConfig, vocab_size: int,
@@ -122,16 +176,19 @@ def build_model(model_cfg: ModelConfig, param_cfg: ParamConfig, vocab_size: int,
     parametrization = make_parametrization(model_cfg, param_cfg, vocab_size)
     model = models.create(model_cfg, vocab_size,
                           logit_multiplier=parametrization.logit_multiplier,
-                          attention_scale=parametrization.attention_scale, seed=seed)
+                          attention_scale=parametrization.attention_scale,
+                          branch_multiplier=parametrization.branch_multiplier, seed=seed)
     for path, param in iter_params(model):
         if parametrization.specs[path].init == "normal":
             param[...] = param[...] * parametrization.init_std(path)
     return model, parametrization
 
 
-def build_optimizer(cfg: OptimizerConfig, parametrization: Parametrization, labels, *,
-                    total_steps: int):
-    """`optim.build_optimizer` with the multipliers and matrix axes this parametrization gives."""
-    return optim.build_optimizer(cfg, labels, parametrization.optimizer_multipliers_for(cfg),
+def build_optimizer(cfg: OptimizerConfig, parametrization: Parametrization, *, total_steps: int):
+    """`optim.build_optimizer` with the groups, multipliers and matrix axes this
+    parametrization gives."""
+    parametrization.check_spheres(cfg)
+    return optim.build_optimizer(cfg, parametrization.labels(),
+                                 parametrization.optimizer_multipliers_for(cfg),
                                  total_steps=total_steps,
                                  matrix_axes=parametrization.matrix_axes())

@@ -1,6 +1,7 @@
 """The parametrization tables, one row per role (SCALING_RULES.md §1; Tensor Programs V, Table 3
 in the `mup` library's form). Every entry is a width scaling `fan_in_mult**a * fan_out_mult**b`
-(times `base`), where `fan_in_mult = fan_in / base_fan_in` and likewise for fan-out.
+(times `base`), where `fan_in_mult = fan_in / base_fan_in` and likewise for fan-out. Depth rules
+(SCALING_RULES.md §2, §5) are a second table, DEPTH_RULES, on parameters inside residual blocks.
 
 Check these against the paper line by line; nothing else in the project decides a multiplier.
 """
@@ -67,11 +68,67 @@ TABLES: dict[str, dict[str, RoleRule]] = {
     },
 }
 
+# Depth-μP and CompleteP scale depth on top of μP's width table (SCALING_RULES.md §2).
+TABLES["depth_mup"] = TABLES["completep"] = TABLES["mup"]
+# HyperP (§5): μP's table with logit multiplier 1; the readout is then fan-in initialized so the
+# logits start Θ(1) at every width (a project choice; the sphere keeps its norm from there).
+TABLES["hyperp"] = {
+    **TABLES["mup"],
+    "output": RoleRule(W(a=-0.5),  ONE,      ONE,      ONE,      ONE,     W(a=1),       ONE),
+}
+
 # Attention logit scale as a function of head_dim_mult = head_dim / base_head_dim, times
 # 1/sqrt(base_head_dim): SP keeps 1/sqrt(d_head), μP uses 1/d_head written as
 # sqrt(d_head_base)/d_head so the base is unchanged.
-ATTENTION_EXPONENT = {"sp": -0.5, "mup": -1.0}
+ATTENTION_EXPONENT = {"sp": -0.5, "mup": -1.0, "depth_mup": -1.0, "completep": -1.0,
+                      "hyperp": -1.0}
 # fmt: on
+
+
+@dataclasses.dataclass(frozen=True)
+class Depth:
+    """Depth scaling `base * r**c` with r = depth / base_depth (blocks), or `base * depth**c`
+    when `absolute` (HyperP's branch factor does not reduce to 1 at the base depth)."""
+
+    c: float = 0.0
+    base: float = 1.0
+    absolute: bool = False
+
+    def __call__(self, depth: int, base_depth: int) -> float:
+        return self.base * (depth if self.absolute else depth / base_depth) ** self.c
+
+
+@dataclasses.dataclass(frozen=True)
+class DepthRule:
+    """How parameters inside residual blocks scale with depth, on top of the width table."""
+
+    branch: Depth  # forward multiplier on every residual branch's output
+    adam_lr: Depth  # hidden matrices and block vectors under Adam
+    adam_eps: Depth
+    sgd_lr: Depth
+    sphere_lr: Depth  # the relative step of MuonH/AdamH on block matrices
+
+
+def alpha_rule(alpha: float) -> DepthRule:
+    """Branch × r^(−α). An Adam-like (normalized) step moves a block's output by η·r^(−α) and L
+    blocks add up coherently, so η·r^(1−α) must stay fixed: η ∝ r^(α−1); ε follows the gradient,
+    which carries the branch factor (r^(−α)). SGD's step itself carries r^(−α), so its η ∝
+    r^(2α−1). Depth-μP: α = 1/2 (Tensor Programs VI); CompleteP: α = 1 (Cerebras, 2025)."""
+    normalized = Depth(alpha - 1)
+    return DepthRule(branch=Depth(-alpha), adam_lr=normalized, adam_eps=Depth(-alpha),
+                     sgd_lr=Depth(2 * alpha - 1), sphere_lr=normalized)
+
+
+NO_DEPTH_RULE = DepthRule(Depth(), Depth(), Depth(), Depth(), Depth())
+DEPTH_RULES: dict[str, DepthRule] = {
+    "sp": NO_DEPTH_RULE,
+    "mup": NO_DEPTH_RULE,
+    "depth_mup": alpha_rule(0.5),
+    "completep": alpha_rule(1.0),
+    # HyperP: branches × 1/√(2L), absolute; its depth LR law is global (scaling/transfer.py)
+    "hyperp": dataclasses.replace(NO_DEPTH_RULE, branch=Depth(c=-0.5, base=2**-0.5,
+                                                              absolute=True)),
+}
 
 # Muon on hidden matrices (SCALING_RULES.md §4): the width factor μP needs on η with each
 # update-scale convention (optim/muon.py defines s). keller and spectral already give μP's
@@ -82,7 +139,20 @@ MUON_LR: dict[str, dict[str, W]] = {
     "sp":  {"keller": ONE, "spectral": ONE, "moonlight": ONE},
     "mup": {"keller": ONE, "spectral": ONE, "moonlight": W(a=-0.5)},
 }
+MUON_LR["depth_mup"] = MUON_LR["completep"] = MUON_LR["hyperp"] = MUON_LR["mup"]
+# Under depth rules: Muon's direction is normalized like Adam's, whatever its update scale s
+# (s depends on the matrix's shape, never on depth), so every convention takes Adam's r^(α−1).
+MUON_DEPTH_LR: dict[str, dict[str, Depth]] = {
+    "sp":        {"keller": Depth(),     "spectral": Depth(),     "moonlight": Depth()},
+    "mup":       {"keller": Depth(),     "spectral": Depth(),     "moonlight": Depth()},
+    "depth_mup": {"keller": Depth(-0.5), "spectral": Depth(-0.5), "moonlight": Depth(-0.5)},
+    "completep": {"keller": Depth(0.0),  "spectral": Depth(0.0),  "moonlight": Depth(0.0)},
+    "hyperp":    {"keller": Depth(),     "spectral": Depth(),     "moonlight": Depth()},
+}
+# MuonH and AdamH take a relative step ‖ΔW‖/‖W‖ = η on every matrix they own, the same at every
+# width: no width factor (depth: DepthRule.sphere_lr).
+SPHERE_LR: dict[str, W] = {"hidden": ONE, "output": ONE}
 # LR-coupled decay on hidden Muon matrices: λ constant unless optim.wd_width_exponent sets
 # λ ∝ m^γ (γ = −1 is the "decay ∝ 1/width" rule of SCALING_RULES.md §3).
-MUON_WD: dict[str, W] = {"sp": ONE, "mup": ONE}
+MUON_WD: dict[str, W] = {"sp": ONE, "mup": ONE, "depth_mup": ONE, "completep": ONE, "hyperp": ONE}
 # fmt: on

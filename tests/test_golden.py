@@ -9,7 +9,6 @@ import optax
 import pytest
 from flax import nnx
 
-from models import label_tree
 from optim import AdamWConfig
 from scaling.config import ModelConfig, ParamConfig
 from scaling.parametrization import build_model
@@ -17,7 +16,7 @@ from scaling.training.step import (
     init_train_state,
     make_train_step,
     next_token_loss,
-    unit_lr_optimizer,
+    optimizer_at,
 )
 
 # Measured on CPU (float32) with jax 0.10.2 / Python 3.11 and jax 0.12.0.1 / Python 3.12: the losses
@@ -47,7 +46,7 @@ def measured() -> dict[str, float]:
                                          VOCAB, seed=0)
     cfg = AdamWConfig(lr=1e-2, weight_decay=0.1, schedule="constant",
                       warmup_steps=0, clip_norm=1.0)
-    tx = unit_lr_optimizer(cfg, parametrization, label_tree(model), total_steps=1)
+    tx = optimizer_at(cfg, parametrization, total_steps=1)
     graphdef, params = nnx.split(model)
     params = params.to_pure_dict()
     loss_and_grad = jax.jit(jax.value_and_grad(

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import optim
 from models import label_tree
 from models.tagged import INITS, ROLES, iter_params, param_specs
 from optim import AdamWConfig, optimizer_config
@@ -131,8 +132,8 @@ def test_optimizer_partition_routes_every_leaf(built, optim_name):
     momentum = {"momentum": 0.0} if optim_name == "sgd" else {}
     cfg = optimizer_config(optim_name, lr=lr, schedule="constant", warmup_steps=0, clip_norm=0.0,
                            **momentum)
-    labels, params = label_tree(model), _params(model)
-    tx = build_optimizer(cfg, parametrization, labels, total_steps=10)
+    labels, params = parametrization.labels(), _params(model)
+    tx = build_optimizer(cfg, parametrization, total_steps=10)
     grads = jax.tree.map(jnp.ones_like, params)
     updates, _ = tx.update(grads, tx.init(params), params)
     chex.assert_trees_all_equal_structs(updates, params)
@@ -144,8 +145,10 @@ def test_optimizer_partition_routes_every_leaf(built, optim_name):
 
 def test_optimizer_rejects_unknown_role(built):
     """A leaf whose role has no optimizer transform raises instead of going untrained."""
-    _, model, parametrization = built
-    labels = label_tree(model)
+    _, _, parametrization = built
+    labels = parametrization.labels()
     labels["readout"] = "not-a-role"
     with pytest.raises(ValueError, match="no entry for the roles"):
-        build_optimizer(AdamWConfig(), parametrization, labels, total_steps=100)
+        optim.build_optimizer(AdamWConfig(), labels,
+                              parametrization.optimizer_multipliers_for(AdamWConfig()),
+                              total_steps=100)

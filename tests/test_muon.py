@@ -151,8 +151,8 @@ def test_only_hidden_matrices_get_the_muon_direction():
     labels, params = label_tree(model), _params(model)
     lr, ratio = 0.02, 0.5
     muon = build_optimizer(_optim(lr=lr, adam_lr_ratio=ratio, **EXACT_NS), parametrization,
-                           labels, total_steps=10)
-    adamw = build_optimizer(_optim("adamw", lr=lr * ratio), parametrization, labels,
+                           total_steps=10)
+    adamw = build_optimizer(_optim("adamw", lr=lr * ratio), parametrization,
                             total_steps=10)
     first, second = _grads(params, 1), _grads(params, 2)
     # rank one: its orthogonal factor is 1/√(64·64) per entry, Adam's first step 1 per entry
@@ -238,11 +238,11 @@ def test_muon_hidden_lr_factor_per_convention(param, expected):
     parametrization = make_parametrization(_model_cfg(4 * BASE_WIDTH),
                                            ParamConfig(param, BASE_WIDTH, 2), VOCAB)
     adam = parametrization.optimizer_multipliers("adam")
-    assert adam["hidden"].lr == pytest.approx(0.25 if param == "mup" else 1.0)
+    assert adam["hidden.block"].lr == pytest.approx(0.25 if param == "mup" else 1.0)
     for convention, factor in expected.items():
         muon = parametrization.optimizer_multipliers("muon", update_scale=convention)
-        assert muon["hidden"].lr == pytest.approx(factor), convention
-        assert muon["hidden"].eps == 1.0
+        assert muon["hidden.block"].lr == pytest.approx(factor), convention
+        assert muon["hidden.block"].eps == 1.0
         for role in ("input", "output", "vector"):
             assert muon[role] == adam[role], (convention, role)
 
@@ -263,12 +263,12 @@ def test_mup_hidden_update_spectral_norm_is_width_independent(convention, proxy_
         grads = jax.tree.map(lambda g, role: g if role == "hidden" else jnp.zeros_like(g),
                              _grads(params, 4), labels)
         tx = build_optimizer(_optim(lr=1.0, update_scale=convention, **EXACT_NS),
-                             parametrization, labels, total_steps=10)
+                             parametrization, total_steps=10)
         updates, _ = _step(tx)(grads, tx.init(params), params)
         tops[width] = {name: _spectral_norms(u).max() for name, u in _flat(updates).items()
                        if _flat(labels)[name] == "hidden"}
         if width > BASE_WIDTH:
-            assert parametrization.optimizer_multipliers("adam")["hidden"].lr == 0.25
+            assert parametrization.optimizer_multipliers("adam")["hidden.block"].lr == 0.25
 
     assert len(tops[BASE_WIDTH]) == 6  # wq, wk, wv, wo, w_up, w_down
     for name, top in tops[BASE_WIDTH].items():
@@ -457,8 +457,8 @@ def test_optim_auon_builds_and_steps(hybrid):
     """build_optimizer(name='auon'): the first update of each w_up layer (32 × 128, keller s = 2)
     has Frobenius norm lr·s·√32, along −gradient for pure AuON, bent away for the hybrid."""
     model, parametrization = _model(BASE_WIDTH)
-    labels, params = label_tree(model), _params(model)
-    tx = build_optimizer(_optim("auon", auon_hybrid=hybrid), parametrization, labels,
+    params = _params(model)
+    tx = build_optimizer(_optim("auon", auon_hybrid=hybrid), parametrization,
                          total_steps=10)
     grads = _grads(params, 9)
     grads = {**grads, "blocks": {**grads["blocks"], "w_up": _spread_spectrum(
@@ -487,8 +487,8 @@ def test_wd_width_exponent_sets_the_hidden_decay_factor(family):
     table = parametrization.optimizer_multipliers(family, **kwargs)
     scaled = parametrization.optimizer_multipliers(family, wd_width_exponent=-1.0, **kwargs)
 
-    assert scaled["hidden"].weight_decay == pytest.approx(0.25)
-    assert table["hidden"].weight_decay == pytest.approx(4.0 if family == "adam" else 1.0)
+    assert scaled["hidden.block"].weight_decay == pytest.approx(0.25)
+    assert table["hidden.block"].weight_decay == pytest.approx(4.0 if family == "adam" else 1.0)
     for role in ("input", "output", "vector"):
         assert scaled[role] == table[role], role
 
@@ -500,7 +500,7 @@ def test_weight_decay_is_lr_coupled_per_role():
     labels, params = label_tree(model), _params(model)
     lr, ratio, wd = 0.02, 0.5, 0.1
     tx = build_optimizer(_optim(lr=lr, adam_lr_ratio=ratio, weight_decay=wd,
-                                wd_width_exponent=-1.0), parametrization, labels, total_steps=10)
+                                wd_width_exponent=-1.0), parametrization, total_steps=10)
     grads, state, step = _grads(params, 11), tx.init(params), _step(tx)
 
     decayed, _ = step(grads, state, params)
@@ -607,7 +607,7 @@ def test_every_orthogonalization_field_reaches_the_hidden_update():
               "ns_method": "direct", "update_scale": "spectral", "momentum": 0.8,
               "nesterov": True}
     tx = build_optimizer(_optim(ns_dtype="bfloat16", **fields), parametrization,
-                         label_tree(model), total_steps=10)
+                         total_steps=10)
     grads = _grads(params, seed=11)
     updates = _flat(_step(tx)(grads, tx.init(params), params)[0])
     hidden = {"blocks": {k: v for k, v in grads["blocks"].items() if v.ndim == 3}}

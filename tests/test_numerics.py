@@ -15,7 +15,6 @@ import optax
 import pytest
 from flax import nnx
 
-from models import label_tree
 from optim import AdamWConfig
 from scaling.config import ModelConfig, ParamConfig
 from scaling.coord_check import coordinate_check
@@ -24,7 +23,7 @@ from scaling.training.step import (
     init_train_state,
     make_train_step,
     next_token_loss,
-    unit_lr_optimizer,
+    optimizer_at,
 )
 
 B, T, VOCAB = 4, 32, 256
@@ -60,7 +59,7 @@ def _one_step(compute_dtype: str):
     model, parametrization = build_model(
         ModelConfig(width=64, depth=2, head_dim=32, compute_dtype=compute_dtype), PARAM, VOCAB,
         seed=0)
-    tx = unit_lr_optimizer(OPTIM, parametrization, label_tree(model), total_steps=1)
+    tx = optimizer_at(OPTIM, parametrization, total_steps=1)
     graphdef, params = nnx.split(model)
     params = params.to_pure_dict()
     loss_and_grad = jax.jit(jax.value_and_grad(

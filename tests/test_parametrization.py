@@ -14,14 +14,14 @@ import pytest
 from flax import nnx
 
 from models import label_tree
-from optim import AdamWConfig, RoleMultipliers, SGDConfig, optimizer_config
+from optim import AdamWConfig, RoleMultipliers, SGDConfig, optimizer_config, role_of
 from scaling.config import ModelConfig, ParamConfig
 from scaling.parametrization import build_model, build_optimizer
 from scaling.training.step import (
     init_train_state,
     make_train_step,
     next_token_loss,
-    unit_lr_optimizer,
+    optimizer_at,
 )
 
 VOCAB = 256
@@ -47,7 +47,7 @@ def _params(model) -> dict:
 
 def _train(kind: str, name: str, optim_cfg, steps: int) -> dict:
     model, parametrization = _build(kind, name, BASE_WIDTH)
-    tx = unit_lr_optimizer(optim_cfg, parametrization, label_tree(model), total_steps=steps)
+    tx = optimizer_at(optim_cfg, parametrization, total_steps=steps)
     graphdef, params = nnx.split(model)
     state = init_train_state(params.to_pure_dict(), tx, optim_cfg.lr)
     train_step = make_train_step(graphdef, tx)
@@ -148,7 +148,10 @@ EXPECTED_MULTIPLIERS = {
 def test_optimizer_multipliers_at_width_mult_4(kind, name, family):
     """Parametrization.optimizer_multipliers matches the hand-computed §1 table per role."""
     _, parametrization = _build(kind, name, WIDTH)
-    got = parametrization.optimizer_multipliers(family)
+    by_label = parametrization.optimizer_multipliers(family)
+    got = {role_of(label): mult for label, mult in by_label.items()}
+    for label, mult in by_label.items():  # without a depth rule, block parameters are no apart
+        assert mult == got[role_of(label)], label
     expected = EXPECTED_MULTIPLIERS[(name, family)]
     assert set(got) == set(expected)
     for role, mult in expected.items():
@@ -173,7 +176,7 @@ def _first_update(name: str, cfg, zero_grads: bool = False):
     labels, parametrization, params, grads = _width_mult_4(name)
     if zero_grads:
         grads = jax.tree.map(jnp.zeros_like, params)
-    tx = build_optimizer(cfg, parametrization, labels, total_steps=10)
+    tx = build_optimizer(cfg, parametrization, total_steps=10)
     updates, _ = tx.update(grads, tx.init(params), params)
     return labels, params, grads, updates
 

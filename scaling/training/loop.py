@@ -15,7 +15,6 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 import optim
-from models import label_tree
 from scaling.config import RunConfig, SweepConfig, lr_grid, to_dict, validate
 from scaling.parametrization import build_model
 from scaling.training import data
@@ -27,7 +26,7 @@ from scaling.training.step import (
     init_train_state,
     make_eval,
     make_train_step,
-    unit_lr_optimizer,
+    optimizer_at,
 )
 from scaling.training.tracking import Tracker
 
@@ -108,7 +107,7 @@ class _Member:
 def _train_together(members: list[_Member], splits) -> list[dict]:
     cfg, t, k = members[0].cfg, members[0].cfg.train, len(members)
     model, parametrization = build_model(cfg.model, cfg.param, splits.vocab_size, t.seed)
-    tx = unit_lr_optimizer(cfg.optim, parametrization, label_tree(model), total_steps=t.steps)
+    tx = optimizer_at(cfg.optim, parametrization, total_steps=t.steps)
     graphdef, params = nnx.split(model)
     params = params.to_pure_dict()
     template = init_train_state(params, tx, 0.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -20,19 +21,24 @@ def next_token_loss(graphdef, params, inputs_BxT, targets_BxT) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT).mean()
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, lrs_together: int = 1):
-    """state -> state, for `tx` built at LR 1: the state's `lr` scales the update.
+# lr -> the optimizer at that base LR; built inside the traced step, so lr may be a tracer
+OptimizerAt = Callable[[jax.Array | float], optax.GradientTransformation]
+
+
+def make_train_step(graphdef, tx_at: OptimizerAt, lrs_together: int = 1):
+    """state -> state, with the optimizer `tx_at(state["lr"])`.
 
     The LR lives in the state so that one compiled program trains several LRs (vmap over the
-    state when `lrs_together` > 1) exactly as it trains one. The state also carries a running
-    loss sum, so logged means survive resumes.
+    state when `lrs_together` > 1) exactly as it trains one; the optimizer is built from it
+    inside the step, because a relative (sphere) step is not linear in the LR. The state also
+    carries a running loss sum, so logged means survive resumes.
     """
 
     def train_step(state, inputs_BxT, targets_BxT):
         loss, grads = jax.value_and_grad(
             lambda p: next_token_loss(graphdef, p, inputs_BxT, targets_BxT))(state["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        updates = jax.tree.map(lambda u: (state["lr"] * u).astype(u.dtype), updates)
+        updates, opt_state = tx_at(state["lr"]).update(grads, state["opt_state"],
+                                                       state["params"])
         return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
                 "lr": state["lr"], "loss_sum": state["loss_sum"] + loss,
                 "loss_count": state["loss_count"] + 1}
@@ -42,15 +48,17 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lrs_together: in
     return jax.jit(train_step, donate_argnums=0)
 
 
-def unit_lr_optimizer(cfg: OptimizerConfig, parametrization, labels, *,
-                      total_steps: int) -> optax.GradientTransformation:
-    """The optimizer that make_train_step expects: built at LR 1, the state's LR scales it."""
-    return build_optimizer(dataclasses.replace(cfg, lr=1.0), parametrization, labels,
-                           total_steps=total_steps)
+def optimizer_at(cfg: OptimizerConfig, parametrization, *, total_steps: int) -> OptimizerAt:
+    """The optimizer make_train_step expects: `cfg` at any base LR, traced or not."""
+    parametrization.check_spheres(cfg)  # here, once, rather than at every trace
+    return lambda lr: build_optimizer(dataclasses.replace(cfg, lr=lr), parametrization,
+                                      total_steps=total_steps)
 
 
-def init_train_state(params, tx: optax.GradientTransformation, lr: float) -> dict:
-    return {"params": params, "opt_state": tx.init(params), "lr": jnp.asarray(lr, jnp.float32),
+def init_train_state(params, tx_at: OptimizerAt, lr: float) -> dict:
+    """The optimizer state does not depend on the LR, so one template serves every LR."""
+    return {"params": params, "opt_state": tx_at(lr).init(params),
+            "lr": jnp.asarray(lr, jnp.float32),
             "loss_sum": jnp.zeros((), jnp.float32), "loss_count": jnp.zeros((), jnp.int32)}
 
 
