@@ -1,8 +1,10 @@
-"""`scaling-demo`: the whole story on the embedded corpus, proxy → transfer → target, SP vs μP.
+"""`scaling-demo`: the whole story on the embedded corpus, proxy → transfer → target, SP vs μP
+across width (or, with --axis depth, μP vs CompleteP across depth).
 
-1. sweep the proxy (experiment `demo`, or `demo_quick` with --quick): LR grid × widths × seeds,
-   under SP and μP; 2. analyse it (tables, plots, W&B analysis run); 3. transfer each
-parametrization's proxy optimum to a wider target and train it; 4. print the verdict.
+1. sweep the proxy (experiment `demo`, or `demo_quick` with --quick; `demo_depth`,
+   `demo_depth_quick` with --axis depth): LR grid × widths (depths) × seeds, under both
+   parametrizations; 2. analyse it (tables, plots, W&B analysis run); 3. transfer each
+parametrization's proxy optimum to a wider (deeper) target and train it; 4. print the verdict.
 """
 
 from __future__ import annotations
@@ -12,31 +14,62 @@ import dataclasses
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from tqdm.auto import tqdm
 
 from experiments.compose import ConfigError, compose_or_explain, sweep_points, to_run_config
 from experiments.transfer import command_overrides, explain, plan, write_overrides
+from scaling.analysis import DRIFT_KEYS, PARAM_LABELS
 from scaling.config import RunConfig
 
-MODES = {False: "demo", True: "demo_quick"}
-TARGET_WIDTH_MULT = 4  # the target is this much wider than the widest proxy
-# The verdict's thresholds on |slope|, the optimum's drift in octaves per width doubling: they
-# read the same over one doubling (--quick) or several. μP predicts 0; SP under Adam −1 (η ∝ 1/m).
-STAYS_PUT = 0.5  # at most this: nearer μP's 0 than SP's 1
-MOVES = 0.75  # at least this: most of SP's octave, beyond an optimum's 0.1–0.2 octave seed spread
+
+@dataclasses.dataclass(frozen=True)
+class Story:
+    """What grows from proxy to target, the sweeps that show it, and who should transfer."""
+
+    axis: str  # "width" or "depth"
+    experiments: dict[bool, str]  # --quick -> experiment overlay
+    scaled: str  # the parametrization whose optimum should stay put
+    baseline: str  # the one without a rule for this axis, whose optimum should move
+
+
+# Depth: CompleteP (α = 1) rather than Depth-μP (α = 1/2), because CompleteP is the rule that
+# claims the Adam LR transfers across depth (its block LR factor r^(α−1) is 1, so μP and it differ
+# only in the 1/r on every branch); Depth-μP's α = 1/2 is reported to leave Adam's optimum moving.
+STORIES = {"width": Story("width", {False: "demo", True: "demo_quick"}, "mup", "sp"),
+           "depth": Story("depth", {False: "demo_depth", True: "demo_depth_quick"}, "completep",
+                          "mup")}
+TARGET_MULT = 4  # the target is this much wider (deeper) than the widest (deepest) proxy
+# The verdict's thresholds on |slope|, the optimum's drift in octaves per width (depth) doubling:
+# they read the same over one doubling (--quick) or several. μP (CompleteP) predicts 0; SP under
+# Adam −1 (η ∝ 1/m), and μP across depth, idealised, −1 too (L blocks' equal steps add up).
+STAYS_PUT = 0.5  # at most this: nearer the rule's 0 than the baseline's 1
+MOVES = 0.75  # at least this: most of an octave, beyond an optimum's 0.1–0.2 octave seed spread
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scaling-demo", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the short version (about a minute on 2 idle CPU cores)")
+    parser.add_argument("--axis", choices=tuple(STORIES), default="width",
+                        help="what the target scales: width (SP vs μP, default) or depth "
+                        "(μP vs CompleteP)")
     parser.add_argument("--wandb-mode", choices=("offline", "online", "disabled"),
                         help="default: $WANDB_MODE, else offline")
-    parser.add_argument("--out-dir", type=Path, help="default: runs/demo (runs/demo_quick)")
-    parser.add_argument("--target-width", type=int, help="default: 4× the widest proxy width")
+    parser.add_argument("--out-dir", type=Path,
+                        help="default: runs/EXPERIMENT, e.g. runs/demo (runs/demo_depth_quick)")
+    parser.add_argument("--target-width", type=int,
+                        help="--axis width: default 4× the widest proxy width")
+    parser.add_argument("--target-depth", type=int,
+                        help="--axis depth: default 4× the deepest proxy depth")
     parser.add_argument("overrides", nargs="*",
                         help="Hydra overrides for the proxy sweep, e.g. train.steps=300")
     return parser
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"scaling-demo: error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def proxy_configs(experiment: str, extra: list[str]) -> list:
@@ -45,43 +78,52 @@ def proxy_configs(experiment: str, extra: list[str]) -> list:
     return [to_run_config(compose_or_explain(point, "config")) for point in sweep_points(overrides)]
 
 
-def verdict(analysis: dict, targets: dict[str, dict]) -> list[str]:
-    """What the runs say, in words: drift per parametrization, wider-is-better, target losses."""
-    drift = {d["family"]["param"]: d for d in analysis["drift"]}
-    wider = {w["family"]["param"]: w for w in analysis["wider_is_better"]}
+def verdict(analysis: dict, targets: dict[str, dict], story: Story = STORIES["width"]
+            ) -> list[str]:
+    """What the runs say, in words: drift per parametrization along the story's axis,
+    bigger-is-better, target losses."""
+    axis, sizes, letter = story.axis, f"{story.axis}s", story.axis[0]
+    drift_key, bigger_key = DRIFT_KEYS[axis]
+    bigger = bigger_key.split("_")[0]  # wider, deeper
+    drift = {d["family"]["param"]: d for d in analysis[drift_key]}
+    better = {w["family"]["param"]: w for w in analysis[bigger_key]}
+    params = (story.scaled, story.baseline)
+    pad = max(4, *map(len, params))
     lines = []
-    for param in ("mup", "sp"):
+    for param in params:
         if param not in drift:
             continue
-        d, w = drift[param], wider[param]
+        d, w = drift[param], better[param]
         spread = "?" if d["drift_uncertainty"] is None else f"{d['drift_uncertainty']:.2f}"
         noise = "unknown with one seed" if w["noise"] is None else f"{w['noise']:.3f}"
         lines.append(
-            f"{param:>4}: optimum drift over widths {d['widths'][0]}→{d['widths'][-1]}: "
-            f"{d['drift_octaves']:.2f} ± {spread} octaves (slope {d['slope']:+.2f} per width "
+            f"{param:>{pad}}: optimum drift over {sizes} {d[sizes][0]}→{d[sizes][-1]}: "
+            f"{d['drift_octaves']:.2f} ± {spread} octaves (slope {d['slope']:+.2f} per {axis} "
             f"doubling){' [an optimum is on the grid edge]' if d['any_on_edge'] else ''}; "
-            f"wider is better at the transferred LR: {'yes' if w['holds'] else 'no'}"
+            f"{bigger} is better at the transferred LR: {'yes' if w['holds'] else 'no'}"
             f"{' beyond' if w['beyond_noise'] else ', not beyond'} the seed noise ({noise})")
-    for param in ("mup", "sp"):
+    for param in params:
         if (run := targets.get(param)) is None:
             continue
         loss = "diverged" if run["diverged"] else f"val loss {run['val_loss']:.4f}"
-        lines.append(f"{param:>4}: target w{run['config']['model']['width']} at the transferred "
-                     f"LR {run['config']['optim']['lr']:.4g}: {loss}")
-    if "mup" in drift and "sp" in drift:
-        per_doubling = "octave per width doubling"
-        transfers = abs(drift["mup"]["slope"]) <= STAYS_PUT
-        sp_moves = abs(drift["sp"]["slope"]) >= MOVES or not wider["sp"]["holds"]
-        mup_says = (f"stays put (≤ {STAYS_PUT} {per_doubling})" if transfers
-                    else f"moves by more than {STAYS_PUT} {per_doubling}")
-        sp_says = (f"moves (≥ {MOVES} {per_doubling}) or wider gets worse" if sp_moves
-                   else f"does not move by {MOVES} {per_doubling} here")
-        lines.append(f"μP's optimum {mup_says}; SP's {sp_says}")
-        if targets.get("mup") and targets.get("sp") and not targets["mup"]["diverged"]:
-            sp_loss = targets["sp"]["val_loss"]
-            better = targets["sp"]["diverged"] or targets["mup"]["val_loss"] < sp_loss
-            lines.append("at the target width, μP's transferred LR "
-                         + ("beats" if better else "does not beat") + " SP's")
+        lines.append(f"{param:>{pad}}: target {letter}{run['config']['model'][axis]} at the "
+                     f"transferred LR {run['config']['optim']['lr']:.4g}: {loss}")
+    if story.scaled in drift and story.baseline in drift:
+        scaled, baseline = PARAM_LABELS[story.scaled], PARAM_LABELS[story.baseline]
+        per_doubling = f"octave per {axis} doubling"
+        transfers = abs(drift[story.scaled]["slope"]) <= STAYS_PUT
+        moves = (abs(drift[story.baseline]["slope"]) >= MOVES
+                 or not better[story.baseline]["holds"])
+        scaled_says = (f"stays put (≤ {STAYS_PUT} {per_doubling})" if transfers
+                       else f"moves by more than {STAYS_PUT} {per_doubling}")
+        baseline_says = (f"moves (≥ {MOVES} {per_doubling}) or {bigger} gets worse" if moves
+                         else f"does not move by {MOVES} {per_doubling} here")
+        lines.append(f"{scaled}'s optimum {scaled_says}; {baseline}'s {baseline_says}")
+        ours, theirs = targets.get(story.scaled), targets.get(story.baseline)
+        if ours and theirs and not ours["diverged"]:
+            beats = theirs["diverged"] or ours["val_loss"] < theirs["val_loss"]
+            lines.append(f"at the target {axis}, {scaled}'s transferred LR "
+                         + ("beats" if beats else "does not beat") + f" {baseline}'s")
     return lines
 
 
@@ -104,8 +146,8 @@ def sweep_proxies(jobs: list[RunConfig]) -> None:
         train_sweep(dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging,
                                                                          progress=False)))
         print(f"proxy job {i}/{len(jobs)} done: {cfg.param.name} w{cfg.model.width} "
-              f"seed {cfg.train.seed} ({time.perf_counter() - started:.0f} s)", file=sys.stderr,
-              flush=True)
+              f"d{cfg.model.depth} seed {cfg.train.seed} "
+              f"({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
 
 
 def analyse(sweep_dir: Path, *, project: str | None,
@@ -120,13 +162,14 @@ def analyse(sweep_dir: Path, *, project: str | None,
     return analysis, files
 
 
-def train_targets(sweep_dir: Path, out_dir: Path, width: int) -> dict[str, dict]:
-    """Each parametrization's proxy optimum transferred to `width` and trained, by param."""
+def train_targets(sweep_dir: Path, out_dir: Path, story: Story, size: int) -> dict[str, dict]:
+    """Each parametrization's proxy optimum transferred to width (or depth) `size` and trained,
+    by param."""
     from scaling.training.loop import train
 
     targets = {}
-    for param in ("sp", "mup"):
-        shape, result = plan(sweep_dir, width=width, param=param)
+    for param in (story.baseline, story.scaled):
+        shape, result = plan(sweep_dir, **{story.axis: size}, param=param)
         target = dataclasses.replace(result.config, train=dataclasses.replace(
             result.config.train, out_dir=str(out_dir / "target")),
             logging=dataclasses.replace(result.config.logging, progress=on_terminal()))
@@ -141,7 +184,12 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     from scaling.training.files import write_json_atomic
 
-    experiment = MODES[args.quick]
+    story = STORIES[args.axis]
+    other = "depth" if args.axis == "width" else "width"
+    if getattr(args, f"target_{other}") is not None:
+        _fail(f"--target-{other}={getattr(args, f'target_{other}')}: expected --target-"
+              f"{args.axis} with --axis {args.axis}")
+    experiment = story.experiments[args.quick]
     mode = [f"logging.wandb_mode={args.wandb_mode}"] if args.wandb_mode else []
     extra = [*args.overrides, *mode, f"logging.group=scaling-demo-{experiment}"]
     if args.out_dir is not None:
@@ -149,26 +197,27 @@ def main(argv: list[str] | None = None) -> None:
     try:
         jobs = proxy_configs(experiment, extra)
     except ConfigError as error:
-        print(f"scaling-demo: error: {error}", file=sys.stderr)
-        sys.exit(2)
-    target_width = args.target_width or TARGET_WIDTH_MULT * max(c.model.width for c in jobs)
+        _fail(str(error))
+    target_size = (getattr(args, f"target_{args.axis}")
+                   or TARGET_MULT * max(getattr(c.model, args.axis) for c in jobs))
     sweep_dir = Path(jobs[0].train.out_dir)
     out_dir = sweep_dir.parent
     started = time.perf_counter()
 
-    print(f"[1/4] proxy sweep: {len(jobs)} jobs (param × width × seed), each over the LR grid")
+    print(f"[1/4] proxy sweep: {len(jobs)} jobs (param × {args.axis} × seed), each over the LR "
+          "grid")
     sweep_proxies(jobs)
     print(f"[2/4] analysis of {sweep_dir}")
     analysis, files = analyse(sweep_dir, project=jobs[0].logging.project, mode=args.wandb_mode)
-    print(f"[3/4] transfer to width {target_width} and train the targets")
-    targets = train_targets(sweep_dir, out_dir, target_width)
+    print(f"[3/4] transfer to {args.axis} {target_size} and train the targets")
+    targets = train_targets(sweep_dir, out_dir, story, target_size)
 
     print("[4/4] verdict")
-    lines = verdict(analysis, targets)
+    lines = verdict(analysis, targets, story)
     print("\n".join(lines))
     write_json_atomic(out_dir / "verdict.json", {
-        "verdict": lines, "targets": targets, "drift": analysis["drift"],
-        "wider_is_better": analysis["wider_is_better"],
+        "verdict": lines, "axis": args.axis, "targets": targets,
+        **{key: analysis[key] for key in DRIFT_KEYS[args.axis]},
         "wall_seconds": time.perf_counter() - started})
     print(f"analysis: {', '.join(str(p) for p in files)}\nverdict: {out_dir / 'verdict.json'}")
 

@@ -1,4 +1,4 @@
-"""`scaling-transfer SWEEP_DIR --width W`: the target's hyperparameters from an analysed sweep.
+"""`scaling-transfer SWEEP_DIR [--width W] [--depth L]`: the target's hyperparameters from a sweep.
 
 Prints the reasoning (which rule moved which number), writes the target's Hydra overrides as a
 YAML list (the format of Hydra's own overrides.yaml) and, with --launch, trains the target.
@@ -18,11 +18,14 @@ from experiments.compose import compose, to_run_config
 from scaling.analysis import load_results
 from scaling.config import RunConfig, to_dict
 from scaling.training.files import atomic_open
-from scaling.transfer import DATA_EXPONENT, TransferResult, transfer_from_sweep
+from scaling.transfer import DATA_EXPONENT, DEPTH_EXPONENT, TransferResult, transfer_from_sweep
 
 # Groups whose option is chosen by name; every other difference is a field override.
 GROUP_FIELDS = {"model": "kind", "param": "name", "optim": "name"}
 NOT_OVERRIDDEN = ("logging", "sweep")
+# What the target may change, as (flag, model or train field): at least one must move.
+TARGET_FLAGS = (("--width", "model.width"), ("--depth", "model.depth"),
+                ("--steps", "train.steps"), ("--batch-size", "train.batch_size"))
 
 
 def _fail(message: str) -> NoReturn:
@@ -38,16 +41,22 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="scaling-transfer", description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", type=Path, help="the proxy sweep's folder")
-    parser.add_argument("--width", type=int, required=True, help="the target's model.width")
+    parser.add_argument("--width", type=int, help="the target's model.width (default: proxy's)")
+    parser.add_argument("--depth", type=int, help="the target's model.depth (default: proxy's)")
     parser.add_argument("--steps", type=int, help="the target's train.steps (default: proxy's)")
     parser.add_argument("--batch-size", type=int, help="train.batch_size (default: proxy's)")
     parser.add_argument("--param", help="which parametrization's sweep to transfer from")
     parser.add_argument("--proxy-width", type=int, help="default: widest interior optimum")
+    parser.add_argument("--proxy-depth", type=int,
+                        help="default: deepest interior optimum at the proxy width")
     parser.add_argument("--data-exponent", type=float, default=DATA_EXPONENT,
                         help="k in η ∝ T^(−k) (default %(default)s, as HyperP)")
+    parser.add_argument("--depth-exponent", type=float, default=DEPTH_EXPONENT,
+                        help="d in HyperP's η ∝ (L0/L)^d (default %(default)s, as HyperP; an "
+                        "assumption to measure)")
     parser.add_argument("--out-dir", default="runs/transfer", help="train.out_dir of the target")
-    parser.add_argument("--out", type=Path,
-                        help="overrides file (default: SWEEP_DIR/analysis/transfer-PARAM-wW.yaml)")
+    parser.add_argument("--out", type=Path, help="overrides file (default: "
+                        "SWEEP_DIR/analysis/transfer-PARAM-wW-dL.yaml)")
     parser.add_argument("--launch", action="store_true", help="train the target now")
     return parser
 
@@ -69,13 +78,16 @@ def _value(value) -> str:
     return "null" if value is None else json.dumps(value) if isinstance(value, str) else str(value)
 
 
-def plan(sweep_dir: Path, *, width: int, steps: int | None = None, batch_size: int | None = None,
-         param: str | None = None, proxy_width: int | None = None,
-         data_exponent: float = DATA_EXPONENT) -> tuple[dict, TransferResult]:
+def plan(sweep_dir: Path, *, width: int | None = None, depth: int | None = None,
+         steps: int | None = None, batch_size: int | None = None, param: str | None = None,
+         proxy_width: int | None = None, proxy_depth: int | None = None,
+         data_exponent: float = DATA_EXPONENT,
+         depth_exponent: float = DEPTH_EXPONENT) -> tuple[dict, TransferResult]:
     """(proxy shape, transfer) from the sweep's results; the target logs to the sweep's group."""
-    return transfer_from_sweep(load_results(sweep_dir), width=width, steps=steps,
+    return transfer_from_sweep(load_results(sweep_dir), width=width, depth=depth, steps=steps,
                                batch_size=batch_size, param=param, proxy_width=proxy_width,
-                               data_exponent=data_exponent)
+                               proxy_depth=proxy_depth, data_exponent=data_exponent,
+                               depth_exponent=depth_exponent)
 
 
 def explain(shape: dict, result: TransferResult) -> str:
@@ -86,10 +98,11 @@ def explain(shape: dict, result: TransferResult) -> str:
               f"{optimum['log2_lr']:.2f} ± {shape['log2_lr_std']:.2f} "
               f"(grid argmin {optimum['argmin_log2_lr']:.2f}{edge})")]
     lines += [f"  {reason}" for reason in result.reasons]
-    lines.append("  per-role LR (base η × multiplier), proxy → target:")
+    lines.append("  per-group LR (base η × multiplier), proxy → target:")
     proxy_lr = optimum["lr"]
-    for role, (before, after) in sorted(result.role_multipliers.items()):
-        lines.append(f"    {role:<7} ×{before:<8.4g} → ×{after:<8.4g}"
+    pad = max(7, *map(len, result.role_multipliers))  # group labels such as "hidden.block"
+    for group, (before, after) in sorted(result.role_multipliers.items()):
+        lines.append(f"    {group:<{pad}} ×{before:<8.4g} → ×{after:<8.4g}"
                      f"  η {proxy_lr * before:.4g} → {result.lr * after:.4g}")
     return "\n".join(lines)
 
@@ -101,20 +114,39 @@ def write_overrides(path: Path, overrides: list[str], reasons: list[str]) -> Non
         f.write("".join(f"- {json.dumps(o)}\n" for o in overrides))
 
 
+def _require_a_change(shape: dict, target: RunConfig) -> None:
+    """A target the same shape as its proxy is no transfer: say which flags would make one."""
+    proxy = {"model.width": shape["width"], "model.depth": shape["depth"],
+             "train.steps": shape["steps"], "train.batch_size": shape["batch_size"]}
+    if all(_field(target, field) == proxy[field] for _, field in TARGET_FLAGS):
+        now = ", ".join(f"{flag} {proxy[field]}" for flag, field in TARGET_FLAGS)
+        _fail(f"nothing to transfer: the target equals the proxy ({now}); expected at least one "
+              f"of {', '.join(flag for flag, _ in TARGET_FLAGS)} to differ")
+
+
+def _field(cfg: RunConfig, dotted: str):
+    group, name = dotted.split(".")
+    return getattr(getattr(cfg, group), name)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if not args.sweep_dir.is_dir():
         _fail(f"sweep_dir={str(args.sweep_dir)!r}: expected an existing folder of sweep runs")
     try:
-        shape, result = plan(args.sweep_dir, width=args.width, steps=args.steps,
+        shape, result = plan(args.sweep_dir, width=args.width, depth=args.depth, steps=args.steps,
                              batch_size=args.batch_size, param=args.param,
-                             proxy_width=args.proxy_width, data_exponent=args.data_exponent)
+                             proxy_width=args.proxy_width, proxy_depth=args.proxy_depth,
+                             data_exponent=args.data_exponent, depth_exponent=args.depth_exponent)
     except (FileNotFoundError, ValueError) as error:  # ConfigError is a ValueError
         _fail(str(error))
     target = dataclasses.replace(result.config, train=dataclasses.replace(
         result.config.train, out_dir=args.out_dir))
+    _require_a_change(shape, target)
     overrides = command_overrides(target)
-    out = args.out or args.sweep_dir / "analysis" / f"transfer-{shape['param']}-w{args.width}.yaml"
+    model = target.model
+    out = args.out or (args.sweep_dir / "analysis"
+                       / f"transfer-{shape['param']}-w{model.width}-d{model.depth}.yaml")
     write_overrides(out, overrides, result.reasons)
     print(explain(shape, result))
     print(f"wrote {out}\nrun it: scaling-train {shlex.join(overrides)}")

@@ -1,4 +1,5 @@
-"""Sweep analysis: the best LR per shape, its drift with width, and power laws in tokens/compute."""
+"""Sweep analysis: the best LR per shape, its drift with width and depth, and power laws in
+tokens/compute."""
 
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ METRICS = ("val_loss", "train_loss")
 # What a sweep varies within one shape (LR, seed) and bookkeeping that does not change training.
 NOT_SHAPE = ("optim.lr", "train.seed", "logging", "sweep", "train.out_dir", "train.eval_every",
              "train.log_every", "train.checkpoint_every")
+# How tables, plots and transfer explanations name each parametrization.
+PARAM_LABELS = {"sp": "SP", "mup": "μP", "depth_mup": "Depth-μP", "completep": "CompleteP",
+                "hyperp": "HyperP"}
 # Two points fit any power law exactly: a third is the least that can disagree with the law.
 MIN_POWER_LAW_POINTS = 3
 
@@ -182,27 +186,35 @@ def _sem(std: float | None, n: int) -> float | None:
     return std / math.sqrt(n) if std is not None and n >= 2 else None
 
 
-def _drift(family: list[dict]) -> dict:
+# What a drift family varies ("width" or "depth") -> the shape fields it holds fixed.
+DRIFT_AXES = {"width": ("param", "optim", "kind", "depth", "tokens", "batch_size"),
+              "depth": ("param", "optim", "kind", "width", "tokens", "batch_size")}
+# The analysis's keys per axis, (drift, bigger is better): width's names predate depth's.
+DRIFT_KEYS = {"width": ("drift", "wider_is_better"), "depth": ("depth_drift", "deeper_is_better")}
+
+
+def _drift(family: list[dict], axis: str) -> dict:
+    """How the optimum moves along `axis` over shapes equal in every other field."""
     log2_lr = [s["optimum"]["log2_lr"] for s in family]
     hi, lo = int(np.argmax(log2_lr)), int(np.argmin(log2_lr))
     sems = [_sem(family[i]["log2_lr_std"], len(family[i]["seed_optima"])) for i in (hi, lo)]
-    widths = [s["width"] for s in family]
+    sizes = [s[axis] for s in family]
     first = family[0]
-    return {"family": {k: first[k] for k in ("param", "optim", "kind", "depth", "tokens",
-                                             "batch_size")},
-            "widths": widths, "log2_lr": log2_lr, "log2_lr_std": [s["log2_lr_std"] for s in family],
+    return {"family": {k: first[k] for k in DRIFT_AXES[axis]},
+            f"{axis}s": sizes, "log2_lr": log2_lr,
+            "log2_lr_std": [s["log2_lr_std"] for s in family],
             "n_seeds": [len(s["seed_optima"]) for s in family],  # behind each std; 1: no spread
             "drift_octaves": log2_lr[hi] - log2_lr[lo],
             "drift_uncertainty": math.hypot(*sems) if None not in sems else None,
-            "slope": float(np.polyfit(np.log2(widths), log2_lr, 1)[0]),
+            "slope": float(np.polyfit(np.log2(sizes), log2_lr, 1)[0]),  # octaves per doubling
             "any_on_edge": any(s["optimum"]["on_edge"] for s in family)}
 
 
-def _wider_is_better(family: list[dict], drift: dict) -> dict:
-    """Loss per width at the grid LR nearest the narrowest width's optimum (the transferred LR)."""
-    narrowest = family[0]
-    log2_lr = min((p["log2_lr"] for p in narrowest["curve"]),
-                  key=lambda g: abs(g - narrowest["optimum"]["log2_lr"]))
+def _bigger_is_better(family: list[dict], drift: dict, axis: str) -> dict:
+    """Loss per size at the grid LR nearest the smallest shape's optimum (the transferred LR)."""
+    smallest = family[0]
+    log2_lr = min((p["log2_lr"] for p in smallest["curve"]),
+                  key=lambda g: abs(g - smallest["optimum"]["log2_lr"]))
     points = [next((p for p in s["curve"] if math.isclose(p["log2_lr"], log2_lr, abs_tol=1e-9)),
                    None) for s in family]
     means = [p and p["mean"] for p in points]
@@ -212,9 +224,20 @@ def _wider_is_better(family: list[dict], drift: dict) -> dict:
                   if None not in sems else None)
     beyond_noise = holds and thresholds is not None and all(
         a - b > t for (a, b), t in zip(itertools.pairwise(means), thresholds))
-    return {"family": drift["family"], "log2_lr": log2_lr, "widths": drift["widths"],
+    return {"family": drift["family"], "log2_lr": log2_lr, f"{axis}s": drift[f"{axis}s"],
             "loss_mean": means, "loss_sem": sems, "holds": holds, "beyond_noise": beyond_noise,
             "noise": max(thresholds) if thresholds else None}
+
+
+def _drifts(shapes: list[tuple[dict, dict]], axis: str) -> tuple[list[dict], list[dict]]:
+    """(drift, bigger-is-better) per family of ≥ 2 shapes that differ only in `axis`."""
+    drift, bigger = [], []
+    for family in _families(shapes, (f"model.{axis}",)):
+        if len(family) >= 2:
+            family.sort(key=lambda s: s[axis])
+            drift.append(_drift(family, axis))
+            bigger.append(_bigger_is_better(family, drift[-1], axis))
+    return drift, bigger
 
 
 def _power_law(x: list[float], y: list[float]) -> dict:
@@ -236,7 +259,8 @@ def exponent_text(law: dict) -> str:
 
 
 def analyze(results: list[dict], metric: str = "val_loss") -> dict:
-    """Per-shape LR optima and, across shapes, drift with width and power laws (JSON-ready)."""
+    """Per-shape LR optima and, across shapes, drift with width and with depth and power laws
+    (JSON-ready)."""
     if metric not in METRICS:
         raise ConfigError("metric", metric, f"one of {list(METRICS)}")
     groups = {r["config"].get("logging", {}).get("group") for r in results}
@@ -247,12 +271,9 @@ def analyze(results: list[dict], metric: str = "val_loss") -> dict:
                      for sid, runs in runs_by_shape.items()),
                     key=lambda sc: tuple(sc[0][k] for k in ("param", "optim", "kind", "depth",
                                                             "tokens", "width", "id")))
-    drift, wider = [], []
-    for family in _families(shapes, ("model.width",)):
-        if len(family) >= 2:
-            family.sort(key=lambda s: s["width"])
-            drift.append(_drift(family))
-            wider.append(_wider_is_better(family, drift[-1]))
+    drifts = {}
+    for axis, (drift_key, bigger_key) in DRIFT_KEYS.items():
+        drifts[drift_key], drifts[bigger_key] = _drifts(shapes, axis)
     lr_vs_tokens = []
     for family in _families(shapes, ("train.steps", "train.batch_size")):
         family.sort(key=lambda s: s["tokens"])
@@ -276,21 +297,46 @@ def analyze(results: list[dict], metric: str = "val_loss") -> dict:
                                     "loss": loss, **_power_law(compute, loss)})
     return {"metric": metric, "group": groups.pop() if len(groups) == 1 else None,
             "runs": sorted((_run_row(r) for r in results), key=lambda row: row["name"]),
-            "shapes": [shape for shape, _ in shapes], "drift": drift, "wider_is_better": wider,
-            "lr_vs_tokens": lr_vs_tokens, "loss_vs_compute": loss_vs_compute}
+            "shapes": [shape for shape, _ in shapes], **drifts, "lr_vs_tokens": lr_vs_tokens,
+            "loss_vs_compute": loss_vs_compute}
 
 
 def _pm(value: float | None, digits: int = 2) -> str:
     return "?" if value is None else f"{value:.{digits}f}"
 
 
+def _drift_lines(analysis: dict, axis: str) -> list[str]:
+    """One line per drift family along `axis`, then one per bigger-is-better check; the family
+    is named by the other axis, which it holds fixed ("d2" for width drift, "w64" for depth)."""
+    sizes, letter = f"{axis}s", axis[0]
+    (fixed,) = {"width", "depth"} - {axis}
+    drift_key, bigger_key = DRIFT_KEYS[axis]
+    bigger = bigger_key.split("_")[0]  # wider, deeper
+    lines = []
+    for d in analysis[drift_key]:
+        f = d["family"]
+        edge = "  (an optimum is on the grid edge)" if d["any_on_edge"] else ""
+        lines.append(f"{f['param']} {f['optim']} {fixed[0]}{f[fixed]} {f['tokens']} tokens "
+                     f"{letter}{d[sizes][0]}→{letter}{d[sizes][-1]}: drift "
+                     f"{d['drift_octaves']:.2f} ± {_pm(d['drift_uncertainty'])} octaves, "
+                     f"slope {d['slope']:+.2f}/{axis}-octave" + edge)
+    for b in analysis[bigger_key]:
+        f = b["family"]
+        lines.append(f"{f['param']} {f['optim']} {fixed[0]}{f[fixed]} {f['tokens']} tokens at "
+                     f"log2 lr {b['log2_lr']:.2f}: {bigger} is better "
+                     f"{'yes' if b['holds'] else 'no'}, beyond noise "
+                     f"{'yes' if b['beyond_noise'] else 'no'} (noise {_pm(b['noise'], 4)})")
+    return lines
+
+
 def format_table(analysis: dict) -> str:
-    """Plain-text summary: one line per shape, then drift, wider-is-better and power laws."""
+    """Plain-text summary: one line per shape, then drift and bigger-is-better along width and
+    along depth, and power laws."""
     lines = [f"metric: {analysis['metric']}   group: {analysis['group']}",
-             (f"{'param':<6} {'optim':<6} {'kind':<11} {'width':>6} {'depth':>5} {'tokens':>11} "
+             (f"{'param':<9} {'optim':<6} {'kind':<11} {'width':>6} {'depth':>5} {'tokens':>11} "
               f"{'seeds':>5}  {'log2 lr ± std':>14} {'argmin':>7}  {'best loss':>9}")]
     for s in analysis["shapes"]:
-        head = (f"{s['param']:<6} {s['optim']:<6} {s['kind']:<11} {s['width']:>6} "
+        head = (f"{s['param']:<9} {s['optim']:<6} {s['kind']:<11} {s['width']:>6} "
                 f"{s['depth']:>5} {s['tokens']:>11} {len(s['seeds']):>5}  ")
         o = s["optimum"]
         if o is None:
@@ -300,19 +346,7 @@ def format_table(analysis: dict) -> str:
         lines.append(head + f"{o['log2_lr']:>7.2f} ± {s['log2_lr_std']:<4.2f} "
                      f"{o['argmin_log2_lr']:>7.2f}{edge} {s['best_loss']:>9.4f}")
     lines.append("(* optimum at the edge of the LR grid: the true optimum may lie outside it)")
-    for d in analysis["drift"]:
-        f = d["family"]
-        edge = "  (an optimum is on the grid edge)" if d["any_on_edge"] else ""
-        lines.append(f"{f['param']} {f['optim']} d{f['depth']} {f['tokens']} tokens "
-                     f"w{d['widths'][0]}→w{d['widths'][-1]}: drift {d['drift_octaves']:.2f} ± "
-                     f"{_pm(d['drift_uncertainty'])} octaves, slope {d['slope']:+.2f}/width-octave"
-                     + edge)
-    for w in analysis["wider_is_better"]:
-        f = w["family"]
-        lines.append(f"{f['param']} {f['optim']} d{f['depth']} {f['tokens']} tokens at log2 lr "
-                     f"{w['log2_lr']:.2f}: wider is better {'yes' if w['holds'] else 'no'}, "
-                     f"beyond noise {'yes' if w['beyond_noise'] else 'no'} "
-                     f"(noise {_pm(w['noise'], 4)})")
+    lines += [line for axis in DRIFT_KEYS for line in _drift_lines(analysis, axis)]
     for p in analysis["lr_vs_tokens"]:
         f = p["family"]
         lines.append(f"{f['param']} {f['optim']} w{f['width']} d{f['depth']}: optimal lr ∝ "

@@ -11,11 +11,16 @@ from scaling.training.tracking import wandb_entity, wandb_mode, wandb_project
 
 OPTIMA_COLUMNS = ["param", "optim", "width", "depth", "tokens", "log2_lr", "lr", "argmin_log2_lr",
                   "on_edge", "best_loss"]
-# (analysis section, summary key prefix, value): one summary value per family of each section.
-SUMMARY_FIELDS = [("drift", "drift", "drift_octaves"),
-                  ("wider_is_better", "wider_is_better", "holds"),
-                  ("lr_vs_tokens", "lr_vs_tokens_exponent", "exponent"),
-                  ("loss_vs_compute", "loss_vs_compute_exponent", "exponent")]
+# (analysis section, summary key prefix, value, fields always in the family's name): one summary
+# value per family of each section. A depth family is named by its width, as a width family by
+# its depth.
+NAMED_BY_DEPTH, NAMED_BY_WIDTH = ("param", "depth"), ("param", "width")
+SUMMARY_FIELDS = [("drift", "drift", "drift_octaves", NAMED_BY_DEPTH),
+                  ("wider_is_better", "wider_is_better", "holds", NAMED_BY_DEPTH),
+                  ("depth_drift", "depth_drift", "drift_octaves", NAMED_BY_WIDTH),
+                  ("deeper_is_better", "deeper_is_better", "holds", NAMED_BY_WIDTH),
+                  ("lr_vs_tokens", "lr_vs_tokens_exponent", "exponent", NAMED_BY_DEPTH),
+                  ("loss_vs_compute", "loss_vs_compute_exponent", "exponent", NAMED_BY_DEPTH)]
 
 
 def log_analysis(analysis: dict, images: list[Path], *, project: str | None, group: str | None,
@@ -51,11 +56,12 @@ def _optimum_row(shape: dict) -> list:
 
 
 def _summary(analysis: dict) -> dict:
-    """Per-family verdicts under keys such as 'drift/mup/d2' and 'loss_vs_compute_exponent/sp'."""
+    """Per-family verdicts under keys such as 'drift/mup/d2', 'depth_drift/completep/w64' and
+    'loss_vs_compute_exponent/sp'."""
     values = {}
-    for section, prefix, field in SUMMARY_FIELDS:
+    for section, prefix, field, named in SUMMARY_FIELDS:
         entries = analysis[section]
         families = [e.get("family", e) for e in entries]  # loss_vs_compute rows are their family
-        for entry, parts in zip(entries, family_names(families), strict=True):
+        for entry, parts in zip(entries, family_names(families, named), strict=True):
             values[f"{prefix}/{'/'.join(parts)}"] = entry[field]
     return values

@@ -1,4 +1,5 @@
-"""Sweep plots from an analysis dict: LR curves per width, optimum drift, compute and token laws.
+"""Sweep plots from an analysis dict: LR curves per width and per depth, optimum drift along
+each, compute and token laws.
 
 Figures are built with matplotlib's object API (no pyplot), so saving to PNG uses Agg and leaves
 no global figure state behind.
@@ -17,22 +18,24 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
-from scaling.analysis import exponent_text
+from scaling.analysis import PARAM_LABELS, exponent_text
 from scaling.training.files import atomic_open
 
 DPI = 120
-PARAM_LABELS = {"sp": "SP", "mup": "μP"}
-PARAM_ORDER = ["sp", "mup"]  # the baseline on the left, the scaled parametrization next to it
+# baselines on the left, each scaled parametrization to the right of what it extends
+PARAM_ORDER = ["sp", "mup", "depth_mup", "completep", "hyperp"]
 MARKERS = "osD^v"  # hollow and distinct, so coinciding points of two fits stay visible
 FAMILY_FIELDS = ("param", "optim", "kind", "width", "depth", "tokens", "batch_size")
 FIELD_PREFIXES = {"width": "w", "depth": "d", "tokens": "t", "batch_size": "b"}
 MAX_LOG_TICKS = 6  # data values labelled on a log axis; more would crowd it
 
 
-def family_names(families: list[dict]) -> list[list[str]]:
-    """Short name parts per family: its param and depth, plus whichever other fields vary."""
+def family_names(families: list[dict], always: tuple[str, ...] = ("param", "depth")
+                 ) -> list[list[str]]:
+    """Short name parts per family: its `always` fields (param and depth; a depth-drift family,
+    which has no one depth, gives param and width), plus whichever other fields vary."""
     varying = [f for f in FAMILY_FIELDS
-               if f in ("param", "depth") or len({str(fam.get(f)) for fam in families}) > 1]
+               if f in always or len({str(fam.get(f)) for fam in families}) > 1]
     return [[FIELD_PREFIXES.get(f, "") + (_tokens_label(fam[f]) if f == "tokens" else str(fam[f]))
              for f in varying if f in fam] for fam in families]
 
@@ -46,8 +49,10 @@ def plot_analysis(analysis: dict, out_dir: Path) -> list[Path]:
     """Writes every plot that has data to out_dir; returns the paths written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = {
-        "loss_vs_lr": _loss_vs_lr(analysis),
-        "optimum_vs_width": _optimum_vs_width(analysis["drift"]),
+        "loss_vs_lr": _loss_vs_lr(analysis, "width"),
+        "optimum_vs_width": _optimum_vs(analysis["drift"], "width"),
+        "loss_vs_lr_by_depth": _loss_vs_lr(analysis, "depth"),
+        "optimum_vs_depth": _optimum_vs(analysis["depth_drift"], "depth"),
         "loss_vs_compute": _loss_vs_compute(analysis["metric"], analysis["loss_vs_compute"]),
         "optimum_vs_tokens": _optimum_vs_tokens(analysis["lr_vs_tokens"]),
     }
@@ -72,9 +77,10 @@ def _param_rank(param: str) -> int:
     return PARAM_ORDER.index(param) if param in PARAM_ORDER else len(PARAM_ORDER)
 
 
-def _labels(families: list[dict]) -> list[str]:
+def _labels(families: list[dict], always: tuple[str, ...] = ("param", "depth")) -> list[str]:
     """Legend labels such as 'μP d2', or 'μP adamw d2' where the optimizers differ."""
-    return [" ".join([_param_label(parts[0]), *parts[1:]]) for parts in family_names(families)]
+    return [" ".join([_param_label(parts[0]), *parts[1:]])
+            for parts in family_names(families, always)]
 
 
 def _tokens_label(tokens: float, digits: int = 3) -> str:
@@ -132,39 +138,51 @@ def _log_ticks(values: list[float]) -> list[float]:
     return ticks
 
 
-def _width_colors(widths: list[int]) -> dict[int, tuple]:
-    """Sequential colours by log width; the palest end of viridis is cut off for contrast."""
-    norm = LogNorm(min(widths), max(widths) * (1 + 1e-9))  # a single width still spans a range
+def _size_colors(sizes: list[int]) -> dict[int, tuple]:
+    """Sequential colours by log width (or depth); the palest end of viridis is cut off for
+    contrast."""
+    norm = LogNorm(min(sizes), max(sizes) * (1 + 1e-9))  # a single size still spans a range
     cmap = matplotlib.colormaps["viridis"]
-    return {w: cmap(0.85 * norm(w)) for w in widths}
+    return {w: cmap(0.85 * norm(w)) for w in sizes}
 
 
-def _shown_family(shapes: list[dict]) -> list[dict]:
-    """The (kind, depth, tokens, batch) slice with the most widths; ties go to more tokens."""
+def _other_axis(axis: str) -> str:
+    return "depth" if axis == "width" else "width"
+
+
+def _shown_family(shapes: list[dict], axis: str) -> list[dict]:
+    """The (kind, other axis, tokens, batch) slice with the most sizes along `axis`; ties go to
+    more tokens."""
     families = defaultdict(list)
     for s in shapes:
-        families[(s["kind"], s["depth"], s["tokens"], s["batch_size"])].append(s)
+        families[(s["kind"], s[_other_axis(axis)], s["tokens"], s["batch_size"])].append(s)
     key = max(families, key=lambda k: (len(families[k]), k[2]))
-    return sorted(families[key], key=lambda s: s["width"])
+    return sorted(families[key], key=lambda s: s[axis])
 
 
-def _loss_vs_lr(analysis: dict) -> Figure | None:
+def _loss_vs_lr(analysis: dict, axis: str) -> Figure | None:
+    """One panel per (param, optim), a curve per width (or depth); the depth figure only where
+    some slice holds several depths, since most sweeps have one."""
     panels = defaultdict(list)
     for s in analysis["shapes"]:
         panels[(s["param"], s["optim"])].append(s)
-    if not panels:
+    shown = {key: _shown_family(shapes, axis) for key, shapes in panels.items()}
+    if axis == "depth":
+        shown = {key: family for key, family in shown.items() if len(family) >= 2}
+    if not shown:
         return None
-    keys = sorted(panels, key=lambda k: (_param_rank(k[0]), k))
-    colors = _width_colors(sorted({s["width"] for s in analysis["shapes"]}))
+    keys = sorted(shown, key=lambda k: (_param_rank(k[0]), k))
+    colors = _size_colors(sorted({s[axis] for s in analysis["shapes"]}))
+    fixed = _other_axis(axis)
     fig = Figure(figsize=(5.2 * len(keys), 4.2), layout="constrained")
     axes = fig.subplots(1, len(keys), sharey=True, squeeze=False)[0]
     for ax, key in zip(axes, keys, strict=True):
-        shown = _shown_family(panels[key])
-        for s in shown:
-            _plot_curve(ax, s, colors[s["width"]])
-        first = shown[0]
-        ax.set_title(f"{_param_label(key[0])} · {key[1]}\n{first['kind']} d{first['depth']}, "
-                     f"{_tokens_label(first['tokens'])} tokens, batch {first['batch_size']}")
+        for s in shown[key]:
+            _plot_curve(ax, s, colors[s[axis]], axis)
+        first = shown[key][0]
+        ax.set_title(f"{_param_label(key[0])} · {key[1]}\n{first['kind']} "
+                     f"{fixed[0]}{first[fixed]}, {_tokens_label(first['tokens'])} tokens, "
+                     f"batch {first['batch_size']}")
         ax.set_xlabel("log₂ learning rate")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
@@ -172,17 +190,17 @@ def _loss_vs_lr(analysis: dict) -> Figure | None:
     axes[0].set_ylabel(f"{analysis['metric']} ({_seed_note(seed_counts)})")
     group = f" — {analysis['group']}" if analysis["group"] else ""
     some_seed = " (some seed)" if max(seed_counts) > 1 else ""
-    fig.suptitle(f"{analysis['metric']} vs learning rate by width{group}\n"
+    fig.suptitle(f"{analysis['metric']} vs learning rate by {axis}{group}\n"
                  f"★ fitted optimum   × diverged{some_seed} at that LR")
     return fig
 
 
-def _plot_curve(ax, shape: dict, color: tuple) -> None:
+def _plot_curve(ax, shape: dict, color: tuple, axis: str) -> None:
     """Seed-mean curve with std bars, its fitted optimum, and diverged LRs as x at the top."""
     finite = [p for p in shape["curve"] if p["mean"] is not None]
     _line_with_spread(ax, [p["log2_lr"] for p in finite], [p["mean"] for p in finite],
                       [p["std"] for p in finite], [p["n"] for p in finite], capsize=2,
-                      color=color, marker="o", ms=3, lw=1.3, label=f"width {shape['width']}")
+                      color=color, marker="o", ms=3, lw=1.3, label=f"{axis} {shape[axis]}")
     optimum = shape["optimum"]
     if optimum is not None:  # None when every run of the shape diverged
         ax.plot(optimum["log2_lr"], optimum["loss"], marker="*", ms=13, color=color,
@@ -193,28 +211,30 @@ def _plot_curve(ax, shape: dict, color: tuple) -> None:
             transform=ax.get_xaxis_transform())
 
 
-def _optimum_vs_width(drift: list[dict]) -> Figure | None:
+def _optimum_vs(drift: list[dict], axis: str) -> Figure | None:
+    """The optimal log2 LR against width (or depth), a line per family, its drift in the title."""
     if not drift:
         return None
     drift = sorted(drift, key=lambda d: _family_order(d["family"]))
     fig = Figure(figsize=(8.8, 4.4), layout="constrained")
     ax = fig.subplots()
     summaries = []
-    for d, label in zip(drift, _labels([d["family"] for d in drift]), strict=True):
+    always = ("param", _other_axis(axis))
+    for d, label in zip(drift, _labels([d["family"] for d in drift], always), strict=True):
         edge = " (optimum at grid edge)" if d["any_on_edge"] else ""
-        _line_with_spread(ax, d["widths"], d["log2_lr"], d["log2_lr_std"], d["n_seeds"],
+        _line_with_spread(ax, d[f"{axis}s"], d["log2_lr"], d["log2_lr_std"], d["n_seeds"],
                           capsize=3, marker="o", label=f"{label}{edge}")
         summaries.append(f"{label} {_octaves(d['drift_octaves'], d['drift_uncertainty'])}")
-    widths = sorted({w for d in drift for w in d["widths"]})
+    sizes = sorted({w for d in drift for w in d[f"{axis}s"]})
     ax.set_xscale("log", base=2)
-    ax.set_xticks(widths, [str(w) for w in widths])
+    ax.set_xticks(sizes, [str(w) for w in sizes])
     ax.minorticks_off()
-    ax.set_xlabel("width")
+    ax.set_xlabel(axis)
     bars = any(n >= 2 for d in drift for n in d["n_seeds"])
     ax.set_ylabel("optimal log₂ learning rate" + (" (bars: std over seeds)" if bars else ""))
     # non-breaking spaces keep each family's drift on one line of the wrapped title
     drifts = ", ".join(summary.replace(" ", "\u00a0") for summary in summaries)
-    fig.suptitle(textwrap.fill(f"Optimal LR vs width — drift: {drifts}", 90))
+    fig.suptitle(textwrap.fill(f"Optimal LR vs {axis} — drift: {drifts}", 90))
     ax.grid(alpha=0.3)
     fig.legend(loc="outside right center")
     return fig

@@ -1,9 +1,10 @@
 """Transfer: the target's hyperparameters from a tuned proxy, by the parametrization's rules.
 
 Each rule is one step that may move the base learning rate and says why. Width is handled by the
-parametrization's table (μP moves per-role multipliers, never the base LR; SP has no rule), the
-token budget by the data-scaling law η ∝ T^(−k), the batch by η ∝ √(B/B0). Depth steps belong in
-TRANSFER_STEPS once the depth rules exist; until then a depth change is refused.
+parametrization's table (μP moves per-group multipliers, never the base LR; SP has no rule). Depth
+by the table too under Depth-μP and CompleteP (per-group multipliers, never the base LR), by
+HyperP's law η ∝ (L0/L)^d (d, the depth exponent, an assumption to measure), and not at all
+under SP and μP. The token budget by the data-scaling law η ∝ T^(−k), the batch by η ∝ √(B/B0).
 """
 
 from __future__ import annotations
@@ -12,12 +13,18 @@ import dataclasses
 import math
 from collections.abc import Callable
 
-from scaling.analysis import analyze, shape_id
+from scaling.analysis import PARAM_LABELS, analyze, shape_id
 from scaling.config import ConfigError, RunConfig, SweepConfig, from_dict, validate
 from scaling.parametrization import make_parametrization
+from scaling.rules import DEPTH_RULES, NO_DEPTH_RULE
 
 DATA_EXPONENT = 0.32  # k in η ∝ T^(−k), fitted by HyperP (ArchScale)
 BATCH_EXPONENT = 0.5  # η ∝ √(B/B0), HyperP's batch rule
+# d in HyperP's η ∝ (L0/L)^d. ArchScale grew width with depth, so its √(L0/L) is not separable
+# from width: an assumption to measure (SCALING_RULES.md §5), hence configurable.
+DEPTH_EXPONENT = 0.5
+# Parametrizations whose base LR itself follows a law in depth (and stays across width).
+LR_LAW_PARAMS = ("hyperp",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,34 +32,65 @@ class TransferResult:
     config: RunConfig  # the target run
     lr: float
     reasons: list[str]  # one line per rule, in the order applied
-    role_multipliers: dict[str, tuple[float, float]]  # role -> (proxy, target) LR multiplier
+    # parameter group (a role, or a role inside residual blocks) -> (proxy, target) LR multiplier
+    role_multipliers: dict[str, tuple[float, float]]
 
 
+@dataclasses.dataclass(frozen=True)
+class Exponents:
+    """The exponents of the LR laws a transfer applies (the others are fixed rules)."""
 
-Step = Callable[[RunConfig, RunConfig, float], tuple[float, str | None]]
+    data: float = DATA_EXPONENT  # k in η ∝ T^(−k)
+    depth: float = DEPTH_EXPONENT  # d in HyperP's η ∝ (L0/L)^d
 
 
-def _width(proxy: RunConfig, target: RunConfig, k: float) -> tuple[float, str | None]:
+Step = Callable[[RunConfig, RunConfig, Exponents], tuple[float, str | None]]
+
+
+def _width(proxy: RunConfig, target: RunConfig, laws: Exponents) -> tuple[float, str | None]:
     w0, w, base = proxy.model.width, target.model.width, proxy.param.base_width
+    name = proxy.param.name
     if w0 == w:
         return 1.0, None
-    if proxy.param.name == "sp":
+    if name == "sp":
         return 1.0, (f"width {w0} → {w}: SP has no width rule, so the base LR is copied "
                      "(its optimum is expected to move with width)")
+    claim = (f"; {PARAM_LABELS[name]} claims its base LR transfers across width"
+             if name in LR_LAW_PARAMS else "")
     return 1.0, (f"width {w0} → {w} (m = {w0 / base:g} → {w / base:g} over base width {base}): "
-                 f"the {proxy.param.name} table scales the per-role multipliers below, "
-                 "the base LR stays")
+                 f"the {name} table scales the per-group multipliers below, "
+                 f"the base LR stays{claim}")
 
 
-def _tokens(proxy: RunConfig, target: RunConfig, k: float) -> tuple[float, str | None]:
-    t0, t = tokens(proxy), tokens(target)
+def _depth(proxy: RunConfig, target: RunConfig, laws: Exponents) -> tuple[float, str | None]:
+    l0, l, base = proxy.model.depth, target.model.depth, proxy.param.base_depth
+    name = proxy.param.name
+    if l0 == l:
+        return 1.0, None
+    if name in LR_LAW_PARAMS:
+        factor = (l0 / l) ** laws.depth
+        return factor, (f"depth {l0} → {l} blocks: {PARAM_LABELS[name]}'s η × (L0/L)^"
+                        f"{laws.depth:g} = ×{factor:.4g} (the depth exponent is an assumption "
+                        "to measure)")
+    rule = DEPTH_RULES[name]
+    if rule == NO_DEPTH_RULE:
+        return 1.0, (f"depth {l0} → {l} blocks: {PARAM_LABELS[name]} has no depth rule, so the "
+                     "base LR is copied (its optimum is expected to move with depth)")
+    alpha = -rule.branch.c
+    return 1.0, (f"depth {l0} → {l} blocks (r = {l0 / base:g} → {l / base:g} over base depth "
+                 f"{base}, α = {alpha:g}): the {name} table scales the per-group multipliers "
+                 f"below (branches × r^(−α), block LR × r^(α−1)), the base LR stays")
+
+
+def _tokens(proxy: RunConfig, target: RunConfig, laws: Exponents) -> tuple[float, str | None]:
+    t0, t, k = tokens(proxy), tokens(target), laws.data
     if t0 == t:
         return 1.0, None
     factor = (t / t0) ** -k
     return factor, f"tokens {t0:,} → {t:,} (×{t / t0:g}): η × (T/T0)^(−{k:g}) = ×{factor:.4g}"
 
 
-def _batch(proxy: RunConfig, target: RunConfig, k: float) -> tuple[float, str | None]:
+def _batch(proxy: RunConfig, target: RunConfig, laws: Exponents) -> tuple[float, str | None]:
     b0, b = proxy.train.batch_size, target.train.batch_size
     if b0 == b:
         return 1.0, None
@@ -61,32 +99,34 @@ def _batch(proxy: RunConfig, target: RunConfig, k: float) -> tuple[float, str | 
                     f"η × (B/B0)^{BATCH_EXPONENT:g} = ×{factor:.4g}")
 
 
-TRANSFER_STEPS: tuple[Step, ...] = (_width, _tokens, _batch)
+TRANSFER_STEPS: tuple[Step, ...] = (_width, _depth, _tokens, _batch)
 
 
 def tokens(cfg: RunConfig) -> int:
     return cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len
 
 
-def transfer(proxy: RunConfig, proxy_lr: float, *, width: int, steps: int | None = None,
-             batch_size: int | None = None, depth: int | None = None,
-             data_exponent: float = DATA_EXPONENT) -> TransferResult:
-    """The target config (width, steps, batch) and its LR from the proxy's optimal LR."""
-    if depth is not None and depth != proxy.model.depth:
-        raise ConfigError("depth", depth, f"the proxy's depth {proxy.model.depth}: depth transfer "
-                          "needs the depth rules (Depth-μP / CompleteP), which are not in this "
-                          "version")
+def transfer(proxy: RunConfig, proxy_lr: float, *, width: int | None = None,
+             depth: int | None = None, steps: int | None = None, batch_size: int | None = None,
+             data_exponent: float = DATA_EXPONENT,
+             depth_exponent: float = DEPTH_EXPONENT) -> TransferResult:
+    """The target config (width, depth, steps, batch; None keeps the proxy's) and its LR from
+    the proxy's optimal LR."""
     if data_exponent < 0:
         raise ConfigError("data_exponent", data_exponent, "a non-negative exponent k")
+    if depth_exponent < 0:
+        raise ConfigError("depth_exponent", depth_exponent, "a non-negative exponent d")
+    model = dataclasses.replace(proxy.model, width=proxy.model.width if width is None else width,
+                                depth=proxy.model.depth if depth is None else depth)
     train = dataclasses.replace(
         proxy.train, steps=proxy.train.steps if steps is None else steps,
         batch_size=proxy.train.batch_size if batch_size is None else batch_size)
-    target = dataclasses.replace(proxy, model=dataclasses.replace(proxy.model, width=width),
-                                 train=train)
+    target = dataclasses.replace(proxy, model=model, train=train)
     validate(target)  # e.g. a width that is not a multiple of the head dim, or zero steps
+    laws = Exponents(data=data_exponent, depth=depth_exponent)
     lr, reasons = proxy_lr, [f"proxy optimum: η = {proxy_lr:.4g} (log2 {math.log2(proxy_lr):.2f})"]
     for step in TRANSFER_STEPS:
-        factor, reason = step(proxy, target, data_exponent)
+        factor, reason = step(proxy, target, laws)
         lr *= factor
         if reason is not None:
             reasons.append(reason)
@@ -103,8 +143,10 @@ def _role_multipliers(proxy: RunConfig, target: RunConfig) -> dict[str, tuple[fl
     return {role: (before[role].lr, after[role].lr) for role in before}
 
 
-def proxy_shape(analysis: dict, *, param: str | None = None, width: int | None = None) -> dict:
-    """The analysed shape to transfer from: the widest with an interior optimum, unless told."""
+def proxy_shape(analysis: dict, *, param: str | None = None, width: int | None = None,
+                depth: int | None = None) -> dict:
+    """The analysed shape to transfer from: the widest, then deepest, with an interior optimum,
+    unless told its width or depth."""
     shapes = [s for s in analysis["shapes"] if s["optimum"] is not None]
     params = sorted({s["param"] for s in shapes})
     if param is None and len(params) > 1:
@@ -112,13 +154,15 @@ def proxy_shape(analysis: dict, *, param: str | None = None, width: int | None =
     shapes = [s for s in shapes if param is None or s["param"] == param]
     if not shapes:
         raise ConfigError("param", param, f"one of {params}")
-    if width is not None:
-        widths = sorted({s["width"] for s in shapes})
-        shapes = [s for s in shapes if s["width"] == width]
-        if not shapes:
-            raise ConfigError("proxy_width", width, f"a swept width, one of {widths}")
+    for axis, size in (("width", width), ("depth", depth)):
+        if size is not None:
+            sizes = sorted({s[axis] for s in shapes})
+            shapes = [s for s in shapes if s[axis] == size]
+            if not shapes:
+                raise ConfigError(f"proxy_{axis}", size, f"a swept {axis}, one of {sizes}")
     # an optimum on the grid's edge is a bound, not an optimum: prefer any interior one
-    return max(shapes, key=lambda s: (not s["optimum"]["on_edge"], s["width"], s["tokens"]))
+    return max(shapes, key=lambda s: (not s["optimum"]["on_edge"], s["width"], s["depth"],
+                                      s["tokens"]))
 
 
 def proxy_config(results: list[dict], shape: dict) -> RunConfig:
@@ -127,12 +171,15 @@ def proxy_config(results: list[dict], shape: dict) -> RunConfig:
     return dataclasses.replace(proxy, sweep=SweepConfig())
 
 
-def transfer_from_sweep(results: list[dict], *, width: int, steps: int | None = None,
+def transfer_from_sweep(results: list[dict], *, width: int | None = None,
+                        depth: int | None = None, steps: int | None = None,
                         batch_size: int | None = None, param: str | None = None,
-                        proxy_width: int | None = None,
-                        data_exponent: float = DATA_EXPONENT) -> tuple[dict, TransferResult]:
+                        proxy_width: int | None = None, proxy_depth: int | None = None,
+                        data_exponent: float = DATA_EXPONENT,
+                        depth_exponent: float = DEPTH_EXPONENT) -> tuple[dict, TransferResult]:
     """(proxy shape, transfer) from a sweep's `result.json` dicts, as `scaling-transfer` does:
     the proxy is the analysed optimum's own run config, never a default config."""
-    shape = proxy_shape(analyze(results), param=param, width=proxy_width)
+    shape = proxy_shape(analyze(results), param=param, width=proxy_width, depth=proxy_depth)
     return shape, transfer(proxy_config(results, shape), shape["optimum"]["lr"], width=width,
-                           steps=steps, batch_size=batch_size, data_exponent=data_exponent)
+                           depth=depth, steps=steps, batch_size=batch_size,
+                           data_exponent=data_exponent, depth_exponent=depth_exponent)

@@ -183,3 +183,65 @@ def test_format_table_names_each_width_and_the_drift():
         assert f" {shape['width']} " in table
     assert "w64→w512: drift 3.0" in table
     assert "noise" in table
+
+
+def _grid_sweep(optimum, params=("mup",), widths=(64,), depths=(2, 4, 8), seeds=2,
+                noise=0.002, floor=lambda width, depth: 2.0) -> list[dict]:
+    """Runs over width × depth (base depth 2, shared) whose loss is
+    0.05·(log2 lr − optimum(width, depth))² + floor(width, depth) plus Gaussian noise."""
+    rng = np.random.default_rng(0)
+    return [_result(param, width, x, seed,
+                    0.05 * (x - optimum(width, depth)) ** 2 + floor(width, depth)
+                    + noise * rng.standard_normal(), depth=depth, base_depth=2)
+            for param in params for width in widths for depth in depths
+            for seed in range(seeds) for x in GRID]
+
+
+@pytest.mark.parametrize("optimum, drift, slope", [
+    (lambda w, d: -8.0, 0.0, 0.0),  # a depth rule that transfers
+    (lambda w, d: -8.0 - 0.5 * math.log2(d / 2), 1.0, -0.5),  # half an octave per doubling
+])
+def test_depth_drift_like_width_drift(optimum, drift, slope):
+    analysis = analyze(_grid_sweep(optimum, depths=(2, 4, 8)))
+    assert analysis["drift"] == analysis["wider_is_better"] == []  # one width
+    (d,) = analysis["depth_drift"]
+    assert d["depths"] == [2, 4, 8] and "widths" not in d
+    assert d["family"] == {"param": "mup", "optim": "adamw", "kind": "transformer", "width": 64,
+                           "tokens": 200 * BATCH * SEQ_LEN, "batch_size": BATCH}
+    assert abs(d["drift_octaves"] - drift) < 0.15 and abs(d["slope"] - slope) < 0.05
+    assert d["drift_uncertainty"] < 0.2 and not d["any_on_edge"]
+    assert d["n_seeds"] == [2, 2, 2] and len(d["log2_lr"]) == len(d["log2_lr_std"]) == 3
+
+
+def test_deeper_is_better_at_the_transferred_lr():
+    analysis = analyze(_grid_sweep(lambda w, d: -8.0, depths=(2, 4), noise=0.0,
+                                   floor=lambda w, d: 3.0 - 0.1 * math.log2(d)))
+    (b,) = analysis["deeper_is_better"]
+    assert b["depths"] == [2, 4] and b["log2_lr"] == -8.0 and b["family"]["width"] == 64
+    assert b["holds"] and b["loss_mean"][1] < b["loss_mean"][0]
+    assert b["noise"] == 0.0 and b["beyond_noise"]  # identical seeds: no noise to beat
+
+
+def test_width_by_depth_grid_gives_both_drifts():
+    """Width drift per depth and depth drift per width: each family differs in one axis only."""
+    def optimum(width, depth):
+        return -8.0 - math.log2(width / 64) - 0.5 * math.log2(depth / 2)
+
+    analysis = analyze(_grid_sweep(optimum, widths=(64, 128, 256), depths=(2, 4), seeds=1))
+    assert sorted(d["family"]["depth"] for d in analysis["drift"]) == [2, 4]
+    assert sorted(d["family"]["width"] for d in analysis["depth_drift"]) == [64, 128, 256]
+    assert len(analysis["wider_is_better"]) == 2 and len(analysis["deeper_is_better"]) == 3
+    assert all(abs(d["slope"] + 1.0) < 0.05 for d in analysis["drift"])
+    assert all(abs(d["slope"] + 0.5) < 0.05 for d in analysis["depth_drift"])
+    table = format_table(analysis)
+    assert "mup adamw d2 204800 tokens w64→w256: drift 2.0" in table
+    assert "mup adamw w128 204800 tokens d2→d4: drift 0.5" in table
+    assert "/depth-octave" in table and "deeper is better" in table
+    assert json.loads(json.dumps(analysis, allow_nan=False)) == analysis
+
+
+def test_depths_with_their_own_base_depth_are_no_family():
+    """A run at its own base depth is a different parametrization: no drift across those."""
+    results = [_result("mup", 64, x, 0, 0.05 * (x + 8) ** 2 + 2.0, depth=depth)
+               for depth in (2, 4) for x in GRID]  # base_depth = depth for each
+    assert analyze(results)["depth_drift"] == []

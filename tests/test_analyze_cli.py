@@ -160,3 +160,46 @@ def test_wandb_analysis_run_holds_tables_images_and_drift(sweep, tmp_path, monke
     assert summary["wider_is_better/mup/d2"] is True
     assert {"loss_vs_compute_exponent/sp", "loss_vs_compute_exponent/mup"} <= set(summary)
     assert [e.exit_code for e in of_type(records, "exit")] == [0]
+
+
+def _grid_vertex(param: str, width: int, depth: int) -> float:
+    """μP's optimum falls an octave per depth doubling; CompleteP's stays; neither moves with
+    width."""
+    return -7.0 - (math.log2(depth / 2) if param == "mup" else 0.0)
+
+
+def test_width_by_depth_grid_gives_depth_drift_plots_and_summary(tmp_path, capsys):
+    """Widths 64, 128 × depths 2, 4 (base depth 2): depth drift per width beside width drift per
+    depth, both plotted, and a W&B summary value per depth family, named by its width."""
+    root = tmp_path / "sweep"
+    write_results(root, [
+        run_result(param, width, x, seed,
+                   1.2 + 16 / width + 1 / depth + 0.05 * (x - _grid_vertex(param, width, depth)
+                                                         - 0.1 * (seed - 0.5)) ** 2,
+                   depth=depth, base_depth=2, group=GROUP, root=root)
+        for param in ("mup", "completep") for width in (64, 128) for depth in (2, 4)
+        for x in LOG2_LR_GRID for seed in SEEDS])
+
+    main([str(root), "--wandb-mode", "disabled"])
+
+    out = root / "analysis"
+    for name in ("optimum_vs_width.png", "loss_vs_lr.png", "optimum_vs_depth.png",
+                 "loss_vs_lr_by_depth.png"):
+        _assert_png(out / name)
+    analysis = json.loads((out / "analysis.json").read_text())
+    depth_drift = {(d["family"]["param"], d["family"]["width"]): d["drift_octaves"]
+                   for d in analysis["depth_drift"]}
+    assert depth_drift == pytest.approx({("mup", 64): 1.0, ("mup", 128): 1.0,
+                                         ("completep", 64): 0.0, ("completep", 128): 0.0},
+                                        abs=1e-6)
+    assert len(analysis["drift"]) == 4  # width drift per (param, depth)
+    printed = capsys.readouterr().out
+    assert "mup adamw w64 51200 tokens d2→d4: drift 1.00" in printed
+
+    from scaling.analysis_run import _summary
+
+    summary = _summary(analysis)
+    assert summary["depth_drift/mup/w64"] == pytest.approx(1.0, abs=1e-6)
+    assert summary["depth_drift/completep/w128"] == pytest.approx(0.0, abs=1e-6)
+    assert summary["deeper_is_better/completep/w64"] is True
+    assert summary["drift/mup/d4"] == pytest.approx(0.0, abs=1e-6)

@@ -1,5 +1,5 @@
 """`scaling-demo`: the proxy sweep → analysis → transfer → target story end to end (shrunk to
-seconds with overrides), and the verdict it prints."""
+seconds with overrides), across width and across depth, and the verdict it prints."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import math
 from pathlib import Path
 
 import pytest
-from synthetic import run_result, write_results
+from synthetic import assert_one_line_cli_error, run_result, write_results
 from tqdm.auto import tqdm
 
 import experiments.analyze
-from experiments.demo import MOVES, STAYS_PUT, main, verdict
+from experiments.demo import MOVES, STAYS_PUT, STORIES, main, proxy_configs, verdict
 from scaling.config import lr_grid, to_dict
 from scaling.transfer import proxy_shape
 
@@ -84,15 +84,21 @@ def test_verdict_says_what_the_numbers_say():
     assert diverged_sp[-1].endswith("beats SP's")
 
 
-def test_demo_grids_cover_both_parametrizations():
-    """The shipped demo sweeps SP and μP over several widths on a grid of several LRs."""
-    from experiments.demo import MODES, proxy_configs
-
-    for experiment in MODES.values():
+@pytest.mark.parametrize("axis", sorted(STORIES))
+def test_demo_grids_cover_both_parametrizations(axis):
+    """The shipped demos sweep both parametrizations (SP and μP across width, μP and CompleteP
+    across depth) over several sizes of one axis only, on a grid of several LRs; the depth demo's
+    shallowest proxy is its base depth, where CompleteP equals μP."""
+    story = STORIES[axis]
+    other = "depth" if axis == "width" else "width"
+    for experiment in story.experiments.values():
         jobs = proxy_configs(experiment, [])
-        assert {c.param.name for c in jobs} == {"sp", "mup"}
-        assert len({c.model.width for c in jobs}) >= 2
+        assert {c.param.name for c in jobs} == {story.scaled, story.baseline}
+        assert len({getattr(c.model, axis) for c in jobs}) >= 2
+        assert len({getattr(c.model, other) for c in jobs}) == 1
         assert all(len(lr_grid(c.sweep)) >= 5 for c in jobs)
+        if axis == "depth":
+            assert {c.param.base_depth for c in jobs} == {min(c.model.depth for c in jobs)}
 
 
 @pytest.mark.parametrize("widths, slope", [((32, 64), {"mup": -0.29, "sp": -1.47}),
@@ -106,19 +112,30 @@ def test_verdict_judges_drift_per_width_doubling(widths, slope):
                          f"SP's moves (≥ {MOVES} octave per width doubling) or wider gets worse")
 
 
+def _vertex(cfg) -> float:
+    """SP's optimum halves per width doubling and μP's per depth doubling (neither has a rule for
+    that axis); μP's across width and CompleteP's across depth stay put."""
+    if cfg.param.name == "sp":
+        return -6.0 - math.log2(cfg.model.width / 32)
+    if cfg.param.name == "mup":
+        return -6.0 - math.log2(cfg.model.depth / cfg.param.base_depth)
+    return -7.0
+
+
 def _stand_in_sweep(cfg) -> list[dict]:
-    """What a proxy job leaves (SP's optimum halves per width doubling, μP's stays at 2^-7), with
-    the progress bar the training loop draws for it."""
+    """What a proxy job leaves (optima at _vertex), with the progress bar the training loop draws
+    for it."""
     lrs = lr_grid(cfg.sweep)
     bar = tqdm(total=len(lrs), disable=not cfg.logging.progress)  # as scaling/training/loop.py
-    vertex = -6.0 - math.log2(cfg.model.width / 32) if cfg.param.name == "sp" else -7.0
+    vertex = _vertex(cfg)
     results = []
     for log2_lr in map(math.log2, lrs):
         loss = 2.0 + 8 / cfg.model.width + 0.05 * (log2_lr - vertex) ** 2
         results.append(run_result(
             cfg.param.name, cfg.model.width, log2_lr, cfg.train.seed, loss, steps=cfg.train.steps,
             batch=cfg.train.batch_size, seq_len=cfg.train.seq_len, depth=cfg.model.depth,
-            base_width=cfg.param.base_width, group=cfg.logging.group,
+            base_width=cfg.param.base_width, base_depth=cfg.param.base_depth,
+            group=cfg.logging.group,
             root=Path(cfg.train.out_dir)))
         bar.update()
     bar.close()
@@ -127,23 +144,30 @@ def _stand_in_sweep(cfg) -> list[dict]:
 
 
 def _stand_in_train(cfg) -> dict:
-    return {"diverged": False, "val_loss": 2.0 if cfg.param.name == "mup" else 2.1,
-            "config": to_dict(cfg)}
+    loss = {"sp": 2.1, "mup": 2.0, "completep": 1.9}[cfg.param.name]
+    return {"diverged": False, "val_loss": loss, "config": to_dict(cfg)}
 
 
-@pytest.fixture(scope="module")
-def stand_in_demo(tmp_path_factory) -> tuple[Path, str, str]:
-    """`scaling-demo --quick` around stand-in training, its stderr a file (not a terminal):
+def _stand_in_demo(out_dir: Path, argv: list[str]) -> tuple[Path, str, str]:
+    """`scaling-demo --quick ARGV` around stand-in training, its stderr a file (not a terminal):
     (out dir, stdout, stderr)."""
-    out_dir = tmp_path_factory.mktemp("demo")
     stdout, stderr = io.StringIO(), io.StringIO()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("scaling.training.loop.train_sweep", _stand_in_sweep)
         patch.setattr("scaling.training.loop.train", _stand_in_train)
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            main(["--quick", "--wandb-mode", "disabled", "--out-dir", str(out_dir),
-                  "--target-width", "128"])
+            main(["--quick", "--wandb-mode", "disabled", "--out-dir", str(out_dir), *argv])
     return out_dir, stdout.getvalue(), stderr.getvalue()
+
+
+@pytest.fixture(scope="module")
+def stand_in_demo(tmp_path_factory) -> tuple[Path, str, str]:
+    return _stand_in_demo(tmp_path_factory.mktemp("demo"), ["--target-width", "128"])
+
+
+@pytest.fixture(scope="module")
+def stand_in_depth_demo(tmp_path_factory) -> tuple[Path, str, str]:
+    return _stand_in_demo(tmp_path_factory.mktemp("demo_depth"), ["--axis", "depth"])
 
 
 def test_quick_demo_verdict_sees_sp_move_over_one_doubling(stand_in_demo):
@@ -174,3 +198,52 @@ def test_progress_to_a_file_is_plain_lines(stand_in_demo):
     assert "\x1b[" not in stderr and "\r" not in stderr
     jobs = [line for line in stderr.splitlines() if line.startswith("proxy job ")]
     assert [line.split(" done")[0] for line in jobs] == [f"proxy job {i}/4" for i in (1, 2, 3, 4)]
+
+
+def test_quick_depth_demo_sees_mup_move_and_completep_stay(stand_in_depth_demo):
+    """Depths 1→2 under μP and CompleteP, target 4× the deepest: μP's optimum moves an octave,
+    CompleteP's stays; each target keeps its proxy's width and fitted base LR (no depth law)."""
+    out_dir, stdout, stderr = stand_in_depth_demo
+    assert "[1/4] proxy sweep: 4 jobs (param × depth × seed)" in stdout
+    assert "[3/4] transfer to depth 8 and train the targets" in stdout
+    assert ("      mup: optimum drift over depths 1→2: 1.00 ± ? octaves (slope -1.00 per depth "
+            "doubling)") in stdout
+    assert "completep: optimum drift over depths 1→2: 0.00 ± ? octaves" in stdout
+    assert "depth 2 → 8 blocks (r = 2 → 8 over base depth 1, α = 1)" in stdout
+    summary = json.loads((out_dir / "verdict.json").read_text())
+    assert summary["axis"] == "depth" and "depth_drift" in summary and "drift" not in summary
+    assert summary["verdict"][-2:] == [
+        ("CompleteP's optimum stays put (≤ 0.5 octave per depth doubling); μP's moves (≥ 0.75 "
+         "octave per depth doubling) or deeper gets worse"),
+        "at the target depth, CompleteP's transferred LR beats μP's"]
+    analysis = json.loads((out_dir / "proxy" / "analysis" / "analysis.json").read_text())
+    for param in ("mup", "completep"):
+        target = summary["targets"][param]["config"]
+        assert (target["model"]["depth"], target["model"]["width"]) == (8, 64)
+        assert target["optim"]["lr"] == proxy_shape(analysis, param=param)["optimum"]["lr"]
+        assert (out_dir / f"transfer-{param}.yaml").is_file()
+    for plot in ("optimum_vs_depth.png", "loss_vs_lr_by_depth.png"):
+        assert (out_dir / "proxy" / "analysis" / plot).is_file(), plot
+    assert "proxy job 4/4 done: completep w64 d2 seed 0" in stderr
+
+
+def test_target_size_of_the_other_axis_is_refused(tmp_path, capsys):
+    assert_one_line_cli_error(main, ["--axis", "depth", "--target-width", "128",
+                                     "--out-dir", str(tmp_path)],
+                              capsys, "scaling-demo", ["--target-width=128", "--axis depth"],
+                              tmp_path)
+
+
+@pytest.mark.slow
+def test_depth_demo_trains_the_whole_story(tmp_path, capsys):
+    """Every proxy LR trained under μP and CompleteP at depths 1 and 2, both targets at depth 4
+    (slow: 25 s from a cold compilation cache, 8 s warm; the stand-in depth demo above runs the
+    same flow in the default suite, and the width demo's real run the same training calls)."""
+    main(["--axis", "depth", "--quick", "--wandb-mode", "disabled", "--out-dir", str(tmp_path),
+          "--target-depth", "4", *TINY])
+    assert "[4/4] verdict" in capsys.readouterr().out
+    assert len(sorted((tmp_path / "proxy").glob("*/result.json"))) == 2 * 2 * 3
+    summary = json.loads((tmp_path / "verdict.json").read_text())
+    for param in ("mup", "completep"):
+        assert summary["targets"][param]["config"]["model"]["depth"] == 4
+        assert math.isfinite(summary["targets"][param]["val_loss"])

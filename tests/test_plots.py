@@ -113,3 +113,43 @@ def test_every_log_axis_has_at_least_two_distinct_tick_labels(widths, steps, fig
     for stem, axis in log_axes:
         labels = _visible_tick_labels(axis)
         assert len(set(labels)) >= 2 and len(set(labels)) == len(labels), (stem, labels)
+
+
+def _depth_sweep(depths=(2, 4, 8), widths=(32,)) -> list[dict]:
+    """μP's optimum falls half an octave per depth doubling, CompleteP's stays; base depth 2."""
+    return [run_result(param, width, x, 0,
+                       2.0 + 1 / depth + 0.05 * (x + 7.0 + (0.5 * math.log2(depth / 2)
+                                                           if param == "mup" else 0.0)) ** 2,
+                       depth=depth, base_depth=2, base_width=32)
+            for param in ("mup", "completep") for width in widths for depth in depths
+            for x in GRID]
+
+
+def test_depth_sweep_draws_the_optimum_and_curves_by_depth(figures):
+    drawn = figures(_depth_sweep())
+    assert {"optimum_vs_depth", "loss_vs_lr_by_depth"} <= set(drawn)
+    assert "optimum_vs_width" not in drawn  # one width: nothing drifts with it
+    optimum = drawn["optimum_vs_depth"]
+    assert optimum.axes[0].get_xlabel() == "depth"
+    assert [t.get_text() for t in optimum.axes[0].get_xticklabels()] == ["2", "4", "8"]
+    title = " ".join(_texts(optimum))
+    assert "Optimal LR vs depth" in title and "CompleteP w32" in title and "μP w32" in title
+    curves = drawn["loss_vs_lr_by_depth"]
+    assert [ax.get_title().split("\n")[0] for ax in curves.axes] == ["μP · adamw",
+                                                                     "CompleteP · adamw"]
+    assert all("transformer w32" in ax.get_title() for ax in curves.axes)
+    legend = [t.get_text() for t in curves.axes[0].get_legend().get_texts()]
+    assert legend == ["depth 2", "depth 4", "depth 8"]
+
+
+def test_width_by_depth_grid_draws_both_drifts(figures):
+    drawn = figures(_depth_sweep(depths=(2, 4), widths=(32, 64)))
+    assert {"optimum_vs_width", "loss_vs_lr", "optimum_vs_depth", "loss_vs_lr_by_depth"} <= set(
+        drawn)
+    labels = [t.get_text() for t in drawn["optimum_vs_depth"].legends[0].get_texts()]
+    assert labels == ["μP w32", "μP w64", "CompleteP w32", "CompleteP w64"]
+
+
+def test_a_width_sweep_draws_no_depth_plots(figures):
+    drawn = figures(_sweep(seeds=1))
+    assert not {"optimum_vs_depth", "loss_vs_lr_by_depth"} & set(drawn)

@@ -56,14 +56,15 @@ def test_hand_computed_transfer(param, hidden):
         optim=dataclasses.replace(proxy.optim, lr=result.lr))
     assert result.config == expected
     # μP moves the hidden multiplier (η/m: m = 2 → 8), never the base LR; SP moves nothing
-    assert result.role_multipliers == {"input": (1.0, 1.0), "hidden": hidden,
-                                       "output": (1.0, 1.0), "vector": (1.0, 1.0)}
+    assert result.role_multipliers == {"input": (1.0, 1.0), "hidden.block": hidden,
+                                       "output": (1.0, 1.0), "vector": (1.0, 1.0),
+                                       "vector.block": (1.0, 1.0)}
 
     first, width, tokens, batch, last = result.reasons  # one line per rule, in order
     assert "log2 -7.00" in first and "log2 -7.46" in last
     assert "width 64 → 256" in width
     if param == "mup":
-        assert all(s in width for s in ("m = 2 → 8", "base width 32", "per-role multipliers",
+        assert all(s in width for s in ("m = 2 → 8", "base width 32", "per-group multipliers",
                                          "base LR stays"))
     else:
         assert "SP has no width rule" in width
@@ -75,8 +76,9 @@ def test_sgd_mup_multipliers_follow_the_sgd_column():
     """μP SGD: input, output and vector LR η·m; hidden η·fan_out_mult/fan_in_mult = η."""
     result = transfer(_proxy("mup", "sgd"), PROXY_LR, width=256)
 
-    assert result.role_multipliers == {"input": (2.0, 8.0), "hidden": (1.0, 1.0),
-                                       "output": (2.0, 8.0), "vector": (2.0, 8.0)}
+    assert result.role_multipliers == {"input": (2.0, 8.0), "hidden.block": (1.0, 1.0),
+                                       "output": (2.0, 8.0), "vector": (2.0, 8.0),
+                                       "vector.block": (2.0, 8.0)}
     assert result.lr == PROXY_LR
 
 
@@ -100,9 +102,10 @@ def test_lr_moves_only_with_tokens_and_batch():
 
 
 @pytest.mark.parametrize("kwargs, field", [
-    ({"width": 256, "depth": 4}, "depth"),
+    ({"depth": 0}, "model.depth"),
     ({"width": 100}, "model.width"),  # not a multiple of head_dim 32
     ({"width": 256, "data_exponent": -0.32}, "data_exponent"),
+    ({"depth": 8, "depth_exponent": -0.5}, "depth_exponent"),
 ])
 def test_refused_transfers_name_the_field(kwargs, field):
     with pytest.raises(ConfigError) as error:
@@ -220,8 +223,8 @@ def test_cli_writes_overrides_that_compose_to_the_target(sweep, tmp_path, capsys
     assert f"fitted log2 LR {OPTIMUM:.2f}" in printed
     assert "width 128 → 512 (m = 2 → 8 over base width 64)" in printed
     assert "tokens 51,200 → 102,400 (×2)" in printed and "\n  batch " not in printed
-    assert re.search(r"hidden\s+×0\.5\s+→\s+×0\.125\s", printed), printed
-    for role in ("input", "output", "vector"):
+    assert re.search(r"hidden\.block\s+×0\.5\s+→\s+×0\.125\s", printed), printed
+    for role in ("input", "output", "vector", "vector\\.block"):
         assert re.search(rf"{role}\s+×1\s+→\s+×1\s", printed), printed
     assert f"wrote {out}" in printed
 
