@@ -1,5 +1,7 @@
 """Coordinate check (TP-V, the `mup` library's check): the RMS of every module's output at init
-and after a few optimizer steps on one fixed batch, across widths. Under μP the curves are flat.
+and after a few optimizer steps on one fixed batch, across widths (`coordinate_check`) or across
+depths (`depth_check`, TP-VI). Under μP the curves are flat in width; under a depth rule
+(Depth-μP, CompleteP) they are flat in depth too.
 
 Besides the model's own forward stats it records `logits_delta`, the RMS of the change of the
 logits since init. With readout_init='normal', μP's init logits shrink like 1/sqrt(m) by design
@@ -21,7 +23,8 @@ from scaling.config import ParamConfig
 from scaling.parametrization import build_model
 from scaling.training.step import init_train_state, make_train_step, optimizer_at
 
-# width -> step (0 = init) -> module name ("logits", "attn_out/0", ...) -> RMS of its output
+# width (depth for depth_check) -> step (0 = init) -> module name ("logits", "attn_out/0", ...)
+# -> RMS of its output
 CoordStats = dict[int, dict[int, dict[str, float]]]
 
 
@@ -36,7 +39,7 @@ def _flatten(stats: dict[str, jax.Array]) -> dict[str, float]:
     return out
 
 
-def _one_width(model_cfg: ModelConfig, param_cfg: ParamConfig, optim_cfg: OptimizerConfig,
+def _one_model(model_cfg: ModelConfig, param_cfg: ParamConfig, optim_cfg: OptimizerConfig,
                steps: int, inputs_BxT: jax.Array, targets_BxT: jax.Array, vocab_size: int,
                seed: int) -> dict[int, dict[str, float]]:
     model, parametrization = build_model(model_cfg, param_cfg, vocab_size, seed)
@@ -64,6 +67,16 @@ def coordinate_check(model_cfg: ModelConfig, param_cfg: ParamConfig, optim_cfg: 
                      vocab_size: int = 256, seed: int = 0) -> CoordStats:
     """Trains `steps` steps on `batch` = (inputs_BxT, targets_BxT) at each width, recording
     the model's forward stats (`model.forward(inputs)[1]`) before the first step and after each."""
-    return {width: _one_width(dataclasses.replace(model_cfg, width=width), param_cfg, optim_cfg,
+    return {width: _one_model(dataclasses.replace(model_cfg, width=width), param_cfg, optim_cfg,
                               steps, *batch, vocab_size, seed)
             for width in widths}
+
+
+def depth_check(model_cfg: ModelConfig, param_cfg: ParamConfig, optim_cfg: OptimizerConfig,
+                depths: list[int], steps: int, batch: tuple[jax.Array, jax.Array], *,
+                vocab_size: int = 256, seed: int = 0) -> CoordStats:
+    """`coordinate_check` across depths (number of blocks) at `model_cfg`'s width: the outer
+    key of the result is the depth, and the per-layer stats run to 'block_out/{depth - 1}'."""
+    return {depth: _one_model(dataclasses.replace(model_cfg, depth=depth), param_cfg, optim_cfg,
+                              steps, *batch, vocab_size, seed)
+            for depth in depths}
