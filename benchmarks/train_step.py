@@ -56,10 +56,12 @@ from scaling.training.step import (
 
 VOCAB = 256  # bytes
 TOTAL_STEPS = 1000  # the schedule's horizon; it only sets the LR each step reads
-# Reference parameter name -> the parametrization role whose multipliers it trains with.
-ROLES = {"embed": "input", "readout": "output", "final_norm": "vector", "attn_norm": "vector",
-         "mlp_norm": "vector", "wq": "hidden", "wk": "hidden", "wv": "hidden", "wo": "hidden",
-         "w_up": "hidden", "w_down": "hidden"}
+# Reference parameter name -> the parametrization group whose multipliers it trains with (block
+# parameters are their own groups, which depth rules scale).
+ROLES = {"embed": "input", "readout": "output", "final_norm": "vector",
+         "attn_norm": "vector.block", "mlp_norm": "vector.block", "wq": "hidden.block",
+         "wk": "hidden.block", "wv": "hidden.block", "wo": "hidden.block",
+         "w_up": "hidden.block", "w_down": "hidden.block"}
 
 
 @dataclasses.dataclass(frozen=True)
