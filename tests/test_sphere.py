@@ -140,6 +140,18 @@ def test_muonh_direction_is_muons():
                                atol=1e-6)
 
 
+def test_muonh_takes_muons_options():
+    """Momentum dtype and Newton–Schulz fields reach MuonH's direction as they reach Muon's."""
+    model, parametrization = _model()
+    params = nnx.split(model)[1].to_pure_dict()
+    cfg = optimizer_config("muonh", momentum_dtype="bfloat16", ns_scheme="jordan", ns_steps=3,
+                           **CONSTANT)
+    state = build_optimizer(cfg, parametrization, total_steps=10).init(params)
+    momenta = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state)
+               if ".mu" in jax.tree_util.keystr(path) and "w_up" in jax.tree_util.keystr(path)]
+    assert [m.dtype for m in momenta] == [jnp.bfloat16]
+
+
 def _loss(graphdef, params):
     inputs_BxT, targets_BxT = _batch()
     logits_BxTxV = nnx.merge(graphdef, params)(inputs_BxT)
