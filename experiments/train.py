@@ -19,10 +19,10 @@ HELP_FLAGS = {"-h", "--help"}  # ours; Hydra's own help stays at --hydra-help
 OVERLAY_GROUP = "experiment"
 USAGE = "usage: scaling-train [-m] [+experiment=NAME] [GROUP=OPTION ...] [GROUP.FIELD=VALUE ...]"
 ABOUT = """\
-Trains a language model (a Transformer or a byte MLP) under SP or μP with one optimizer, from a
-Hydra config; with -m, a sweep of such runs. A run writes metrics.jsonl, checkpoints, a W&B run and
-result.json to train.out_dir/<run name>; the same command again resumes it, or reports it when it
-has finished. Every point of a sweep is checked before the first one starts."""
+Trains a language model (a Transformer or a byte MLP) under SP, μP, Depth-μP, CompleteP or HyperP
+with one optimizer, from a Hydra config; with -m, a sweep of such runs. A run writes metrics.jsonl,
+checkpoints, a W&B run and result.json to train.out_dir/<run name>; the same command again resumes
+it, or reports it when it has finished. Every point of a sweep is checked before the first one starts."""
 # The fields a first run most often sets; `--cfg job` prints them all.
 MAIN_FIELDS = {
     "model.width": "hidden width, a multiple of model.head_dim",
@@ -30,6 +30,7 @@ MAIN_FIELDS = {
     "model.compute_dtype": "auto (bf16 on GPU/TPU), float32 or bfloat16; weights stay float32",
     "model.scan_unroll": "layers unrolled per scan iteration: true (all), 1 (a rolled loop), k",
     "param.base_width": "the width at which μP equals SP",
+    "param.base_depth": "the depth at which Depth-μP and CompleteP equal μP",
     "optim.lr": "base learning rate (each optim=NAME has its own fields: see --cfg job)",
     "optim.warmup_steps": "steps of linear warmup",
     "train.steps": "optimizer steps",
