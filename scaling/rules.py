@@ -70,11 +70,13 @@ TABLES: dict[str, dict[str, RoleRule]] = {
 
 # Depth-μP and CompleteP scale depth on top of μP's width table (SCALING_RULES.md §2).
 TABLES["depth_mup"] = TABLES["completep"] = TABLES["mup"]
-# HyperP (§5): μP's table with logit multiplier 1; the readout is then fan-in initialized so the
-# logits start Θ(1) at every width (a project choice; the sphere keeps its norm from there).
+# HyperP (§5): μP's table with logit multiplier 1. μP's 1/m moves into the readout's init (std
+# ∝ 1/fan_in): a relative step does not see a matrix's scale, so on the sphere this is μP's
+# readout exactly. A fan-in readout (std ∝ 1/√fan_in) grows the logits' updates like √m: its
+# optimum fell 0.44 octave per width doubling (docs/sweeps-and-transfer.md).
 TABLES["hyperp"] = {
     **TABLES["mup"],
-    "output": RoleRule(W(a=-0.5),  ONE,      ONE,      ONE,      ONE,     W(a=1),       ONE),
+    "output": RoleRule(W(a=-1),    ONE,      ONE,      ONE,      ONE,     W(a=1),       ONE),
 }
 
 # Attention logit scale as a function of head_dim_mult = head_dim / base_head_dim, times
