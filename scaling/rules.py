@@ -72,8 +72,7 @@ TABLES: dict[str, dict[str, RoleRule]] = {
 TABLES["depth_mup"] = TABLES["completep"] = TABLES["mup"]
 # HyperP (§5): μP's table with logit multiplier 1. μP's 1/m moves into the readout's init (std
 # ∝ 1/fan_in): a relative step does not see a matrix's scale, so on the sphere this is μP's
-# readout exactly. A fan-in readout (std ∝ 1/√fan_in) grows the logits' updates like √m: its
-# optimum fell 0.44 octave per width doubling (docs/sweeps-and-transfer.md).
+# readout exactly, where a fan-in readout (std ∝ 1/√fan_in) would move the logits like √m.
 TABLES["hyperp"] = {
     **TABLES["mup"],
     "output": RoleRule(W(a=-1),    ONE,      ONE,      ONE,      ONE,     W(a=1),       ONE),

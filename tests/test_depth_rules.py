@@ -317,8 +317,7 @@ def test_hyperp_composes_to_its_optimizer(overrides, expected):
 def test_hyperp_readout_carries_mups_one_over_m_in_its_init():
     """Logit multiplier 1 with μP's 1/m folded into the readout: at width 4× base, HyperP's
     readout is μP's (same seed) divided by m, so its std is σ/√base_fan_in / m. A relative step
-    does not see the matrix's scale, so on the sphere this is μP's readout; a fan-in readout
-    (std ∝ 1/√width) measured a 0.44-octave drift per width doubling."""
+    does not see the matrix's scale, so on the sphere this is μP's readout."""
     cfg = ModelConfig(width=WIDTH, depth=BASE_DEPTH, head_dim=HEAD_DIM)
     mup, mup_par = build_model(cfg, ParamConfig("mup", BASE_WIDTH, BASE_DEPTH), VOCAB, seed=0)
     hyperp, hyperp_par = build_model(cfg, ParamConfig("hyperp", BASE_WIDTH, BASE_DEPTH), VOCAB,
