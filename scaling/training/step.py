@@ -50,7 +50,6 @@ def make_train_step(graphdef, tx_at: OptimizerAt, lrs_together: int = 1):
 
 def optimizer_at(cfg: OptimizerConfig, parametrization, *, total_steps: int) -> OptimizerAt:
     """The optimizer make_train_step expects: `cfg` at any base LR, traced or not."""
-    parametrization.check_spheres(cfg)  # here, once, rather than at every trace
     return lambda lr: build_optimizer(dataclasses.replace(cfg, lr=lr), parametrization,
                                       total_steps=total_steps)
 
