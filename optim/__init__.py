@@ -7,17 +7,20 @@ from optim.config import (
     AdamHConfig,
     AdamWConfig,
     AuONConfig,
+    MeZOConfig,
     MuonConfig,
     MuonHConfig,
     OptimizerConfig,
     SGDConfig,
     optimizer_config,
 )
+from optim.mezo import LeafProbe
+from optim.mezo_optax import zo_gradient
 from optim.muon import MatrixAxes
 from optim.schedules import learning_rate, relative_schedule
 from optim.sphere import scale_to_sphere
 
 __all__ = ["MATRIX_ROLES", "OPTIMIZERS", "SPHERE_OPTIMIZERS", "SPHERE_ROLES", "AdamHConfig",
-           "AdamWConfig", "AuONConfig", "MatrixAxes", "MuonConfig", "MuonHConfig",
+           "AdamWConfig", "AuONConfig", "LeafProbe", "MatrixAxes", "MeZOConfig", "MuonConfig", "MuonHConfig",
            "OptimizerConfig", "RoleMultipliers", "SGDConfig", "build_optimizer", "learning_rate",
-           "optimizer_config", "relative_schedule", "role_of", "scale_to_sphere"]
+           "optimizer_config", "relative_schedule", "role_of", "scale_to_sphere", "zo_gradient"]

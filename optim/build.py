@@ -135,6 +135,10 @@ def build_optimizer(cfg: OptimizerConfig, labels, multipliers: Mapping[str, Role
     take the matrix direction; for muonh and adamh, hidden and output matrices stay on their
     spheres; every other role takes AdamW at lr * adam_lr_ratio.
     """
+    if cfg.family == "zeroth_order":
+        raise ValueError(f"optim.name={cfg.name!r} is zeroth-order, not a gradient "
+                         "transformation: train it with scaling's MeZO step, or compose "
+                         "optim.zo_gradient with optax")
     if type(cfg) is not OPTIMIZERS.get(cfg.name):
         raise ValueError(f"optim.name={cfg.name!r} with a {type(cfg).__name__}: expected one of "
                          f"{ {n: c.__name__ for n, c in OPTIMIZERS.items()} }")

@@ -15,7 +15,8 @@ class OptimizerConfig:
     """Fields every optimizer has: the base LR, its schedule, clipping and weight decay."""
 
     # Which column of the parametrization's rule table the optimizer reads: adam | sgd | muon |
-    # sphere (MuonH, AdamH: relative steps on the matrices, Adam's column on the rest).
+    # sphere (MuonH, AdamH: relative steps on the matrices, Adam's column on the rest) |
+    # zeroth_order (MeZO: SGD's column for its probe and update scales).
     family: ClassVar[str]
 
     name: str
@@ -107,9 +108,35 @@ class AdamHConfig(AdamWConfig):
     adam_lr_ratio: float = 0.5
 
 
+@dataclasses.dataclass(frozen=True)
+class MeZOConfig(OptimizerConfig):
+    """MeZO: SGD along a random probe z, its slope (L⁺ − L⁻)/2ε measured by two forward passes
+    (optim/mezo.py). Expected step: SGD with per-group LR lr·D·U; the parametrization's SGD
+    column gives D² or U² under `matched` and the weight-decay multipliers (vectors: none)."""
+
+    family: ClassVar[str] = "zeroth_order"
+
+    name: str = "mezo"
+    lr: float = 1e-4
+    schedule: str = "constant"  # the paper's; cosine and wsd work too
+    warmup_steps: int = 0
+    clip_norm: float = 0.0  # clips the projected gradient |g|; 0 disables
+    eps: float = 1e-3  # perturbation scale ε
+    n_probes: int = 1  # probes averaged per step (2 forward passes each)
+    sparsity: float = 0.0  # Sparse MeZO: fraction of each matrix left untouched (0.8 in the paper)
+    probe_scaling: str = "isotropic"  # isotropic | matched (D² = the SGD LR multiplier)
+    update_scaling: str = "isotropic"  # isotropic | matched (U² = the SGD LR multiplier)
+    eps_scaling: str = "constant"  # constant | fan_in (ε·(fan_in/base_fan_in)^-1/2 per group)
+    param_dtype: str = "float32"  # float32 | bfloat16 (stored weights, stochastic rounding)
+    objective: str = "cross_entropy"  # cross_entropy | accuracy (the loss MeZO minimizes)
+    curvature: bool = False  # one more forward per step: (L⁺ + L⁻ − 2L⁰)/ε², the Hessian trace
+    curvature_decay: float = 0.9  # its moving average's decay
+    safe_lr: float | None = None  # c: the LR is capped at c / (that moving average)
+
+
 OPTIMIZERS: dict[str, type[OptimizerConfig]] = {
     "adamw": AdamWConfig, "sgd": SGDConfig, "muon": MuonConfig, "auon": AuONConfig,
-    "muonh": MuonHConfig, "adamh": AdamHConfig}
+    "muonh": MuonHConfig, "adamh": AdamHConfig, "mezo": MeZOConfig}
 # Families whose matrices live on spheres: a zero-initialized matrix has no sphere.
 SPHERE_OPTIMIZERS = tuple(name for name, cls in OPTIMIZERS.items() if cls.family == "sphere")
 

@@ -14,6 +14,7 @@ from optim.config import (
     SPHERE_OPTIMIZERS,
     AdamWConfig,
     MatrixOptimizerConfig,
+    MeZOConfig,
     MuonConfig,
     OptimizerConfig,
     expected_field,
@@ -238,6 +239,28 @@ def validate_optimizer(o: OptimizerConfig, steps: int) -> None:
         _validate_matrix_optimizer(o)
     if isinstance(o, MuonConfig):
         _validate_newton_schulz(o)
+    if isinstance(o, MeZOConfig):
+        _validate_mezo(o)
+
+
+def _validate_mezo(o: MeZOConfig) -> None:
+    from scaling.objectives import OBJECTIVES  # no jax at import
+
+    _require(o.eps > 0, "optim.eps", o.eps, "a positive perturbation scale")
+    _require(o.n_probes >= 1, "optim.n_probes", o.n_probes, "a positive integer")
+    _require(0 <= o.sparsity < 1, "optim.sparsity", o.sparsity,
+             "a fraction in [0, 1) of each matrix left unperturbed (0: dense MeZO)")
+    _choice("optim.probe_scaling", o.probe_scaling, ("isotropic", "matched"))
+    _choice("optim.update_scaling", o.update_scaling, ("isotropic", "matched"))
+    _choice("optim.eps_scaling", o.eps_scaling, ("constant", "fan_in"))
+    _choice("optim.param_dtype", o.param_dtype, ("float32", "bfloat16"))
+    _choice("optim.objective", o.objective, tuple(OBJECTIVES))
+    _require(0 <= o.curvature_decay < 1, "optim.curvature_decay", o.curvature_decay,
+             "a value in [0, 1)")
+    if o.safe_lr is not None:
+        _require(o.safe_lr > 0, "optim.safe_lr", o.safe_lr, "a positive constant c, or null")
+        _require(o.curvature, "optim.safe_lr", o.safe_lr,
+                 "null unless optim.curvature=true (the cap c/trace needs the trace estimate)")
 
 
 def _validate_matrix_optimizer(o: MatrixOptimizerConfig) -> None:

@@ -28,7 +28,7 @@ from scaling.rules import (
     W,
 )
 
-FAMILIES = ("adam", "sgd", "muon", "sphere")
+FAMILIES = ("adam", "sgd", "muon", "sphere", "zeroth_order")
 
 
 def group_label(spec: ParamSpec) -> str:
@@ -116,7 +116,7 @@ class Parametrization:
 
         def of(path):
             rule, mults, role = self.rule(path), self.fan_mults(path), self.specs[path].role
-            if family == "sgd":
+            if family in ("sgd", "zeroth_order"):  # MeZO's expected step is SGD's
                 lr, eps, wd = rule.sgd_lr, ONE, rule.sgd_wd
                 lr_depth, eps_depth = depth.sgd_lr, Depth()
             elif family == "muon" and role in MATRIX_ROLES:

@@ -29,6 +29,15 @@ from scaling.training.step import (
     optimizer_at,
 )
 from scaling.training.tracking import Tracker
+from scaling.training.zo_step import (
+    curvature_estimate,
+    init_zo_state,
+    make_zo_step,
+    step_record,
+    zo_setup,
+)
+
+ZO_LOG = "zo_steps.jsonl"  # MeZO: (step, g, lr) of every step, for replay
 
 
 def _finished(run_dir: Path) -> dict | None:
@@ -96,25 +105,34 @@ class _Member:
     def start_logs(self, step: int) -> None:
         self.step = step
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", keep_through_step=step)
+        if self.cfg.optim.family == "zeroth_order":
+            self.zo_log = MetricsLog(self.run_dir / ZO_LOG, keep_through_step=step)
         self.tracker = Tracker(self.cfg, self.run_dir, self.name)
 
     def close(self) -> None:
         self.checkpointer.close()
-        if hasattr(self, "metrics"):
-            self.metrics.close()
+        for log in ("metrics", "zo_log"):
+            if hasattr(self, log):
+                getattr(self, log).close()
 
 
 def _train_together(members: list[_Member], splits) -> list[dict]:
     cfg, t, k = members[0].cfg, members[0].cfg.train, len(members)
     model, parametrization = build_model(cfg.model, cfg.param, splits.vocab_size, t.seed)
-    tx = optimizer_at(cfg.optim, parametrization, total_steps=t.steps)
     graphdef, params = nnx.split(model)
     params = params.to_pure_dict()
-    template = init_train_state(params, tx, 0.0)
+    if cfg.optim.family == "zeroth_order":
+        setup = zo_setup(cfg.optim, parametrization, total_steps=t.steps, seed=t.seed)
+        init_state = lambda lr: init_zo_state(params, setup, lr)
+        train_step = make_zo_step(graphdef, setup, k)
+    else:
+        tx = optimizer_at(cfg.optim, parametrization, total_steps=t.steps)
+        init_state = lambda lr: init_train_state(params, tx, lr)
+        train_step = make_train_step(graphdef, tx, k)
+    template = init_state(0.0)
     cost = {"params": int(sum(x.size for x in jax.tree.leaves(params))),
             "flops_per_token": flops_per_token(model, parametrization.specs, t.seq_len),
             "data": splits.description, "lrs_trained_together": k}
-    train_step = make_train_step(graphdef, tx, k)
     evaluate = make_eval(graphdef, data.val_batches(splits.val, t.eval_batches, t.batch_size,
                                                     t.seq_len), k)
     for m in members:
@@ -122,7 +140,7 @@ def _train_together(members: list[_Member], splits) -> list[dict]:
     try:
         step, states, wall_before = _restore(members, template)
         if states is None:
-            states = [init_train_state(params, tx, m.cfg.optim.lr) for m in members]
+            states = [init_state(m.cfg.optim.lr) for m in members]
         state = _stack(states) if k > 1 else states[0]
         for m in members:
             m.start_logs(step)
@@ -164,11 +182,19 @@ def _loop(members: list[_Member], state, step: int, splits, train_step, evaluate
                dynamic_ncols=True)
     wall = lambda: wall_before + time.perf_counter() - started
     member_state = (lambda i: state) if k == 1 else (lambda i: jax.tree.map(lambda x: x[i], state))
+    zeroth_order = cfg.optim.family == "zeroth_order"
+    curvature = zeroth_order and cfg.optim.curvature
     while step < t.steps and not all(m.diverged for m in members):
         inputs, targets = data.train_batch(splits.train, t.seed, step, t.batch_size, t.seq_len)
         state = train_step(state, inputs, targets)
         step += 1
         bar.update(1)
+        if zeroth_order:
+            gs, lrs_used = jax.device_get((state["opt_state"]["g"], state["opt_state"]["lr_used"]))
+            for i, m in enumerate(members):
+                if not m.diverged:
+                    m.zo_log.write(step_record(step, *((gs, lrs_used) if k == 1 else
+                                                      (gs[i], lrs_used[i]))))
         last = step == t.steps
         if step % t.log_every == 0 or step % t.eval_every == 0 or last:
             # the running sums live in the train state, so a resumed window averages the same steps
@@ -186,6 +212,11 @@ def _loop(members: list[_Member], state, step: int, splits, train_step, evaluate
                 record = {"step": step, "tokens": step * tokens_per_step,
                           "lr": float(lr_at[i](step - 1)), "train_loss": train_losses[i],
                           "tokens_per_second": tokens_per_second}
+                if zeroth_order:  # the LR applied, after any safe-LR cap
+                    record["lr"] = m.zo_log.records[-1]["lr"]
+                if curvature:  # the Hessian-trace estimate's moving average
+                    record["curvature"] = float(curvature_estimate(
+                        jax.device_get(member_state(i)["opt_state"]), cfg.optim.curvature_decay))
                 m.diverged = not math.isfinite(record["train_loss"])
                 if not m.diverged and evaluating:
                     record["val_loss"] = val_losses[i]
