@@ -17,6 +17,7 @@ from scaling.analysis import PARAM_LABELS, analyze, shape_id
 from scaling.config import ConfigError, RunConfig, SweepConfig, from_dict, validate
 from scaling.parametrization import make_parametrization
 from scaling.rules import DEPTH_RULES, NO_DEPTH_RULE
+from scaling.zeroth_order import step_multipliers
 
 DATA_EXPONENT = 0.32  # k in η ∝ T^(−k), fitted by HyperP (ArchScale)
 BATCH_EXPONENT = 0.5  # η ∝ √(B/B0), HyperP's batch rule
@@ -55,11 +56,26 @@ def _width(proxy: RunConfig, target: RunConfig, laws: Exponents) -> tuple[float,
     if name == "sp":
         return 1.0, (f"width {w0} → {w}: SP has no width rule, so the base LR is copied "
                      "(its optimum is expected to move with width)")
+    if proxy.optim.family == "zeroth_order":
+        return 1.0, _zeroth_order_width(proxy.optim, w0, w)
     claim = (f"; {PARAM_LABELS[name]} claims its base LR transfers across width"
              if name in LR_LAW_PARAMS else "")
     return 1.0, (f"width {w0} → {w} (m = {w0 / base:g} → {w / base:g} over base width {base}): "
                  f"the {name} table scales the per-group multipliers below, "
                  f"the base LR stays{claim}")
+
+
+def _zeroth_order_width(optim, w0: int, w: int) -> str:
+    """MeZO reads the table only through matched probe and update scales."""
+    matched = [f"optim.{f}" for f in ("probe_scaling", "update_scaling")
+               if getattr(optim, f) == "matched"]
+    if not matched:
+        return (f"width {w0} → {w}: MeZO with isotropic probes takes none of the table's "
+                "multipliers, so the base LR is copied (its optimum is expected to fall with "
+                "width; measured in docs/sweeps-and-transfer.md)")
+    return (f"width {w0} → {w}: {' and '.join(matched)}=matched follow the table's SGD "
+            "multipliers below, the base LR stays (an untested rule; measured in "
+            "docs/sweeps-and-transfer.md)")
 
 
 def _depth(proxy: RunConfig, target: RunConfig, laws: Exponents) -> tuple[float, str | None]:
@@ -136,11 +152,15 @@ def transfer(proxy: RunConfig, proxy_lr: float, *, width: int | None = None,
 
 
 def _role_multipliers(proxy: RunConfig, target: RunConfig) -> dict[str, tuple[float, float]]:
-    before, after = (
-        make_parametrization(c.model, c.param, proxy.data.vocab_size).optimizer_multipliers_for(
-            c.optim)
-        for c in (proxy, target))
-    return {role: (before[role].lr, after[role].lr) for role in before}
+    def lr_multipliers(c: RunConfig) -> dict[str, float]:
+        parametrization = make_parametrization(c.model, c.param, proxy.data.vocab_size)
+        if c.optim.family == "zeroth_order":  # the LR of MeZO's expected step: D·U
+            return step_multipliers(parametrization, c.optim)
+        return {group: m.lr for group, m in
+                parametrization.optimizer_multipliers_for(c.optim).items()}
+
+    before, after = lr_multipliers(proxy), lr_multipliers(target)
+    return {role: (before[role], after[role]) for role in before}
 
 
 def proxy_shape(analysis: dict, *, param: str | None = None, width: int | None = None,

@@ -47,6 +47,14 @@ def probe_plan(parametrization: Parametrization, cfg: MeZOConfig) -> dict:
     return tree
 
 
+def step_multipliers(parametrization: Parametrization, cfg: MeZOConfig) -> dict[str, float]:
+    """Group -> D·U, the LR multiplier of MeZO's expected (SGD) step in each group."""
+    multipliers = parametrization.optimizer_multipliers_for(cfg)
+    return {group: (mult.lr ** 0.5 if cfg.probe_scaling == "matched" else 1.0)
+            * (mult.lr ** 0.5 if cfg.update_scaling == "matched" else 1.0)
+            for group, mult in multipliers.items()}
+
+
 def stacked_names(parametrization: Parametrization) -> dict[str, tuple]:
     """Name in the model's stacked (scanned) dict -> full path, for the per-layer transform."""
     names: dict[str, tuple] = {}

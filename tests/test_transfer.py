@@ -289,3 +289,17 @@ def test_library_transfer_starts_from_the_swept_proxy(sweep):
     proxy = proxy_config(results, shape)
     assert tokens(proxy) != tokens(RunConfig())  # so starting from the defaults would differ
     assert proxy.train == from_dict(results[0]["config"]).train
+
+
+@pytest.mark.parametrize("scaling, output", [("isotropic", (1.0, 1.0)), ("matched", (2.0, 8.0))])
+def test_mezo_transfer_reads_the_table_only_through_matched_probes(scaling, output):
+    """MeZO's expected step has per-group LR η·D·U: isotropic probes carry no width rule (the
+    transfer must not claim μP's multipliers), matched ones carry μP's SGD column (output ×m)."""
+    proxy = dataclasses.replace(_proxy(), optim=optimizer_config(
+        "mezo", lr=PROXY_LR, probe_scaling=scaling, update_scaling=scaling))
+    result = transfer(proxy, PROXY_LR, width=256)
+    assert result.lr == PROXY_LR
+    assert result.role_multipliers["output"] == pytest.approx(output)
+    assert result.role_multipliers["hidden.block"] == pytest.approx((1.0, 1.0))
+    width_reason = result.reasons[1]
+    assert ("isotropic probes" in width_reason) == (scaling == "isotropic"), width_reason
