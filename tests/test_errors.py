@@ -65,6 +65,11 @@ CASES = {
                          "-8"),
     "zero_grid_step": (["sweep.log2_lr_min=-8", "sweep.log2_lr_max=-4", "sweep.log2_lr_step=0"],
                        "sweep.log2_lr_step", "0"),
+    "mezo_zero_eps": (["optim=mezo", "optim.eps=0"], "optim.eps", "0"),
+    "mezo_safe_lr_without_curvature": (["optim=mezo", "optim.safe_lr=0.1"], "optim.safe_lr",
+                                       "0.1"),
+    "mezo_objective_typo": (["optim=mezo", "optim.objective=acuracy"], "optim.objective",
+                            "acuracy"),
 }
 
 

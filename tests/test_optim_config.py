@@ -12,9 +12,20 @@ import yaml
 from synthetic import assert_one_line_cli_error
 
 import experiments.train
+import optim
 from experiments.compose import compose, group_options, to_run_config
-from optim import OPTIMIZERS, AdamWConfig, MuonConfig, SGDConfig, optimizer_config
-from scaling.config import ConfigError, RunConfig, from_dict, to_dict, validate
+from optim import OPTIMIZERS, AdamWConfig, MeZOConfig, MuonConfig, SGDConfig, optimizer_config
+from scaling.config import (
+    ConfigError,
+    ModelConfig,
+    ParamConfig,
+    RunConfig,
+    from_dict,
+    to_dict,
+    validate,
+)
+from scaling.parametrization import build_optimizer, make_parametrization
+from scaling.training.step import optimizer_at
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
@@ -43,7 +54,8 @@ def test_python_defaults_are_the_command_lines():
 
 @pytest.mark.parametrize(("name", "field", "value"), [
     ("adamw", "ns_steps", 3), ("adamw", "momentum", 0.9), ("sgd", "b1", 0.9),
-    ("muon", "auon_hybrid", True), ("auon", "ns_scheme", "jordan")])
+    ("muon", "auon_hybrid", True), ("auon", "ns_scheme", "jordan"), ("sgd", "n_probes", 2),
+    ("adamw", "sparsity", 0.5), ("mezo", "momentum", 0.9)])
 def test_a_field_of_another_optimizer_is_a_clear_error(name, field, value):
     with pytest.raises(ConfigError) as error:
         from_dict({"optim": {"name": name, field: value}})
@@ -81,3 +93,59 @@ def test_a_config_class_must_match_its_name():
     """name is data in the run's hash: an AdamWConfig calling itself muon is refused."""
     with pytest.raises(ConfigError, match="optim.name='muon'"):
         validate(RunConfig(optim=AdamWConfig(name="muon")))
+
+
+# (changed MeZOConfig fields, the field the error names, words of what it expects)
+MEZO_ERRORS = [
+    ({"eps": 0.0}, "optim.eps", "positive"), ({"eps": -1e-3}, "optim.eps", "positive"),
+    ({"n_probes": 0}, "optim.n_probes", "positive integer"),
+    ({"sparsity": 1.0}, "optim.sparsity", "[0, 1)"), ({"sparsity": -0.1}, "optim.sparsity", "[0, 1)"),
+    ({"probe_scaling": "matchd"}, "optim.probe_scaling", "['isotropic', 'matched']"),
+    ({"update_scaling": "mup"}, "optim.update_scaling", "['isotropic', 'matched']"),
+    ({"eps_scaling": "fanin"}, "optim.eps_scaling", "['constant', 'fan_in']"),
+    ({"param_dtype": "float16"}, "optim.param_dtype", "['float32', 'bfloat16']"),
+    ({"objective": "acuracy"}, "optim.objective", "['cross_entropy', 'accuracy']"),
+    ({"curvature": True, "curvature_decay": 1.0}, "optim.curvature_decay", "[0, 1)"),
+    ({"safe_lr": 0.1}, "optim.safe_lr", "optim.curvature=true"),
+    ({"safe_lr": 0.0, "curvature": True}, "optim.safe_lr", "positive")]
+
+
+@pytest.mark.parametrize(("fields", "field", "expected"), MEZO_ERRORS,
+                         ids=[f"{f}={v[f.removeprefix('optim.')]}" for v, f, _ in MEZO_ERRORS])
+def test_mezo_fields_are_validated(fields, field, expected):
+    """Each bad MeZO value is one line naming the field, its value and what it must be."""
+    with pytest.raises(ConfigError) as error:
+        from_dict({**to_dict(RunConfig()), "optim": dataclasses.asdict(MeZOConfig(**fields))})
+    message = str(error.value)
+    value = fields[field.removeprefix("optim.")]
+    assert message.startswith(f"{field}={value!r}: expected "), message
+    assert expected in message and "\n" not in message, message
+
+
+def test_mezo_options_compose_from_the_command_line():
+    """Every MeZO option set on the command line reaches MeZOConfig and validates."""
+    cfg = to_run_config(compose([
+        "optim=mezo", "optim.eps=0.01", "optim.n_probes=4", "optim.sparsity=0.8",
+        "optim.probe_scaling=matched", "optim.update_scaling=matched", "optim.eps_scaling=fan_in",
+        "optim.param_dtype=bfloat16", "optim.objective=accuracy", "optim.curvature=true",
+        "optim.safe_lr=0.5"]))
+    assert cfg.optim == MeZOConfig(
+        eps=0.01, n_probes=4, sparsity=0.8, probe_scaling="matched", update_scaling="matched",
+        eps_scaling="fan_in", param_dtype="bfloat16", objective="accuracy", curvature=True,
+        safe_lr=0.5)
+
+
+def test_gradient_optimizer_builders_refuse_mezo():
+    """MeZO is not a gradient transformation: optim.build_optimizer, the parametrization's
+    build_optimizer and optimizer_at refuse it, pointing to the MeZO step and zo_gradient."""
+    parametrization = make_parametrization(ModelConfig(width=32, depth=2, head_dim=8),
+                                           ParamConfig(), 64)
+    message = r"optim.name='mezo' is zeroth-order.*MeZO step.*optim.zo_gradient"
+    with pytest.raises(ValueError, match=message):
+        optim.build_optimizer(MeZOConfig(), parametrization.labels(),
+                              parametrization.optimizer_multipliers_for(MeZOConfig()),
+                              total_steps=10)
+    with pytest.raises(ValueError, match=message):
+        build_optimizer(MeZOConfig(), parametrization, total_steps=10)
+    with pytest.raises(ValueError, match=message):
+        optimizer_at(MeZOConfig(), parametrization, total_steps=10)(1e-3)
