@@ -374,9 +374,6 @@ def test_updates_below_bf16_resolution_still_move_bf16_weights():
 # ------------------------------------------------------------------------------------- replay
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "replay donates the caller's float32 parameters: init_zo_state keeps them as they are "
-    "and make_update's update donates its params argument, so they are deleted"))
 def test_replay_leaves_the_initial_parameters_usable():
     """replay(params, …) twice from the same float32 parameters: both replays agree and the
     initial parameters can still be read."""
