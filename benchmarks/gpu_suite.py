@@ -75,6 +75,35 @@ def ns_kernels(out: Path, opts) -> dict:
                     + ("matched" if worst <= NS_BF16_REL else "NOT matched") + ")"}
 
 
+def mezo_memory(out: Path, opts) -> dict:
+    """MeZO's step peak against a forward pass and AdamW's step: compiled-program analysis at
+    depths 2 and 8 (width 512, 8 × 512 tokens), and the device's peak_bytes_in_use after running
+    each once at depth 8. The naive contrast is left to the CPU run (benchmarks/mezo_memory.py)."""
+    sizes = (["--width", "32", "--depths", "1", "--seq-len", "16", "--batch-size", "2"]
+             if opts.tiny else ["--depths", "2", "8"])
+    call_main("mezo_memory", [*sizes, "--scan-unroll", "true", "--naive-max-depth", "0",
+                              "--device-peak", "--out", str(out)])
+    r = json.loads(out.read_text())
+    row, device = r["rows"][-1], r["device_peak"]
+    estimate = [row_["programs"]["mezo_estimate"]["temporaries"] for row_ in r["rows"]]
+    counted = device["bytes"] is not None  # the CPU backend keeps no counter
+    headline = {"mezo_over_forward": row["mezo_over_forward"],
+                "adamw_over_mezo": row["adamw_over_mezo"], "targets_met": row["targets_met"],
+                "peak_source": row["peak_source"], "estimate_temporaries": estimate,
+                "device_mezo_over_forward_at_most":
+                    device["mezo_over_forward_at_most"] if counted else None,
+                "device_adamw_over_mezo_at_least":
+                    device["adamw_over_mezo_at_least"] if counted else None}
+    line = (f"depth {row['depth']}: MeZO/forward {row['mezo_over_forward']:.2f}, AdamW/MeZO "
+            f"{row['adamw_over_mezo']:.1f} (compiled, {row['peak_source']} peaks); MeZO "
+            f"estimate temporaries by depth {', '.join(f'{t / 1e6:.1f}' for t in estimate)} MB")
+    if counted:
+        line += (f"; device peak: MeZO/forward ≤ {device['mezo_over_forward_at_most']:.2f}, "
+                 f"AdamW/MeZO ≥ {device['adamw_over_mezo_at_least']:.1f}"
+                 + ("" if device["clean_start"] else " (NOT a clean start)"))
+    return {**headline, "line": line}
+
+
 def muon_step(width: int):
     """Our Muon step against optax.contrib.muon at one width (its own file: a slow width loses
     only itself)."""
@@ -150,7 +179,9 @@ def train_step_mfu(out: Path, opts) -> dict:
 
 # Limits on the GPU add up to gpu.sh's budget less its margin, so each gets its own in full.
 # Tiny mode runs repeated measurements at one shape: the compilation cache serves the repeats.
+# mezo_memory runs first: the device's peak_bytes_in_use counter only grows within a process.
 MEASUREMENTS = (
+    Measurement("mezo_memory", 60, mezo_memory),
     Measurement("ns_kernels", 55, ns_kernels),
     Measurement("muon_step_w1024", 35, muon_step(1024)),
     Measurement("muon_step_w4096", 80, muon_step(4096)),

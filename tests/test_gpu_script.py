@@ -44,4 +44,7 @@ def test_tiny_gpu_script_writes_every_measurement(tmp_path):
     assert summary["ns_kernels"]["headline"]["matched"] is True, summary["ns_kernels"]
     assert summary["train_step_default"]["headline"]["matched"] is True
     assert summary["train_step_w512_d8"]["headline"]["matched"] is True
+    # on CPU: the programs' own accounting, and no device counter to read
+    assert summary["mezo_memory"]["headline"]["peak_source"] == "summed"
+    assert summary["mezo_memory"]["headline"]["device_mezo_over_forward_at_most"] is None
     assert (tmp_path / "summary.txt").read_text().count(": ok in ") == len(gpu_suite.NAMES)

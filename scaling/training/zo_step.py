@@ -1,11 +1,12 @@
 """MeZO's train step: 2 forward passes per probe at inference memory, then the update in place.
 
 A step is two compiled programs. `estimate` perturbs the small unstacked leaves eagerly and the
-stacked ones layer by layer inside the model's scan (optim.mezo.perturb_layer), so no perturbed
-copy of the model exists; it returns the projected gradients g and the LR. `update` regenerates
-the probes and steps each stacked leaf one layer at a time on its donated buffer. Every step's
-(step, g, lr) is logged, and `replay` re-applies them with the same compiled update: the
-parameters come out bit for bit, without a single forward pass.
+stacked ones layer by layer inside the model's scan, run as a rolled loop
+(optim.mezo.perturb_layer), so no perturbed copy of the model exists; it returns the projected
+gradients g and the LR. `update` regenerates the probes and steps each stacked leaf one layer at
+a time on its donated buffer. Every step's (step, g, lr) is logged, and `replay` re-applies them
+with the same compiled update: the parameters come out bit for bit, without a single forward
+pass.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def init_zo_state(params, setup: ZOSetup, lr: float) -> dict:
     """The train state: parameters in optim.param_dtype, the Sparse MeZO thresholds (fixed from
     the initial weights), the curvature average and the last step's g and LR (for the log)."""
     cfg = setup.cfg
-    params = jax.tree.map(lambda x: jnp.asarray(x, cfg.param_dtype), params)
+    # a copy: the update donates the state's buffers, which must not be the caller's
+    params = jax.tree.map(lambda x: jnp.array(x, cfg.param_dtype), params)
     opt_state = {"count": jnp.zeros((), jnp.int32),
                  "thresholds": sparse_thresholds(params, setup.plan, cfg.sparsity),
                  "curvature_sum": jnp.zeros((), jnp.float32),  # moving average, not debiased
@@ -88,7 +90,12 @@ def _estimate_fn(graphdef, setup: ZOSetup):
     names_plan = setup.at_names(plan)
 
     def loss(params, inputs_BxT, targets_BxT, transform=None):
-        logits_BxTxV = nnx.merge(graphdef, params)(inputs_BxT, transform)
+        model = nnx.merge(graphdef, params)
+        if transform is not None and hasattr(model, "scan_unroll"):
+            # a rolled loop: unrolled, XLA computes the perturbed weights of many layers ahead
+            # of the layers reading them, so the memory grew with depth (docs/performance.md)
+            model.scan_unroll = 1
+        logits_BxTxV = model(inputs_BxT, transform)
         return objective(logits_BxTxV.astype(jnp.float32), targets_BxT)
 
     def estimate(params, opt_state, lr, inputs_BxT, targets_BxT):
