@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -48,3 +49,11 @@ def test_tiny_gpu_script_writes_every_measurement(tmp_path):
     assert summary["mezo_memory"]["headline"]["peak_source"] == "summed"
     assert summary["mezo_memory"]["headline"]["device_mezo_over_forward_at_most"] is None
     assert (tmp_path / "summary.txt").read_text().count(": ok in ") == len(gpu_suite.NAMES)
+
+
+def test_gpu_budget_fits_in_eight_minutes():
+    """Every measurement's own limit fits in gpu.sh's budget, and the budget in 8 minutes (the
+    device time a session has left after the machine starts)."""
+    script = (REPO / "benchmarks" / "gpu.sh").read_text()
+    budget_s = int(re.search(r"^mode=\(\); budget_s=(\d+)$", script, re.MULTILINE).group(1))
+    assert sum(m.limit_s for m in gpu_suite.MEASUREMENTS) <= budget_s - 5 <= 8 * 60
