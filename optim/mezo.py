@@ -104,7 +104,8 @@ def _masked(z: jax.Array, x: jax.Array, probe: LeafProbe, threshold) -> jax.Arra
 
 def _perturbed_slice(x, probe: LeafProbe, z, threshold, scale) -> jax.Array:
     """x + scale·e·D·z (masked), in float32: the forward casts to its compute dtype itself."""
-    step = (scale * probe.eps_scale * probe.probe_scale) * _masked(z, x, probe, threshold)
+    # e·D first, in Python: one rounding to float32 whether scale is traced (±ε) or a constant
+    step = (scale * (probe.eps_scale * probe.probe_scale)) * _masked(z, x, probe, threshold)
     return x.astype(jnp.float32) + step
 
 
@@ -218,14 +219,16 @@ def curvature(loss_plus, loss_minus, loss_clean, eps: float) -> jax.Array:
 
 def probe_losses(loss_at: Callable[[jax.Array, float], jax.Array], key: jax.Array,
                  n_probes: int, eps: float) -> tuple[jax.Array, jax.Array]:
-    """(L⁺_i, L⁻_i) for probes i < n_probes, one probe at a time (a loop, not a batch, so the
-    memory is one forward's); `loss_at(probe key, ±ε)` evaluates the perturbed objective."""
+    """(L⁺_i, L⁻_i) for probes i < n_probes, one forward at a time (a loop, not a batch, so the
+    memory is one forward's, and one traced forward serves both signs and every probe: half
+    the compile time); `loss_at(probe key, ±ε)` evaluates the perturbed objective."""
 
-    def one(i):
-        k = probe_key(key, i)
-        return loss_at(k, eps), loss_at(k, -eps)
+    def one(index):
+        probe, minus = index // 2, index % 2
+        return loss_at(probe_key(key, probe), jnp.where(minus == 1, -eps, eps))
 
-    return jax.lax.map(one, jnp.arange(n_probes))
+    losses = jax.lax.map(one, jnp.arange(2 * n_probes)).reshape(n_probes, 2)
+    return losses[:, 0], losses[:, 1]
 
 
 def dense_plan(params, stacked: Callable[[tuple], bool] = lambda path: False) -> Any:
