@@ -29,6 +29,7 @@ class ConfigError(ValueError):
         super().__init__(f"{field}={value!r}: expected {expected}")
 
 
+PACKAGES = ("all", "half_a", "half_b")  # data.packages
 PARAMETRIZATIONS = ("sp", "mup", "depth_mup", "completep", "hyperp")
 # Rules that scale residual branches: the model must have them (the byte MLP has none).
 DEPTH_PARAMETRIZATIONS = ("depth_mup", "completep", "hyperp")
@@ -46,6 +47,9 @@ class DataConfig:
     path: str | None = None  # None: the interpreter's standard library
     dtype: str = "uint16"  # .bin token files only: uint16 | uint32
     vocab_size: int = 256  # bytes give 256; set it for .bin token files
+    # the standard library's top-level packages and modules: all, or one of two halves (by the
+    # CRC-32 of the name), e.g. pretrain on one and fine-tune on the other; data.path=null only
+    packages: str = "all"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +63,13 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 100
     out_dir: str = "runs"
+
+
+@dataclasses.dataclass(frozen=True)
+class InitConfig:
+    """Where the weights start: a fresh initialization, or a finished run's last checkpoint."""
+
+    from_run: str | None = None  # a run directory (result.json, checkpoints/): fine-tuning
 
 
 WANDB_MODES = ("offline", "online", "disabled")
@@ -94,6 +105,7 @@ class RunConfig:
     train: TrainConfig = TrainConfig()
     logging: LoggingConfig = LoggingConfig()
     sweep: SweepConfig = SweepConfig()
+    init: InitConfig = InitConfig()
 
 
 def _coerce(field: str, value: Any, annotation: Any) -> Any:
@@ -202,6 +214,11 @@ def validate(cfg: RunConfig) -> RunConfig:
     validate_optimizer(o, t.steps)
     _choice("data.dtype", d.dtype, ("uint16", "uint32"))
     _require(d.vocab_size > 1, "data.vocab_size", d.vocab_size, "an integer above 1")
+    _choice("data.packages", d.packages, PACKAGES)
+    if d.path is not None:
+        _require(d.packages == "all", "data.packages", d.packages,
+                 "'all' when data.path is set (the halves split the standard library, "
+                 "data.path=null; data=default selects all)")
     for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "log_every",
                  "checkpoint_every"):
         _require(getattr(t, name) > 0, f"train.{name}", getattr(t, name), "a positive integer")
@@ -209,6 +226,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     if lg.wandb_mode is not None:
         _choice("logging.wandb_mode", lg.wandb_mode, WANDB_MODES)
     _validate_sweep(cfg.sweep)
+    if cfg.init.from_run is not None:
+        _require(cfg.init.from_run.strip() != "", "init.from_run", cfg.init.from_run,
+                 "a finished run's directory, or null for a fresh initialization")
     return cfg
 
 

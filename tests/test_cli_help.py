@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from synthetic import assert_one_line_cli_error, run_result
 
+import experiments.finetune
 import experiments.train
 from experiments.compose import compose, group_options, to_run_config
 from scaling.training.loop import member_config
@@ -101,3 +102,23 @@ def test_rerunning_a_finished_run_says_it_was_not_retrained(tiny_run, run_main, 
     assert line.startswith(f"{run_dir}: already finished, not retrained: train_loss=2.51 "
                            "val_loss=2.5")
     assert result_file.read_bytes() == saved
+
+
+def test_finetune_help_says_what_the_command_does(capsys):
+    experiments.finetune.main(["--help"])
+
+    out = capsys.readouterr().out
+    assert out.startswith("usage: scaling-finetune")
+    assert "init.from_run" in out and "pretrain" in out and "start_val_loss" in out
+    assert all(option in out for option in group_options("optim"))
+    assert "--hydra-help" in out and "--cfg job" in out
+
+
+def test_finetune_help_names_only_fields_the_config_has():
+    """Each field the help lists is a key of the composed finetune config."""
+    config = compose([], "finetune")
+    for field in experiments.finetune.MAIN_FIELDS:
+        node = config
+        for key in field.split("."):
+            assert key in node, field
+            node = node[key]

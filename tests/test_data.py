@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import sysconfig
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from scaling.config import ConfigError, DataConfig
+from scaling.config import ConfigError, DataConfig, RunConfig, validate
 from scaling.training import data
+from scaling.training.rundir import run_name
 
 
 def test_stdlib_corpus_excludes_tests_and_installed_packages():
@@ -68,3 +70,43 @@ def test_text_directory_and_token_file_sources(tmp_path):
     np.testing.assert_array_equal(np.concatenate([splits.train, splits.val]), tokens)
     with pytest.raises(ConfigError, match="data.vocab_size"):
         data.load(DataConfig(path=str(tmp_path / "t.bin"), vocab_size=500), seq_len=16)
+
+
+def test_halves_split_the_top_level_packages_by_their_crc32():
+    """half_a and half_b partition the corpus's files; every top-level package or module lies
+    whole in the half its name's CRC-32 parity picks, and each half holds a third of the bytes
+    or more."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    halves = {h: data.stdlib_files(h) for h in ("half_a", "half_b")}
+    assert sorted(halves["half_a"] + halves["half_b"]) == sorted(data.stdlib_files())
+    for half, files in halves.items():
+        names = {data.top_level_name(f.relative_to(root)) for f in files}
+        assert all(("half_b" if zlib.crc32(n.encode()) % 2 else "half_a") == half for n in names)
+    assert data.top_level_name(Path("json/decoder.py")) == "json"
+    assert data.top_level_name(Path("os.py")) == "os"
+    sizes = {h: sum(f.stat().st_size for f in files) for h, files in halves.items()}
+    assert min(sizes.values()) > sum(sizes.values()) / 3
+
+
+def test_a_half_loads_its_own_bytes_and_says_which():
+    splits = data.load(DataConfig(packages="half_b"), seq_len=16)
+    expected = sum(f.stat().st_size for f in data.stdlib_files("half_b"))
+    assert len(splits.train) + len(splits.val) == expected
+    assert "half_b" in splits.description
+
+
+def test_halves_need_the_standard_library():
+    """A half of a file or folder of one's own is not defined: a one-line error."""
+    with pytest.raises(ConfigError, match="data.packages='half_a': expected 'all' when data.path"):
+        validate(RunConfig(data=DataConfig(path="corpus.txt", packages="half_a")))
+    with pytest.raises(ConfigError, match="data.packages='half_c': expected one of"):
+        validate(RunConfig(data=DataConfig(packages="half_c")))
+
+
+def test_default_packages_keep_run_directories():
+    """Runs finished before data.packages (and init.from_run) existed are still found: at their
+    defaults the new fields leave the run-directory hash as it was. Update these names only with
+    a change that means those runs must be trained again."""
+    assert run_name(RunConfig()) == "transformer-w128-d4-mup-adamw-lr0.01-s0-ffeef714"
+    half = RunConfig(data=DataConfig(packages="half_a"))
+    assert run_name(half) != run_name(RunConfig())

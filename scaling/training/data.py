@@ -1,9 +1,9 @@
 """Token sources and batches: the batch for step i is a pure function of (seed, i).
 
-Sources: the running interpreter's standard library (default, bytes), a local text file or
-directory (bytes), or a pre-tokenized `.bin` file of uint16/uint32 tokens. Every source is split
-into train and validation by one fixed rule: the stream is cut into blocks of VAL_BLOCK tokens
-and every VAL_EVERY-th block is held out.
+Sources: the running interpreter's standard library (default, bytes; all of it, or one of two
+halves of its top-level packages), a local text file or directory (bytes), or a pre-tokenized
+`.bin` file of uint16/uint32 tokens. Every source is split into train and validation by one fixed
+rule: the stream is cut into blocks of VAL_BLOCK tokens and every VAL_EVERY-th block is held out.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sysconfig
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -31,14 +32,33 @@ class TokenSplits:
     description: str
 
 
-def stdlib_files() -> list[Path]:
-    """The standard library's .py files in sorted order, without tests and installed packages."""
+def top_level_name(relative: Path) -> str:
+    """The top-level package or module a stdlib file belongs to: json for json/decoder.py."""
+    return relative.parts[0].removesuffix(".py")
+
+
+def package_half(name: str) -> str:
+    """half_a or half_b by the name's CRC-32: a module that comes or goes between Python
+    versions moves no other module to the other half, as alternating sorted names would."""
+    return "half_b" if zlib.crc32(name.encode()) % 2 else "half_a"
+
+
+def stdlib_files(packages: str = "all") -> list[Path]:
+    """The standard library's .py files in sorted order, without tests and installed packages;
+    those of one half of its top-level packages and modules unless `packages` is all."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in EXCLUDED_DIRS)
         files += [Path(dirpath) / f for f in filenames if f.endswith(".py")]
+    if packages != "all":
+        files = [f for f in files if package_half(top_level_name(f.relative_to(root))) == packages]
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def vocab_size(cfg: DataConfig) -> int:
+    """The vocabulary a source has, without reading it: bytes, or a .bin file's vocab_size."""
+    return cfg.vocab_size if cfg.path is not None and cfg.path.endswith(".bin") else BYTE_VOCAB
 
 
 def _read_files(files: list[Path]) -> np.ndarray:
@@ -61,7 +81,9 @@ def load(cfg: DataConfig, seq_len: int) -> TokenSplits:
     """Reads the configured source; raises ConfigError for a missing, empty or short one."""
     if cfg.path is None:
         root = sysconfig.get_paths()["stdlib"]
-        tokens, vocab, what = _read_files(stdlib_files()), BYTE_VOCAB, f"stdlib .py at {root}"
+        which = "" if cfg.packages == "all" else f" ({cfg.packages} of its top-level packages)"
+        tokens, vocab = _read_files(stdlib_files(cfg.packages)), BYTE_VOCAB
+        what = f"stdlib .py at {root}{which}"
     else:
         path = Path(cfg.path).expanduser()
         if not path.exists():

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 import optim
 from scaling.config import RunConfig, SweepConfig, lr_grid, to_dict, validate
 from scaling.parametrization import build_model
-from scaling.training import data
+from scaling.training import data, pretrained
 from scaling.training.checkpoint import Checkpointer
 from scaling.training.files import MetricsLog, write_json_atomic
 from scaling.training.rundir import run_name
@@ -116,19 +116,44 @@ class _Member:
                 getattr(self, log).close()
 
 
+def _optimizer_setup(cfg: RunConfig, parametrization):
+    """What the train state and step of cfg's optimizer are built from: MeZO's probe setup, or
+    the optimizer at any LR."""
+    t = cfg.train
+    if cfg.optim.family == "zeroth_order":
+        return zo_setup(cfg.optim, parametrization, total_steps=t.steps, seed=t.seed)
+    return optimizer_at(cfg.optim, parametrization, total_steps=t.steps)
+
+
+def _init_state(cfg: RunConfig, setup, params, lr: float) -> dict:
+    if cfg.optim.family == "zeroth_order":
+        return init_zo_state(params, setup, lr)
+    return init_train_state(params, setup, lr)
+
+
+def _pretrained_params(cfg: RunConfig, vocab_size: int, like):
+    """init.from_run's last parameters, restored through a train state of the source's own
+    optimizer, which is what its checkpoints hold."""
+    source = pretrained.source_config(cfg.init.from_run)
+    pretrained.check_compatible(cfg, source)
+    model, parametrization = build_model(source.model, source.param, vocab_size,
+                                         source.train.seed)
+    params = nnx.split(model)[1].to_pure_dict()
+    template = _init_state(source, _optimizer_setup(source, parametrization), params, 0.0)
+    return pretrained.restore_params(cfg.init.from_run, template, like)
+
+
 def _train_together(members: list[_Member], splits) -> list[dict]:
     cfg, t, k = members[0].cfg, members[0].cfg.train, len(members)
     model, parametrization = build_model(cfg.model, cfg.param, splits.vocab_size, t.seed)
     graphdef, params = nnx.split(model)
     params = params.to_pure_dict()
-    if cfg.optim.family == "zeroth_order":
-        setup = zo_setup(cfg.optim, parametrization, total_steps=t.steps, seed=t.seed)
-        init_state = lambda lr: init_zo_state(params, setup, lr)
-        train_step = make_zo_step(graphdef, setup, k)
-    else:
-        tx = optimizer_at(cfg.optim, parametrization, total_steps=t.steps)
-        init_state = lambda lr: init_train_state(params, tx, lr)
-        train_step = make_train_step(graphdef, tx, k)
+    if cfg.init.from_run is not None:  # fine-tuning, before anything is written
+        params = _pretrained_params(cfg, splits.vocab_size, params)
+    setup = _optimizer_setup(cfg, parametrization)
+    init_state = lambda lr: _init_state(cfg, setup, params, lr)
+    make_step = make_zo_step if cfg.optim.family == "zeroth_order" else make_train_step
+    train_step = make_step(graphdef, setup, k)
     template = init_state(0.0)
     cost = {"params": int(sum(x.size for x in jax.tree.leaves(params))),
             "flops_per_token": flops_per_token(model, parametrization.specs, t.seq_len),
@@ -184,6 +209,8 @@ def _loop(members: list[_Member], state, step: int, splits, train_step, evaluate
     member_state = (lambda i: state) if k == 1 else (lambda i: jax.tree.map(lambda x: x[i], state))
     zeroth_order = cfg.optim.family == "zeroth_order"
     curvature = zeroth_order and cfg.optim.curvature
+    if step == 0 and cfg.init.from_run is not None:
+        _log_start(members, evaluate(state["params"]))
     while step < t.steps and not all(m.diverged for m in members):
         inputs, targets = data.train_batch(splits.train, t.seed, step, t.batch_size, t.seq_len)
         state = train_step(state, inputs, targets)
@@ -238,6 +265,18 @@ def _loop(members: list[_Member], state, step: int, splits, train_step, evaluate
             m.result = _write_result(m, cost, wall())
 
 
+def _log_start(members: list[_Member], val_losses: list[float]) -> None:
+    """Step 0 of a fine-tune: the pretrained weights' validation loss on the new data."""
+    for m, val_loss in zip(members, val_losses, strict=True):
+        if not m.metrics.records:  # an earlier start that saved no checkpoint logged it already
+            m.metrics.write({"step": 0, "tokens": 0, "val_loss": val_loss})
+            m.tracker.log({"val_loss": val_loss}, 0)
+
+
+def _start_val_loss(m: _Member) -> float | None:
+    return next((r["val_loss"] for r in m.metrics.records if r["step"] == 0), None)
+
+
 def _write_result(m: _Member, cost: dict, wall_seconds: float) -> dict:
     t = m.cfg.train
     result = {
@@ -247,6 +286,8 @@ def _write_result(m: _Member, cost: dict, wall_seconds: float) -> dict:
         "diverged": m.diverged, "steps": m.step, "tokens": m.step * t.batch_size * t.seq_len,
         **cost, "wall_seconds": wall_seconds, "run_dir": str(m.run_dir), "name": m.name,
     }
+    if m.cfg.init.from_run is not None:  # where fine-tuning started from, on this data
+        result["start_val_loss"] = _start_val_loss(m)
     m.tracker.finish({key: v for key, v in result.items() if isinstance(v, (int, float, bool))})
     result |= {"config": to_dict(m.cfg)}  # what a re-run of the finished run returns, too
     m.checkpointer.close()  # the result must not name a checkpoint still being written

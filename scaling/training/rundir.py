@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 from scaling.config import RunConfig, to_dict
+
+# Fields added after runs were finished: left out of the hash at their defaults, so those runs
+# keep their directories and are still found finished.
+LATER_DEFAULTS = {("data", "packages"): "all", ("init", "from_run"): None}
 
 
 def config_hash(cfg: RunConfig, length: int = 8) -> str:
@@ -14,6 +19,13 @@ def config_hash(cfg: RunConfig, length: int = 8) -> str:
     values.pop("logging")
     values.pop("sweep")  # a grid member trains exactly what a separate run at its LR trains
     values["train"].pop("out_dir")
+    for (group, field), default in LATER_DEFAULTS.items():
+        if values[group][field] == default:
+            values[group].pop(field)
+    if not values["init"]:
+        values.pop("init")
+    else:  # the source's name hashes what it trained; its folder may be given any way
+        values["init"]["from_run"] = Path(values["init"]["from_run"]).name
     blob = json.dumps(values, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:length]
 
