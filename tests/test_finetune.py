@@ -10,6 +10,8 @@ import shutil
 import sys
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 from conftest import TINY_RUN
 from synthetic import assert_one_line_cli_error
@@ -18,8 +20,10 @@ import experiments.finetune
 from experiments.compose import compose, to_run_config
 from experiments.finetune import plan
 from scaling.config import ConfigError
+from scaling.training.checkpoint import Checkpointer
 from scaling.training.files import read_jsonl
 from scaling.training.loop import train
+from scaling.training.replay import replay_run
 from scaling.training.rundir import run_name
 
 MODEL = [o for o in TINY_RUN if o.startswith(("model.", "param."))]
@@ -137,6 +141,14 @@ def test_an_interrupted_fine_tune_resumes_to_the_same_losses(source, tmp_path):
     assert [r["step"] for r in whole].count(0) == 1
     assert (again["val_loss"], again["start_val_loss"]) == (first["val_loss"],
                                                            first["start_val_loss"])
+    # MeZO's log replays from the source's weights to the fine-tuned ones, bit for bit
+    replayed = replay_run(run_dir)
+    checkpoints = Checkpointer(run_dir / "checkpoints")
+    try:
+        trained = checkpoints.restore_latest(None)[1]["params"]
+    finally:
+        checkpoints.close()
+    assert jax.tree.all(jax.tree.map(np.array_equal, replayed, trained))
 
 
 def _deterministic(records: list[dict]) -> list[dict]:

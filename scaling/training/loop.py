@@ -131,7 +131,7 @@ def _init_state(cfg: RunConfig, setup, params, lr: float) -> dict:
     return init_train_state(params, setup, lr)
 
 
-def _pretrained_params(cfg: RunConfig, vocab_size: int, like):
+def pretrained_params(cfg: RunConfig, vocab_size: int, like):
     """init.from_run's last parameters, restored through a train state of the source's own
     optimizer, which is what its checkpoints hold."""
     source = pretrained.source_config(cfg.init.from_run)
@@ -149,7 +149,7 @@ def _train_together(members: list[_Member], splits) -> list[dict]:
     graphdef, params = nnx.split(model)
     params = params.to_pure_dict()
     if cfg.init.from_run is not None:  # fine-tuning, before anything is written
-        params = _pretrained_params(cfg, splits.vocab_size, params)
+        params = pretrained_params(cfg, splits.vocab_size, params)
     setup = _optimizer_setup(cfg, parametrization)
     init_state = lambda lr: _init_state(cfg, setup, params, lr)
     make_step = make_zo_step if cfg.optim.family == "zeroth_order" else make_train_step

@@ -11,13 +11,14 @@ from scaling.config import from_dict
 from scaling.parametrization import build_model
 from scaling.training import data
 from scaling.training.files import read_jsonl
-from scaling.training.loop import ZO_LOG
+from scaling.training.loop import ZO_LOG, pretrained_params
 from scaling.training.zo_step import replay, zo_setup
 
 
 def replay_run(run_dir: str | Path, through_step: int | None = None):
     """The parameters of the `optim=mezo` run in `run_dir` after `through_step` steps (default:
-    every logged step), rebuilt from its config's initial weights and zo_steps.jsonl alone."""
+    every logged step), rebuilt from its config's initial weights (a fine-tune's: its source's
+    last ones) and zo_steps.jsonl alone."""
     run_dir = Path(run_dir)
     result = run_dir / "result.json"
     if not result.exists():
@@ -26,10 +27,13 @@ def replay_run(run_dir: str | Path, through_step: int | None = None):
     if cfg.optim.family != "zeroth_order":
         raise ValueError(f"optim.name={cfg.optim.name!r} in {run_dir}: expected a zeroth-order "
                          "run (only MeZO logs what a replay needs)")
-    vocab_size = data.load(cfg.data, cfg.train.seq_len).vocab_size
+    vocab_size = data.vocab_size(cfg.data)
     model, parametrization = build_model(cfg.model, cfg.param, vocab_size, cfg.train.seed)
     records = [r for r in read_jsonl(run_dir / ZO_LOG)
                if through_step is None or r["step"] <= through_step]
     setup = zo_setup(cfg.optim, parametrization, total_steps=cfg.train.steps,
                      seed=cfg.train.seed)
-    return replay(nnx.state(model).to_pure_dict(), setup, records)
+    params = nnx.state(model).to_pure_dict()
+    if cfg.init.from_run is not None:
+        params = pretrained_params(cfg, vocab_size, params)
+    return replay(params, setup, records)
