@@ -25,6 +25,13 @@ PARAM_LABELS = {"sp": "SP", "mup": "μP", "depth_mup": "Depth-μP", "completep":
                 "hyperp": "HyperP"}
 # Two points fit any power law exactly: a third is the least that can disagree with the law.
 MIN_POWER_LAW_POINTS = 3
+# Nats per token above which a finite loss has blown up (a uniform guess over 100k tokens costs
+# 11.5): counted as diverged, since one such point would swamp the quadratic fit. A run only
+# flags a non-finite loss, and a blown-up MeZO run can stay finite (1e7 and more).
+DIVERGED_LOSS = 100.0
+# MeZO's probe and update scalings, part of a MeZO family's identity: they set how its optimum
+# moves with width, so isotropic and matched runs are never one family.
+PROBE_FIELDS = ("probe_scaling", "update_scaling")
 
 
 def load_results(sweep_dir: str | Path) -> list[dict]:
@@ -113,8 +120,33 @@ def _number(value) -> float | None:
 
 
 def _metric(result: dict, metric: str) -> float:
+    """The run's loss; nan for a diverged run, and for a finite loss above DIVERGED_LOSS."""
     value = result.get(metric)
-    return math.nan if result["diverged"] or value is None else float(value)
+    if result["diverged"] or value is None or value > DIVERGED_LOSS:
+        return math.nan
+    return float(value)
+
+
+def probes(optim: dict) -> str | None:
+    """A MeZO config's probe scaling ('matched'; 'D=matched,U=isotropic' where probe and update
+    differ), None for every other optimizer."""
+    if optim["name"] != "mezo":
+        return None
+    probe, update = (optim[field] for field in PROBE_FIELDS)
+    return probe if probe == update else f"D={probe},U={update}"
+
+
+def optim_label(entry: dict) -> str:
+    """A shape's or family's optimizer as tables print it: 'adamw', 'mezo[matched]'."""
+    return entry["optim"] + (f"[{entry['probes']}]" if entry.get("probes") else "")
+
+
+def _family_of(shape: dict, fields: tuple[str, ...]) -> dict:
+    """The shape's values of `fields`, and its MeZO probe scaling where it has one."""
+    family = {k: shape[k] for k in fields}
+    if "probes" in shape:
+        family["probes"] = shape["probes"]
+    return family
 
 
 def _run_row(result: dict) -> dict:
@@ -159,9 +191,11 @@ def _shape(sid: str, runs: list[dict], metric: str) -> dict:
         lrs, losses = zip(*[(math.log2(lr), v) for s, lr, v in values if s == seed])
         if any(math.isfinite(v) for v in losses):
             seed_optima.append(fit_optimum(lrs, losses).log2_lr)
-    return {"id": sid, "param": row["param"], "optim": row["optim"], "kind": row["kind"],
-            "width": row["width"], "depth": row["depth"], "tokens": row["tokens"],
-            "batch_size": row["batch_size"], "steps": runs[0]["config"]["train"]["steps"],
+    probe_scaling = probes(runs[0]["config"]["optim"])
+    return {"id": sid, "param": row["param"], "optim": row["optim"],
+            **({} if probe_scaling is None else {"probes": probe_scaling}),
+            "kind": row["kind"], "width": row["width"], "depth": row["depth"],
+            "tokens": row["tokens"], "batch_size": row["batch_size"], "steps": runs[0]["config"]["train"]["steps"],
             "seeds": seeds, "curve": curve,
             "optimum": _optimum_dict(fit_optimum([p["log2_lr"] for p in curve], means))
             if has_finite else None,
@@ -200,7 +234,7 @@ def _drift(family: list[dict], axis: str) -> dict:
     sems = [_sem(family[i]["log2_lr_std"], len(family[i]["seed_optima"])) for i in (hi, lo)]
     sizes = [s[axis] for s in family]
     first = family[0]
-    return {"family": {k: first[k] for k in DRIFT_AXES[axis]},
+    return {"family": _family_of(first, DRIFT_AXES[axis]),
             f"{axis}s": sizes, "log2_lr": log2_lr,
             "log2_lr_std": [s["log2_lr_std"] for s in family],
             "n_seeds": [len(s["seed_optima"]) for s in family],  # behind each std; 1: no spread
@@ -280,21 +314,22 @@ def analyze(results: list[dict], metric: str = "val_loss") -> dict:
         tokens = [s["tokens"] for s in family]
         if len(set(tokens)) >= 2:
             log2_lr = [s["optimum"]["log2_lr"] for s in family]
-            lr_vs_tokens.append({"family": {k: family[0][k] for k in ("param", "optim", "kind",
-                                                                     "width", "depth")},
+            lr_vs_tokens.append({"family": _family_of(family[0], ("param", "optim", "kind",
+                                                                   "width", "depth")),
                                  "tokens": tokens, "log2_lr": log2_lr,
                                  **_power_law(tokens, [2.0 ** v for v in log2_lr])})
     by_recipe = defaultdict(list)
     for shape, _ in shapes:
         if shape["best_loss"] is not None:
-            by_recipe[shape["param"], shape["optim"]].append(shape)
+            by_recipe[shape["param"], shape["optim"], shape.get("probes", "")].append(shape)
     loss_vs_compute = []
-    for (param, optim), family in sorted(by_recipe.items()):
+    for (param, optim, _), family in sorted(by_recipe.items()):
         family.sort(key=lambda s: s["compute"])
         compute, loss = [s["compute"] for s in family], [s["best_loss"] for s in family]
         if len(set(compute)) >= 2:
-            loss_vs_compute.append({"param": param, "optim": optim, "compute": compute,
-                                    "loss": loss, **_power_law(compute, loss)})
+            loss_vs_compute.append({**_family_of(family[0], ("param", "optim")),
+                                    "compute": compute, "loss": loss,
+                                    **_power_law(compute, loss)})
     return {"metric": metric, "group": groups.pop() if len(groups) == 1 else None,
             "runs": sorted((_run_row(r) for r in results), key=lambda row: row["name"]),
             "shapes": [shape for shape, _ in shapes], **drifts, "lr_vs_tokens": lr_vs_tokens,
@@ -316,13 +351,13 @@ def _drift_lines(analysis: dict, axis: str) -> list[str]:
     for d in analysis[drift_key]:
         f = d["family"]
         edge = "  (an optimum is on the grid edge)" if d["any_on_edge"] else ""
-        lines.append(f"{f['param']} {f['optim']} {fixed[0]}{f[fixed]} {f['tokens']} tokens "
+        lines.append(f"{f['param']} {optim_label(f)} {fixed[0]}{f[fixed]} {f['tokens']} tokens "
                      f"{letter}{d[sizes][0]}→{letter}{d[sizes][-1]}: drift "
                      f"{d['drift_octaves']:.2f} ± {_pm(d['drift_uncertainty'])} octaves, "
                      f"slope {d['slope']:+.2f}/{axis}-octave" + edge)
     for b in analysis[bigger_key]:
         f = b["family"]
-        lines.append(f"{f['param']} {f['optim']} {fixed[0]}{f[fixed]} {f['tokens']} tokens at "
+        lines.append(f"{f['param']} {optim_label(f)} {fixed[0]}{f[fixed]} {f['tokens']} tokens at "
                      f"log2 lr {b['log2_lr']:.2f}: {bigger} is better "
                      f"{'yes' if b['holds'] else 'no'}, beyond noise "
                      f"{'yes' if b['beyond_noise'] else 'no'} (noise {_pm(b['noise'], 4)})")
@@ -332,11 +367,14 @@ def _drift_lines(analysis: dict, axis: str) -> list[str]:
 def format_table(analysis: dict) -> str:
     """Plain-text summary: one line per shape, then drift and bigger-is-better along width and
     along depth, and power laws."""
+    # as wide as the longest optimizer label ('mezo[matched]'), at least 6 as before
+    optim_width = max([6, *(len(optim_label(s)) for s in analysis["shapes"])])
     lines = [f"metric: {analysis['metric']}   group: {analysis['group']}",
-             (f"{'param':<9} {'optim':<6} {'kind':<11} {'width':>6} {'depth':>5} {'tokens':>11} "
-              f"{'seeds':>5}  {'log2 lr ± std':>14} {'argmin':>7}  {'best loss':>9}")]
+             (f"{'param':<9} {'optim':<{optim_width}} {'kind':<11} {'width':>6} {'depth':>5} "
+              f"{'tokens':>11} {'seeds':>5}  {'log2 lr ± std':>14} {'argmin':>7}  "
+              f"{'best loss':>9}")]
     for s in analysis["shapes"]:
-        head = (f"{s['param']:<9} {s['optim']:<6} {s['kind']:<11} {s['width']:>6} "
+        head = (f"{s['param']:<9} {optim_label(s):<{optim_width}} {s['kind']:<11} {s['width']:>6} "
                 f"{s['depth']:>5} {s['tokens']:>11} {len(s['seeds']):>5}  ")
         o = s["optimum"]
         if o is None:
@@ -349,8 +387,8 @@ def format_table(analysis: dict) -> str:
     lines += [line for axis in DRIFT_KEYS for line in _drift_lines(analysis, axis)]
     for p in analysis["lr_vs_tokens"]:
         f = p["family"]
-        lines.append(f"{f['param']} {f['optim']} w{f['width']} d{f['depth']}: optimal lr ∝ "
+        lines.append(f"{f['param']} {optim_label(f)} w{f['width']} d{f['depth']}: optimal lr ∝ "
                      f"tokens^({exponent_text(p)})")
     for p in analysis["loss_vs_compute"]:
-        lines.append(f"{p['param']} {p['optim']}: best loss ∝ compute^({exponent_text(p)})")
+        lines.append(f"{p['param']} {optim_label(p)}: best loss ∝ compute^({exponent_text(p)})")
     return "\n".join(lines)

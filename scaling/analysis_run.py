@@ -40,19 +40,29 @@ def log_analysis(analysis: dict, images: list[Path], *, project: str | None, gro
                      settings=wandb.Settings(silent=True, console="off"), reinit="create_new")
     runs = analysis["runs"]
     columns = list(runs[0]) if runs else []
+    optima_columns = _optima_columns(analysis["shapes"])
     run.log({"runs": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in runs]),
-             "optima": wandb.Table(columns=OPTIMA_COLUMNS,
-                                   data=[_optimum_row(s) for s in analysis["shapes"]]),
+             "optima": wandb.Table(columns=optima_columns,
+                                   data=[_optimum_row(s, optima_columns)
+                                         for s in analysis["shapes"]]),
              **{path.stem: wandb.Image(str(path)) for path in images}})
     run.summary.update(_summary(analysis))
     run.finish()
     return run.id
 
 
-def _optimum_row(shape: dict) -> list:
+def _optima_columns(shapes: list[dict]) -> list[str]:
+    """OPTIMA_COLUMNS, with MeZO's probe scaling after the optimizer where a shape has one."""
+    if not any("probes" in s for s in shapes):
+        return OPTIMA_COLUMNS
+    at = OPTIMA_COLUMNS.index("optim") + 1
+    return [*OPTIMA_COLUMNS[:at], "probes", *OPTIMA_COLUMNS[at:]]
+
+
+def _optimum_row(shape: dict, columns: list[str]) -> list:
     optimum = shape["optimum"] or {}  # None when every run of the shape diverged
     row = shape | {k: optimum.get(k) for k in ("log2_lr", "lr", "argmin_log2_lr", "on_edge")}
-    return [row[c] for c in OPTIMA_COLUMNS]
+    return [row.get(c) for c in columns]  # probes: None for a non-MeZO shape among MeZO ones
 
 
 def _summary(analysis: dict) -> dict:

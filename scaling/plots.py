@@ -18,14 +18,15 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
-from scaling.analysis import PARAM_LABELS, exponent_text
+from scaling.analysis import PARAM_LABELS, exponent_text, optim_label
 from scaling.training.files import atomic_open
 
 DPI = 120
 # baselines on the left, each scaled parametrization to the right of what it extends
 PARAM_ORDER = ["sp", "mup", "depth_mup", "completep", "hyperp"]
 MARKERS = "osD^v"  # hollow and distinct, so coinciding points of two fits stay visible
-FAMILY_FIELDS = ("param", "optim", "kind", "width", "depth", "tokens", "batch_size")
+# "probes" (MeZO's probe scaling) exists only in MeZO families, so others' names never show it
+FAMILY_FIELDS = ("param", "optim", "probes", "kind", "width", "depth", "tokens", "batch_size")
 FIELD_PREFIXES = {"width": "w", "depth": "d", "tokens": "t", "batch_size": "b"}
 MAX_LOG_TICKS = 6  # data values labelled on a log axis; more would crowd it
 
@@ -42,7 +43,7 @@ def family_names(families: list[dict], always: tuple[str, ...] = ("param", "dept
 
 def _family_order(family: dict) -> tuple:
     """SP before μP, then by the family's other fields (tokens numerically)."""
-    return (_param_rank(family["param"]), *(family.get(f) for f in FAMILY_FIELDS[1:]))
+    return (_param_rank(family["param"]), *(family.get(f, "") for f in FAMILY_FIELDS[1:]))
 
 
 def plot_analysis(analysis: dict, out_dir: Path) -> list[Path]:
@@ -161,11 +162,11 @@ def _shown_family(shapes: list[dict], axis: str) -> list[dict]:
 
 
 def _loss_vs_lr(analysis: dict, axis: str) -> Figure | None:
-    """One panel per (param, optim), a curve per width (or depth); the depth figure only where
-    some slice holds several depths, since most sweeps have one."""
+    """One panel per (param, optim, MeZO probes), a curve per width (or depth); the depth figure
+    only where some slice holds several depths, since most sweeps have one."""
     panels = defaultdict(list)
     for s in analysis["shapes"]:
-        panels[(s["param"], s["optim"])].append(s)
+        panels[(s["param"], s["optim"], s.get("probes", ""))].append(s)
     shown = {key: _shown_family(shapes, axis) for key, shapes in panels.items()}
     if axis == "depth":
         shown = {key: family for key, family in shown.items() if len(family) >= 2}
@@ -180,7 +181,8 @@ def _loss_vs_lr(analysis: dict, axis: str) -> Figure | None:
         for s in shown[key]:
             _plot_curve(ax, s, colors[s[axis]], axis)
         first = shown[key][0]
-        ax.set_title(f"{_param_label(key[0])} · {key[1]}\n{first['kind']} "
+        probes = f" · {key[2]} probes" if key[2] else ""
+        ax.set_title(f"{_param_label(key[0])} · {key[1]}{probes}\n{first['kind']} "
                      f"{fixed[0]}{first[fixed]}, {_tokens_label(first['tokens'])} tokens, "
                      f"batch {first['batch_size']}")
         ax.set_xlabel("log₂ learning rate")
@@ -261,11 +263,11 @@ def _plot_power_law(ax, x: list[float], fit: dict, color: str, name: str) -> Non
 def _loss_vs_compute(metric: str, fits: list[dict]) -> Figure | None:
     if not fits:
         return None
-    fits = sorted(fits, key=lambda f: (_param_rank(f["param"]), f["optim"]))
+    fits = sorted(fits, key=lambda f: (_param_rank(f["param"]), f["optim"], f.get("probes", "")))
     fig = Figure(figsize=(8.8, 4.4), layout="constrained")
     ax = fig.subplots()
     for i, fit in enumerate(fits):
-        name = f"{_param_label(fit['param'])} · {fit['optim']}"
+        name = f"{_param_label(fit['param'])} · {optim_label(fit)}"
         color = f"C{i}"
         ax.plot(fit["compute"], fit["loss"], MARKERS[i % len(MARKERS)], color=color, mfc="none",
                 mew=1.5, label=_points_label(f"{name}: best per shape", fit))

@@ -10,7 +10,11 @@ import numpy as np
 import pytest
 from synthetic import run_result, write_results
 
+from optim import MeZOConfig
 from scaling.analysis import analyze, fit_optimum, fit_power_law, format_table, load_results
+from scaling.analysis_run import _summary
+from scaling.config import RunConfig, to_dict
+from scaling.plots import family_names
 
 GRID = np.arange(-14.0, -3.9, 0.5)  # log2 LR on a half-octave grid
 BATCH, SEQ_LEN = 16, 64
@@ -245,3 +249,58 @@ def test_depths_with_their_own_base_depth_are_no_family():
     results = [_result("mup", 64, x, 0, 0.05 * (x + 8) ** 2 + 2.0, depth=depth)
                for depth in (2, 4) for x in GRID]  # base_depth = depth for each
     assert analyze(results)["depth_drift"] == []
+
+
+def _as_mezo(result: dict, probe: str, update: str | None = None) -> dict:
+    """The same run as MeZO with the given probe and update scalings (update: like the probe)."""
+    update = update or probe
+    optim = to_dict(RunConfig(optim=MeZOConfig(lr=result["config"]["optim"]["lr"],
+                                               probe_scaling=probe, update_scaling=update)))
+    name = result["name"].replace("adamw", f"mezo-{probe}-{update}")
+    return result | {"name": name, "config": result["config"] | {"optim": optim["optim"]}}
+
+
+def test_mezo_families_are_split_by_probe_scaling():
+    """Isotropic MeZO's optimum falls an octave per doubling, matched MeZO's stays: one family
+    each, named apart, while an AdamW family of the same shapes keeps its name."""
+    widths = (64, 128, 256)
+    adamw = _sweep(lambda w, t: -8.0, widths=widths, seeds=2)
+    isotropic = [_as_mezo(r, "isotropic")
+                 for r in _sweep(lambda w, t: -8.0 - math.log2(w / 64), widths=widths, seeds=2)]
+    matched = [_as_mezo(r, "matched") for r in _sweep(lambda w, t: -9.0, widths=widths, seeds=2)]
+    mixed = [_as_mezo(r, "matched", "isotropic")
+             for r in _sweep(lambda w, t: -10.0, widths=widths, seeds=2)]
+    analysis = analyze(adamw + isotropic + matched + mixed)
+
+    drift = {d["family"].get("probes"): d for d in analysis["drift"]}
+    assert sorted(drift, key=str) == ["D=matched,U=isotropic", None, "isotropic", "matched"]
+    assert "probes" not in drift[None]["family"] and drift[None]["family"]["optim"] == "adamw"
+    assert abs(drift["isotropic"]["slope"] + 1.0) < 0.05
+    assert abs(drift["matched"]["drift_octaves"]) < 0.15
+    assert abs(np.mean(drift["D=matched,U=isotropic"]["log2_lr"]) + 10.0) < 0.1
+    assert len(analysis["shapes"]) == 4 * len(widths)
+    assert len(analysis["wider_is_better"]) == len(analysis["loss_vs_compute"]) == 4
+    table = format_table(analysis)
+    assert "mup mezo[isotropic] d2 204800 tokens w64→w256: drift 2.0" in table
+    assert "mup mezo[matched] " in table and "mup adamw d2 204800 tokens w64→w256" in table
+    assert json.loads(json.dumps(analysis, allow_nan=False)) == analysis
+
+    names = family_names([d["family"] for d in analysis["drift"]])
+    assert sorted(map(tuple, names)) == sorted([
+        ("mup", "adamw", "d2"), ("mup", "mezo", "isotropic", "d2"),
+        ("mup", "mezo", "matched", "d2"), ("mup", "mezo", "D=matched,U=isotropic", "d2")])
+    summary = _summary(analysis)
+    assert summary["drift/mup/mezo/isotropic/d2"] == pytest.approx(2.0, abs=0.15)
+    assert summary["drift/mup/adamw/d2"] == pytest.approx(0.0, abs=0.15)
+
+
+def test_a_finite_blown_up_loss_counts_as_diverged():
+    """A run whose loss blew up to 7.5e7 without turning non-finite is left out of the fit."""
+    results = _sweep(lambda w, t: -8.0, seeds=2)
+    blown_up = next(r for r in results if r["config"]["optim"]["lr"] == 2.0**-7
+                    and r["config"]["train"]["seed"] == 0)
+    blown_up["val_loss"] = 7.5e7
+    (shape,) = analyze(results)["shapes"]
+    point = next(p for p in shape["curve"] if p["log2_lr"] == -7.0)
+    assert (point["n"], point["diverged"]) == (1, 1)
+    assert abs(shape["optimum"]["log2_lr"] + 8.0) < 0.1 and shape["optimum"]["loss"] < 2.1

@@ -10,7 +10,9 @@ from matplotlib.container import ErrorbarContainer
 from synthetic import run_result
 
 import scaling.plots
+from optim import MeZOConfig
 from scaling.analysis import analyze
+from scaling.config import RunConfig, to_dict
 
 GRID = [-10.0 + i for i in range(7)]  # log2 LR, -10 ... -4 in octaves
 
@@ -153,3 +155,21 @@ def test_width_by_depth_grid_draws_both_drifts(figures):
 def test_a_width_sweep_draws_no_depth_plots(figures):
     drawn = figures(_sweep(seeds=1))
     assert not {"optimum_vs_depth", "loss_vs_lr_by_depth"} & set(drawn)
+
+
+def test_mezo_probe_scalings_get_their_own_panels_and_lines(figures):
+    """Isotropic and matched MeZO runs of one parametrization: a loss panel and an optimum line
+    each, named by the probe scaling."""
+    results = []
+    for probe in ("isotropic", "matched"):
+        for r in _sweep(widths=(32, 64), seeds=1):
+            if r["config"]["param"]["name"] == "mup":
+                optim = to_dict(RunConfig(optim=MeZOConfig(
+                    lr=r["config"]["optim"]["lr"], probe_scaling=probe, update_scaling=probe)))
+                results.append(r | {"name": f"{r['name']}-{probe}",
+                                    "config": r["config"] | {"optim": optim["optim"]}})
+    drawn = figures(results)
+    titles = [ax.get_title().split("\n")[0] for ax in drawn["loss_vs_lr"].axes]
+    assert titles == ["μP · mezo · isotropic probes", "μP · mezo · matched probes"]
+    labels = [t.get_text() for t in drawn["optimum_vs_width"].legends[0].get_texts()]
+    assert labels == ["μP isotropic d2", "μP matched d2"]
