@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -46,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, help="the target's train.steps (default: proxy's)")
     parser.add_argument("--batch-size", type=int, help="train.batch_size (default: proxy's)")
     parser.add_argument("--param", help="which parametrization's sweep to transfer from")
+    parser.add_argument("--optim", help="which optimizer's sweep, where it holds several "
+                        "(as the analysis tables name it: adamw, mezo[matched], …)")
     parser.add_argument("--proxy-width", type=int, help="default: widest interior optimum")
     parser.add_argument("--proxy-depth", type=int,
                         help="default: deepest interior optimum at the proxy width")
@@ -81,13 +84,13 @@ def _value(value) -> str:
 def plan(sweep_dir: Path, *, width: int | None = None, depth: int | None = None,
          steps: int | None = None, batch_size: int | None = None, param: str | None = None,
          proxy_width: int | None = None, proxy_depth: int | None = None,
-         data_exponent: float = DATA_EXPONENT,
-         depth_exponent: float = DEPTH_EXPONENT) -> tuple[dict, TransferResult]:
+         data_exponent: float = DATA_EXPONENT, depth_exponent: float = DEPTH_EXPONENT,
+         optim: str | None = None) -> tuple[dict, TransferResult]:
     """(proxy shape, transfer) from the sweep's results; the target logs to the sweep's group."""
     return transfer_from_sweep(load_results(sweep_dir), width=width, depth=depth, steps=steps,
                                batch_size=batch_size, param=param, proxy_width=proxy_width,
                                proxy_depth=proxy_depth, data_exponent=data_exponent,
-                               depth_exponent=depth_exponent)
+                               depth_exponent=depth_exponent, optim=optim)
 
 
 def explain(shape: dict, result: TransferResult) -> str:
@@ -137,7 +140,8 @@ def main(argv: list[str] | None = None) -> None:
         shape, result = plan(args.sweep_dir, width=args.width, depth=args.depth, steps=args.steps,
                              batch_size=args.batch_size, param=args.param,
                              proxy_width=args.proxy_width, proxy_depth=args.proxy_depth,
-                             data_exponent=args.data_exponent, depth_exponent=args.depth_exponent)
+                             data_exponent=args.data_exponent, depth_exponent=args.depth_exponent,
+                             optim=args.optim)
     except (FileNotFoundError, ValueError) as error:  # ConfigError is a ValueError
         _fail(str(error))
     target = dataclasses.replace(result.config, train=dataclasses.replace(
@@ -145,8 +149,11 @@ def main(argv: list[str] | None = None) -> None:
     _require_a_change(shape, target)
     overrides = command_overrides(target)
     model = target.model
+    # the optimizer in the name only when chosen, so a one-optimizer sweep's file keeps its name
+    recipe = shape["param"] + (f"-{re.sub(r'[^a-z0-9]+', '-', args.optim).strip('-')}"
+                               if args.optim else "")
     out = args.out or (args.sweep_dir / "analysis"
-                       / f"transfer-{shape['param']}-w{model.width}-d{model.depth}.yaml")
+                       / f"transfer-{recipe}-w{model.width}-d{model.depth}.yaml")
     write_overrides(out, overrides, result.reasons)
     print(explain(shape, result))
     print(f"wrote {out}\nrun it: scaling-train {shlex.join(overrides)}")

@@ -13,7 +13,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 
-from scaling.analysis import PARAM_LABELS, analyze, shape_id
+from scaling.analysis import PARAM_LABELS, analyze, optim_label, shape_id
 from scaling.config import ConfigError, RunConfig, SweepConfig, from_dict, validate
 from scaling.parametrization import make_parametrization
 from scaling.rules import DEPTH_RULES, NO_DEPTH_RULE
@@ -164,9 +164,10 @@ def _role_multipliers(proxy: RunConfig, target: RunConfig) -> dict[str, tuple[fl
 
 
 def proxy_shape(analysis: dict, *, param: str | None = None, width: int | None = None,
-                depth: int | None = None) -> dict:
+                depth: int | None = None, optim: str | None = None) -> dict:
     """The analysed shape to transfer from: the widest, then deepest, with an interior optimum,
-    unless told its width or depth."""
+    unless told its width or depth. `optim` picks the optimizer where the sweep holds several,
+    as the tables name it ('adamw', 'mezo[matched]')."""
     shapes = [s for s in analysis["shapes"] if s["optimum"] is not None]
     params = sorted({s["param"] for s in shapes})
     if param is None and len(params) > 1:
@@ -174,6 +175,12 @@ def proxy_shape(analysis: dict, *, param: str | None = None, width: int | None =
     shapes = [s for s in shapes if param is None or s["param"] == param]
     if not shapes:
         raise ConfigError("param", param, f"one of {params}")
+    optims = sorted({optim_label(s) for s in shapes})
+    if optim is None and len(optims) > 1:
+        raise ConfigError("optim", None, f"one of {optims}: the sweep holds several")
+    shapes = [s for s in shapes if optim is None or optim_label(s) == optim]
+    if not shapes:
+        raise ConfigError("optim", optim, f"one of {optims}")
     for axis, size in (("width", width), ("depth", depth)):
         if size is not None:
             sizes = sorted({s[axis] for s in shapes})
@@ -196,10 +203,12 @@ def transfer_from_sweep(results: list[dict], *, width: int | None = None,
                         batch_size: int | None = None, param: str | None = None,
                         proxy_width: int | None = None, proxy_depth: int | None = None,
                         data_exponent: float = DATA_EXPONENT,
-                        depth_exponent: float = DEPTH_EXPONENT) -> tuple[dict, TransferResult]:
+                        depth_exponent: float = DEPTH_EXPONENT,
+                        optim: str | None = None) -> tuple[dict, TransferResult]:
     """(proxy shape, transfer) from a sweep's `result.json` dicts, as `scaling-transfer` does:
     the proxy is the analysed optimum's own run config, never a default config."""
-    shape = proxy_shape(analyze(results), param=param, width=proxy_width, depth=proxy_depth)
+    shape = proxy_shape(analyze(results), param=param, width=proxy_width, depth=proxy_depth,
+                        optim=optim)
     return shape, transfer(proxy_config(results, shape), shape["optimum"]["lr"], width=width,
                            depth=depth, steps=steps, batch_size=batch_size,
                            data_exponent=data_exponent, depth_exponent=depth_exponent)

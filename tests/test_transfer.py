@@ -303,3 +303,34 @@ def test_mezo_transfer_reads_the_table_only_through_matched_probes(scaling, outp
     assert result.role_multipliers["hidden.block"] == pytest.approx((1.0, 1.0))
     width_reason = result.reasons[1]
     assert ("isotropic probes" in width_reason) == (scaling == "isotropic"), width_reason
+
+
+def _as_optim(result: dict, name: str, **fields) -> dict:
+    """The same synthetic run under another optimizer (its config and run name)."""
+    optim = dataclasses.asdict(optimizer_config(name, lr=result["config"]["optim"]["lr"],
+                                                **fields))
+    label = "-".join([name, *map(str, fields.values())])
+    return {**result, "name": result["name"].replace("adamw", label),
+            "config": {**result["config"], "optim": optim}}
+
+
+def test_proxy_shape_needs_an_optimizer_when_the_sweep_holds_several(tmp_path):
+    """A sweep of μP under MeZO with isotropic and with matched probes: picking either silently
+    would transfer the other recipe's optimum; `optim` names it as the tables do."""
+    results = _results({("mup", 64): OPTIMUM}, tmp_path)
+    results = ([_as_optim(r, "mezo", probe_scaling="isotropic", update_scaling="isotropic")
+                for r in results]
+               + [_as_optim(r, "mezo", probe_scaling="matched", update_scaling="matched")
+                  for r in _results({("mup", 64): -9.0}, tmp_path)])
+    analysis = analyze(results)
+
+    with pytest.raises(ConfigError) as error:
+        proxy_shape(analysis)
+    assert error.value.field == "optim"
+    assert "['mezo[isotropic]', 'mezo[matched]']" in str(error.value)
+    shape = proxy_shape(analysis, optim="mezo[matched]")
+    assert shape["optimum"]["log2_lr"] == pytest.approx(-9.0, abs=1e-6)
+    with pytest.raises(ConfigError, match="optim='adamw': expected one of"):
+        proxy_shape(analysis, optim="adamw")
+    _, target = transfer_from_sweep(results, optim="mezo[matched]", width=128)
+    assert target.config.optim.probe_scaling == "matched"
