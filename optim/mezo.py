@@ -24,6 +24,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from optim.muon import path_key
+
 # a fold_in stream apart from every probe index: the keys of stochastic rounding
 ROUNDING_STREAM = 2**31 - 1
 
@@ -234,7 +236,6 @@ def probe_losses(loss_at: Callable[[jax.Array, float], jax.Array], key: jax.Arra
 def dense_plan(params, stacked: Callable[[tuple], bool] = lambda path: False) -> Any:
     """Isotropic probes for every leaf of a tree (ids from the tree paths), for small models
     and the optax adapter; `stacked(path)` marks leaves whose leading axis is layers."""
-    from optim.muon import path_key
 
     def one(path, _):
         keys = path_key(path)
