@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
-import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -24,6 +23,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 
+from experiments.cli import fail, run_command
 from experiments.compose import (
     INFO_FLAGS,
     ConfigError,
@@ -43,7 +43,6 @@ CONFIG_NAME = "finetune"
 FIGURE = "loss_curve.png"
 OPTION_FIELDS = {"model": "kind", "param": "name"}  # the field a group's option (model=mlp) sets
 PASSED_ON = (*SOURCE_GROUPS, "logging")  # command-line groups the pretrained source takes too
-HELP_FLAGS = {"-h", "--help"}  # ours; Hydra's own help stays at --hydra-help
 USAGE = f"usage: {PROG} [-m] [GROUP=OPTION ...] [GROUP.FIELD=VALUE ...]"
 ABOUT = """\
 Fine-tunes a finished run's weights with any optimizer (default MeZO) on other data (default: the
@@ -149,11 +148,6 @@ def precheck(argv: list[str]) -> list[str]:
     return argv
 
 
-def _fail(error: ConfigError) -> None:
-    print(f"{PROG}: error: {error}", file=sys.stderr)
-    sys.exit(2)
-
-
 @hydra.main(config_path="pkg://configs", config_name=CONFIG_NAME, version_base="1.3")
 def _run(cfg: DictConfig) -> None:
     # after validation: importing jax is the slow part
@@ -172,7 +166,7 @@ def _run(cfg: DictConfig) -> None:
                     if (r := finished_result(member_config(finetune, lr)))}
         results = train_sweep(finetune)
     except ConfigError as error:
-        _fail(error)
+        fail(PROG, error)
     for result in results:  # one per LR when sweep.log2_lr_min/max define a grid
         figure = plot_curve(Path(result["run_dir"]))
         print(report_line(result, result["run_dir"] in finished, figure))
@@ -233,16 +227,7 @@ def plot_curve(run_dir: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if HELP_FLAGS & set(argv):
-        print(help_text())
-        return
-    try:
-        argv = precheck(argv)
-    except ConfigError as error:
-        _fail(error)
-    sys.argv = [sys.argv[0], *argv]
-    _run()
+    run_command(PROG, argv, help_text, precheck, _run)
 
 
 if __name__ == "__main__":

@@ -7,15 +7,14 @@ stderr (field, value, expectation) and exit code 2.
 
 from __future__ import annotations
 
-import sys
 from importlib import resources
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from experiments.cli import fail, run_command
 from experiments.compose import CONFIG_MODULE, ConfigError, group_options, precheck, to_run_config
 
-HELP_FLAGS = {"-h", "--help"}  # ours; Hydra's own help stays at --hydra-help
 OVERLAY_GROUP = "experiment"
 USAGE = "usage: scaling-train [-m] [+experiment=NAME] [GROUP=OPTION ...] [GROUP.FIELD=VALUE ...]"
 ABOUT = """\
@@ -90,11 +89,6 @@ def _overlay_summary(name: str) -> str:
     return comments[0].partition(":")[0] if comments else ""
 
 
-def _fail(error: ConfigError) -> None:
-    print(f"scaling-train: error: {error}", file=sys.stderr)
-    sys.exit(2)
-
-
 @hydra.main(config_path="pkg://configs", config_name="config", version_base="1.3")
 def _run(cfg: DictConfig) -> None:
     # after validation: importing jax is the slow part
@@ -106,7 +100,7 @@ def _run(cfg: DictConfig) -> None:
     try:
         results = train_sweep(run_cfg)
     except ConfigError as error:
-        _fail(error)
+        fail("scaling-train", error)
     for result in results:  # one per LR when sweep.log2_lr_min/max define a grid
         print(_result_line(result, result["run_dir"] in finished))
 
@@ -119,16 +113,7 @@ def _result_line(result: dict, already_finished: bool) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if HELP_FLAGS & set(argv):
-        print(help_text())
-        return
-    try:
-        argv = precheck(argv)
-    except ConfigError as error:
-        _fail(error)
-    sys.argv = [sys.argv[0], *argv]
-    _run()
+    run_command("scaling-train", argv, help_text, precheck, _run)
 
 
 if __name__ == "__main__":
