@@ -107,6 +107,13 @@ def tree_from_paths(values: dict[tuple[Any, ...], Any]) -> dict:
     return tree
 
 
+def leaf_at(tree: dict, path: tuple[Any, ...]) -> Any:
+    """The value at `path` in a nested dict like tree_from_paths builds (its inverse)."""
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
 def label_tree(model: nnx.Module) -> dict:
     """The role of every parameter, as a tree matching the parameter tree (for optax.partition)."""
     return tree_from_paths({path: spec.role for path, spec in param_specs(model).items()})

@@ -14,7 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from models.tagged import ParamSpec
+from models.tagged import ParamSpec, leaf_at
 
 ITERATIONS = 8  # per call; the warm start carries the convergence across calls
 
@@ -51,18 +51,12 @@ def matrix_paths(specs: dict[tuple, ParamSpec]) -> list[tuple]:
     return [path for path, spec in specs.items() if spec.fan_in_axes and spec.fan_out_axes]
 
 
-def _leaf(tree, path: tuple):
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
 def init_vectors(params, specs: dict[tuple, ParamSpec], seed: int = 0) -> dict[tuple, jax.Array]:
     """A start vector per matrix (path -> (batch, fan_out)), random so it is never orthogonal to
     the top singular vector."""
     vectors = {}
     for i, path in enumerate(matrix_paths(specs)):
-        b, _, o = as_matrices(_leaf(params, path), specs[path]).shape
+        b, _, o = as_matrices(leaf_at(params, path), specs[path]).shape
         vectors[path] = jax.random.normal(jax.random.fold_in(jax.random.key(seed), i), (b, o))
     return vectors
 
@@ -72,6 +66,6 @@ def top_singular_values(params, specs: dict[tuple, ParamSpec], vectors: dict[tup
     """(path -> σ_max per matrix (batch,), path -> the vectors to start the next call from)."""
     sigmas, new_vectors = {}, {}
     for path, v_BxO in vectors.items():
-        w_BxIxO = as_matrices(_leaf(params, path), specs[path])
+        w_BxIxO = as_matrices(leaf_at(params, path), specs[path])
         sigmas[path], new_vectors[path] = power_iteration(w_BxIxO, v_BxO, iterations)
     return sigmas, new_vectors

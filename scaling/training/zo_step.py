@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models.tagged import leaf_at
 from optim.config import MeZOConfig
 from optim.mezo import (
     apply_update,
@@ -47,13 +48,7 @@ class ZOSetup:
 
     def at_names(self, tree) -> dict:
         """The stacked leaves of a tree like the parameters, by their name in the scan."""
-        out = {}
-        for name, path in self.names.items():
-            node = tree
-            for key in path:
-                node = node[key]
-            out[name] = node
-        return out
+        return {name: leaf_at(tree, path) for name, path in self.names.items()}
 
 
 def zo_setup(cfg: MeZOConfig, parametrization: Parametrization, *, total_steps: int,
