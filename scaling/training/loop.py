@@ -233,6 +233,10 @@ def _loop(members: list[_Member], state, step: int, splits, train_step, evaluate
             window = (now, step)
             evaluating = step % t.eval_every == 0 or last
             val_losses = evaluate(state["params"]) if evaluating else [None] * k
+            if curvature:  # from the two counters, not a per-member slice of the whole state
+                traces = np.atleast_1d(curvature_estimate(
+                    {key: state["opt_state"][key] for key in ("count", "curvature_sum")},
+                    cfg.optim.curvature_decay)).tolist()
             for i, m in enumerate(members):
                 if m.diverged:
                     continue
@@ -242,8 +246,7 @@ def _loop(members: list[_Member], state, step: int, splits, train_step, evaluate
                 if zeroth_order:  # the LR applied, after any safe-LR cap
                     record["lr"] = m.zo_log.records[-1]["lr"]
                 if curvature:  # the Hessian-trace estimate's moving average
-                    record["curvature"] = float(curvature_estimate(
-                        jax.device_get(member_state(i)["opt_state"]), cfg.optim.curvature_decay))
+                    record["curvature"] = traces[i]
                 m.diverged = not math.isfinite(record["train_loss"])
                 if not m.diverged and evaluating:
                     record["val_loss"] = val_losses[i]
