@@ -15,6 +15,11 @@ SCALINGS = ("isotropic", "matched")
 EPS_SCALINGS = ("constant", "fan_in")
 
 
+def _scale(choice: str, sgd_lr_multiplier: float) -> float:
+    """D or U: √(the SGD LR multiplier) when matched, 1 when isotropic."""
+    return math.sqrt(sgd_lr_multiplier) if choice == "matched" else 1.0
+
+
 def is_stacked(spec: ParamSpec) -> bool:
     return bool(spec.logical_axes) and spec.logical_axes[0] == LAYER_AXIS
 
@@ -29,7 +34,7 @@ def probe_plan(parametrization: Parametrization, cfg: MeZOConfig) -> dict:
     multipliers = parametrization.optimizer_multipliers_for(cfg)
 
     def scale(choice: str, spec: ParamSpec) -> float:
-        return math.sqrt(multipliers[group_label(spec)].lr) if choice == "matched" else 1.0
+        return _scale(choice, multipliers[group_label(spec)].lr)
 
     plan = {}
     for path, spec in parametrization.specs.items():
@@ -50,8 +55,7 @@ def probe_plan(parametrization: Parametrization, cfg: MeZOConfig) -> dict:
 def step_multipliers(parametrization: Parametrization, cfg: MeZOConfig) -> dict[str, float]:
     """Group -> D·U, the LR multiplier of MeZO's expected (SGD) step in each group."""
     multipliers = parametrization.optimizer_multipliers_for(cfg)
-    return {group: (mult.lr ** 0.5 if cfg.probe_scaling == "matched" else 1.0)
-            * (mult.lr ** 0.5 if cfg.update_scaling == "matched" else 1.0)
+    return {group: _scale(cfg.probe_scaling, mult.lr) * _scale(cfg.update_scaling, mult.lr)
             for group, mult in multipliers.items()}
 
 
