@@ -125,8 +125,10 @@ def _role_transform(cfg: OptimizerConfig, label: str, mult: RoleMultipliers, tot
 
 
 def build_optimizer(cfg: OptimizerConfig, labels, multipliers: Mapping[str, RoleMultipliers],
-                    *, total_steps: int, matrix_axes=None) -> optax.GradientTransformation:
-    """Global-norm clipping, then one transform per parameter group with its multipliers.
+                    *, total_steps: int, matrix_axes=None,
+                    clip_factors: Mapping[str, float] | None = None
+                    ) -> optax.GradientTransformation:
+    """Gradient clipping, then one transform per parameter group with its multipliers.
 
     `labels` is every parameter's group as a tree like the parameters: its role, optionally
     qualified ("vector.block": a vector inside a residual block, which depth rules scale apart);
@@ -134,6 +136,10 @@ def build_optimizer(cfg: OptimizerConfig, labels, multipliers: Mapping[str, Role
     adamh) is a tree of MatrixAxes for the matrices they own. For muon and auon, hidden matrices
     take the matrix direction; for muonh and adamh, hidden and output matrices stay on their
     spheres; every other role takes AdamW at lr * adam_lr_ratio.
+
+    Clipping: with `cfg.clip_scope` "global" the whole gradient is clipped to one global norm,
+    with "role" each group's gradient to its own; `clip_factors` maps each label to its factor on
+    `cfg.clip_norm` (None: 1 for every group; "global" needs one factor shared by all groups).
     """
     if cfg.family == "zeroth_order":
         raise ValueError(f"optim.name={cfg.name!r} is zeroth-order, not a gradient "
@@ -145,8 +151,43 @@ def build_optimizer(cfg: OptimizerConfig, labels, multipliers: Mapping[str, Role
     missing = sorted(set(jax.tree.leaves(labels)) - set(multipliers))
     if missing:
         raise ValueError(f"multipliers: no entry for the roles {missing}")
-    per_role = {role: optax.chain(*_role_transform(cfg, role, multipliers[role], total_steps,
+    groups = sorted(set(jax.tree.leaves(labels)))
+    thresholds = clip_thresholds(cfg, groups, clip_factors)
+    per_role = {role: optax.chain(*_role_clip(cfg, thresholds[role]),
+                                  *_role_transform(cfg, role, multipliers[role], total_steps,
                                                    matrix_axes))
-                for role in sorted(set(jax.tree.leaves(labels)))}
-    clip = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
+                for role in groups}
+    clip = _global_clip(cfg, thresholds)
     return optax.chain(*clip, optax.partition(per_role, labels))
+
+
+def clip_thresholds(cfg: OptimizerConfig, groups, clip_factors: Mapping[str, float] | None
+                    ) -> dict[str, float]:
+    """Each group's clipping threshold: `cfg.clip_norm` times its factor (0: no clipping)."""
+    if cfg.clip_scope not in ("global", "role"):
+        raise ValueError(f"optim.clip_scope={cfg.clip_scope!r}: expected 'global' or 'role'")
+    factors = {group: 1.0 for group in groups} if clip_factors is None else dict(clip_factors)
+    missing = sorted(set(groups) - set(factors))
+    if missing:
+        raise ValueError(f"clip_factors: no entry for the roles {missing}")
+    if any(not factors[group] > 0 for group in groups):
+        raise ValueError(f"clip_factors={factors}: expected a positive factor for every group")
+    if cfg.clip_scope == "global" and len({factors[group] for group in groups}) > 1:
+        raise ValueError(f"clip_factors={factors}: optim.clip_scope='global' clips one norm, so "
+                         "every group needs the same factor (per-group factors need "
+                         "clip_scope='role')")
+    return {group: cfg.clip_norm * factors[group] for group in groups}
+
+
+def _global_clip(cfg: OptimizerConfig, thresholds: dict[str, float]) -> list:
+    threshold = next(iter(thresholds.values()))
+    if cfg.clip_scope != "global" or threshold <= 0:
+        return []
+    return [optax.clip_by_global_norm(threshold)]
+
+
+def _role_clip(cfg: OptimizerConfig, threshold: float) -> list:
+    """Inside the partition a transform sees only its group's leaves: their own global norm."""
+    if cfg.clip_scope != "role" or threshold <= 0:
+        return []
+    return [optax.clip_by_global_norm(threshold)]

@@ -27,7 +27,12 @@ class OptimizerConfig:
     warmup_steps: int = 20
     decay_fraction: float = 0.2  # wsd: fraction of steps spent decaying
     final_lr_fraction: float = 0.1
-    clip_norm: float = 1.0  # 0 disables global-norm clipping
+    clip_norm: float = 1.0  # 0 disables gradient clipping
+    # global: one norm over every gradient; role: each parameter group clipped by its own norm
+    clip_scope: str = "global"
+    # threshold × width_mult**κ; None: each group's gradient-norm growth from the rule table
+    # (clip_scope=role only)
+    clip_width_exponent: float | None = 0.0
 
 
 @dataclasses.dataclass(frozen=True)

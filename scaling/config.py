@@ -247,6 +247,7 @@ def validate_optimizer(o: OptimizerConfig, steps: int) -> None:
     _require(0 <= o.final_lr_fraction <= 1, "optim.final_lr_fraction", o.final_lr_fraction,
              "a fraction in [0, 1]")
     _require(o.clip_norm >= 0, "optim.clip_norm", o.clip_norm, "a non-negative number (0: off)")
+    _validate_clipping(o)
     for name in ("b1", "b2", "momentum"):
         if hasattr(o, name):
             _require(0 <= getattr(o, name) < 1, f"optim.{name}", getattr(o, name),
@@ -261,6 +262,22 @@ def validate_optimizer(o: OptimizerConfig, steps: int) -> None:
         _validate_newton_schulz(o)
     if isinstance(o, MeZOConfig):
         _validate_mezo(o)
+
+
+def _validate_clipping(o: OptimizerConfig) -> None:
+    _choice("optim.clip_scope", o.clip_scope, ("global", "role"))
+    if o.clip_width_exponent is None:
+        _require(o.clip_scope == "role", "optim.clip_width_exponent", None,
+                 "a number with optim.clip_scope=global (null, each group's gradient-norm "
+                 "growth from the rule table, needs optim.clip_scope=role)")
+    else:
+        _require(math.isfinite(o.clip_width_exponent), "optim.clip_width_exponent",
+                 o.clip_width_exponent, "a finite exponent κ (threshold × width_mult**κ), or null")
+    if isinstance(o, MeZOConfig):  # its clip_norm bounds the projected gradient, one number
+        _require(o.clip_scope == "global", "optim.clip_scope", o.clip_scope,
+                 "global with optim=mezo (it clips the projected gradient, a scalar)")
+        _require(o.clip_width_exponent == 0, "optim.clip_width_exponent",
+                 o.clip_width_exponent, "0 with optim=mezo (its clip is not width-aware)")
 
 
 def _validate_mezo(o: MeZOConfig) -> None:

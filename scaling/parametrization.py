@@ -146,6 +146,40 @@ class Parametrization:
                                 for path, spec in self.specs.items()
                                 if spec.role in MATRIX_ROLES + SPHERE_ROLES})
 
+    @property
+    def width_mult(self) -> float:
+        """m = width / base_width, read off the readout's fan-in (every width grows together)."""
+        return self._per_group(lambda p: self.fan_mults(p)[0], lambda spec: spec.role)["output"]
+
+    def gradient_growth(self) -> dict[str, float]:
+        """Group label -> the growth of its gradient's norm with width, from the table's init and
+        forward columns (width only, at a fixed depth).
+
+        With Θ(1) activations, a matrix's gradient is its forward multiplier × its inputs (norm
+        √fan_in) ⊗ the backward signal at its outputs (norm √fan_out × its coordinates); that
+        signal is the logits' Θ(1) gradient at the readout and, below it, that gradient times the
+        readout's effective weight (forward × init std). SP: hidden and output √m, input and
+        vectors 1; μP: hidden 1, the others 1/√m.
+        """
+        backward = self._per_group(lambda p: (self.rule(p).forward(*self.fan_mults(p))
+                                              * self.rule(p).init_std(*self.fan_mults(p))),
+                                   lambda spec: spec.role)["output"]
+
+        def of(path):
+            fan_in_mult, fan_out_mult = self.fan_mults(path)
+            own = self.rule(path).forward(fan_in_mult, fan_out_mult) * (
+                fan_in_mult * fan_out_mult) ** 0.5
+            return own if self.specs[path].role == "output" else own * backward
+        return self._per_group(of)
+
+    def clip_factors(self, cfg: OptimizerConfig) -> dict[str, float]:
+        """Group label -> its factor on optim.clip_norm: width_mult**optim.clip_width_exponent,
+        or with the exponent null the group's gradient_growth, so a clip that binds at the base
+        width binds alike at every width."""
+        if cfg.clip_width_exponent is None:
+            return self.gradient_growth()
+        return self._per_group(lambda p: self.width_mult ** cfg.clip_width_exponent)
+
     def check_spheres(self, cfg: OptimizerConfig) -> None:
         """A sphere optimizer needs every matrix it owns to start with a nonzero norm."""
         if cfg.family != "sphere":
@@ -185,10 +219,11 @@ def build_model(model_cfg: ModelConfig, param_cfg: ParamConfig, vocab_size: int,
 
 
 def build_optimizer(cfg: OptimizerConfig, parametrization: Parametrization, *, total_steps: int):
-    """`optim.build_optimizer` with the groups, multipliers and matrix axes this
-    parametrization gives."""
+    """`optim.build_optimizer` with the groups, multipliers, matrix axes and clipping factors
+    this parametrization gives."""
     parametrization.check_spheres(cfg)
     return optim.build_optimizer(cfg, parametrization.labels(),
                                  parametrization.optimizer_multipliers_for(cfg),
                                  total_steps=total_steps,
-                                 matrix_axes=parametrization.matrix_axes())
+                                 matrix_axes=parametrization.matrix_axes(),
+                                 clip_factors=parametrization.clip_factors(cfg))

@@ -10,7 +10,8 @@ from scaling.config import RunConfig, to_dict
 
 # Fields added after runs were finished: left out of the hash at their defaults, so those runs
 # keep their directories and are still found finished.
-LATER_DEFAULTS = {("data", "packages"): "all", ("init", "from_run"): None}
+LATER_DEFAULTS = {("data", "packages"): "all", ("init", "from_run"): None,
+                  ("optim", "clip_scope"): "global", ("optim", "clip_width_exponent"): 0.0}
 
 
 def config_hash(cfg: RunConfig, length: int = 8) -> str:
