@@ -81,7 +81,8 @@ def sweep_points(overrides: list[str], config_name: str = "config") -> list[list
     """Every job of a multirun, combining the config's sweeper params and the command line
     the way Hydra's basic sweeper does: a key given on the command line replaces the config's."""
     configured = configured_sweep(overrides, config_name)
-    by_key = {key: f"{key}={value}" for key, value in configured.items()}
+    # keyed without `+`: the config's `+tune` and the command line's `+tune` are one key
+    by_key = {key.lstrip("+"): f"{key}={value}" for key, value in configured.items()}
     for o in OverridesParser.create().parse_overrides(overrides):
         by_key[o.key_or_group] = o.input_line
     return expand_sweep(list(by_key.values()))

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from scaling.config import ConfigError
+from scaling.rules import TUNABLE
 
 METRICS = ("val_loss", "train_loss")
 # What a sweep varies within one shape (LR, seed) and bookkeeping that does not change training.
@@ -149,6 +150,16 @@ def _family_of(shape: dict, fields: tuple[str, ...]) -> dict:
     return family
 
 
+def multipliers(config: dict) -> dict[str, float]:
+    """A run config's tunable multipliers; 1 for a config written before they existed."""
+    return {field: float(config["param"].get(field, 1.0)) for field in TUNABLE}
+
+
+def tuned_label(values: dict[str, float]) -> str:
+    """The multipliers that are not 1, as `output_mult=2 attn_mult=0.5`; '' when none."""
+    return " ".join(f"{field}={value:g}" for field, value in values.items() if value != 1.0)
+
+
 def _run_row(result: dict) -> dict:
     cfg = result["config"]
     lr = cfg["optim"]["lr"]
@@ -196,7 +207,7 @@ def _shape(sid: str, runs: list[dict], metric: str) -> dict:
             **({} if probe_scaling is None else {"probes": probe_scaling}),
             "kind": row["kind"], "width": row["width"], "depth": row["depth"],
             "tokens": row["tokens"], "batch_size": row["batch_size"], "steps": runs[0]["config"]["train"]["steps"],
-            "seeds": seeds, "curve": curve,
+            "multipliers": multipliers(runs[0]["config"]), "seeds": seeds, "curve": curve,
             "optimum": _optimum_dict(fit_optimum([p["log2_lr"] for p in curve], means))
             if has_finite else None,
             "seed_optima": seed_optima,
@@ -303,8 +314,9 @@ def analyze(results: list[dict], metric: str = "val_loss") -> dict:
         runs_by_shape[shape_id(result["config"])].append(result)
     shapes = sorted(((_shape(sid, runs, metric), runs[0]["config"])
                      for sid, runs in runs_by_shape.items()),
-                    key=lambda sc: tuple(sc[0][k] for k in ("param", "optim", "kind", "depth",
-                                                            "tokens", "width", "id")))
+                    key=lambda sc: (*(sc[0][k] for k in ("param", "optim", "kind", "depth",
+                                                         "tokens", "width")),
+                                    tuned_label(sc[0]["multipliers"]), sc[0]["id"]))
     drifts = {}
     for axis, (drift_key, bigger_key) in DRIFT_KEYS.items():
         drifts[drift_key], drifts[bigger_key] = _drifts(shapes, axis)
@@ -321,19 +333,25 @@ def analyze(results: list[dict], metric: str = "val_loss") -> dict:
     by_recipe = defaultdict(list)
     for shape, _ in shapes:
         if shape["best_loss"] is not None:
-            by_recipe[shape["param"], shape["optim"], shape.get("probes", "")].append(shape)
+            by_recipe[shape["param"], shape["optim"], shape.get("probes", ""),
+                      tuned_label(shape["multipliers"])].append(shape)
     loss_vs_compute = []
-    for (param, optim, _), family in sorted(by_recipe.items()):
+    for (*_, tuned), family in sorted(by_recipe.items()):
         family.sort(key=lambda s: s["compute"])
         compute, loss = [s["compute"] for s in family], [s["best_loss"] for s in family]
         if len(set(compute)) >= 2:
             loss_vs_compute.append({**_family_of(family[0], ("param", "optim")),
+                                    **({"tuned": tuned} if tuned else {}),
                                     "compute": compute, "loss": loss,
                                     **_power_law(compute, loss)})
+    from scaling.tuning import multiplier_drift, tunes  # it builds on this module's fits
+
+    multiplier_tunes = tunes(shapes)
     return {"metric": metric, "group": groups.pop() if len(groups) == 1 else None,
             "runs": sorted((_run_row(r) for r in results), key=lambda row: row["name"]),
             "shapes": [shape for shape, _ in shapes], **drifts, "lr_vs_tokens": lr_vs_tokens,
-            "loss_vs_compute": loss_vs_compute}
+            "loss_vs_compute": loss_vs_compute, "tunes": multiplier_tunes,
+            "multiplier_drift": multiplier_drift(multiplier_tunes)}
 
 
 def _pm(value: float | None, digits: int = 2) -> str:
@@ -381,14 +399,21 @@ def format_table(analysis: dict) -> str:
             lines.append(head + "every run diverged")
             continue
         edge = "*" if o["on_edge"] else " "
+        tuned = tuned_label(s.get("multipliers", {}))
         lines.append(head + f"{o['log2_lr']:>7.2f} ± {s['log2_lr_std']:<4.2f} "
-                     f"{o['argmin_log2_lr']:>7.2f}{edge} {s['best_loss']:>9.4f}")
+                     f"{o['argmin_log2_lr']:>7.2f}{edge} {s['best_loss']:>9.4f}"
+                     + (f"  {tuned}" if tuned else ""))
     lines.append("(* optimum at the edge of the LR grid: the true optimum may lie outside it)")
     lines += [line for axis in DRIFT_KEYS for line in _drift_lines(analysis, axis)]
+    from scaling.tuning import tune_lines  # it builds on this module's fits
+
+    lines += tune_lines(analysis)
     for p in analysis["lr_vs_tokens"]:
         f = p["family"]
         lines.append(f"{f['param']} {optim_label(f)} w{f['width']} d{f['depth']}: optimal lr ∝ "
                      f"tokens^({exponent_text(p)})")
     for p in analysis["loss_vs_compute"]:
-        lines.append(f"{p['param']} {optim_label(p)}: best loss ∝ compute^({exponent_text(p)})")
+        tuned = f" {p['tuned']}" if p.get("tuned") else ""
+        lines.append(f"{p['param']} {optim_label(p)}{tuned}: best loss ∝ "
+                     f"compute^({exponent_text(p)})")
     return "\n".join(lines)

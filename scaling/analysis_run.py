@@ -74,4 +74,8 @@ def _summary(analysis: dict) -> dict:
         families = [e.get("family", e) for e in entries]  # loss_vs_compute rows are their family
         for entry, parts in zip(entries, family_names(families, named), strict=True):
             values[f"{prefix}/{'/'.join(parts)}"] = entry[field]
+    tunes = analysis.get("tunes", [])  # the tuned value of each multiplier, per family
+    for tune, parts in zip(tunes, family_names([t["family"] for t in tunes], ("param", "width")),
+                           strict=True):
+        values[f"tune/{tune['field']}/{'/'.join(parts)}"] = tune["optimum"]["value"]
     return values

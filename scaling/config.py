@@ -19,6 +19,7 @@ from optim.config import (
     OptimizerConfig,
     expected_field,
 )
+from scaling.rules import TUNABLE
 
 
 class ConfigError(ValueError):
@@ -40,6 +41,14 @@ class ParamConfig:
     name: str = "mup"  # sp | mup | depth_mup | completep | hyperp
     base_width: int = 64
     base_depth: int = 4  # depth_mup and completep equal μP at this depth
+    # Per-role multipliers tuned on the proxy and carried to any width (scaling/rules.py TUNABLE;
+    # 1 leaves the table alone, and SP = μP at the base shape for every value)
+    input_lr_mult: float = 1.0  # the embedding's LR, relative to the hidden LR (the base LR)
+    output_lr_mult: float = 1.0  # the readout's LR
+    vector_lr_mult: float = 1.0  # gains and biases
+    output_mult: float = 1.0  # × the logits
+    input_init_mult: float = 1.0  # × the embedding's init std (model.embed_std)
+    attn_mult: float = 1.0  # × the attention logits' scale
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +93,10 @@ class LoggingConfig:
     entity: str | None = None
     group: str | None = None
     progress: bool = True
+    # stability indicators in every logged step's metrics (docs/runs.md); the gradient norm and
+    # clip factor are logged either way
+    indicators: bool = True
+    spectral_every: int = 50  # σ_max of every matrix every this many steps and at the end; 0: off
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +107,9 @@ class SweepConfig:
     log2_lr_max: float | None = None
     log2_lr_step: float = 0.5  # half-octave steps
     vectorize_lr: int = 1  # LRs of the grid trained together in one compiled program (vmap)
+    # the value a `+tune=<field>` option (configs/tune/) gives its param field: a multirun over
+    # tune options × multipliers tunes each transferable multiplier against the LR grid
+    multiplier: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,6 +222,10 @@ def validate(cfg: RunConfig) -> RunConfig:
                  "none)")
     _require(p.base_width > 0, "param.base_width", p.base_width, "a positive integer")
     _require(p.base_depth > 0, "param.base_depth", p.base_depth, "a positive integer")
+    for name in TUNABLE:
+        value = getattr(p, name)
+        _require(math.isfinite(value) and value > 0, f"param.{name}", value,
+                 "a positive finite multiplier (1: the table alone)")
     if m.kind == "transformer":
         _require(p.base_width % m.head_dim == 0, "param.base_width", p.base_width,
                  f"a multiple of model.head_dim={m.head_dim}")
@@ -225,6 +245,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     _require(t.seed >= 0, "train.seed", t.seed, "a non-negative integer")
     if lg.wandb_mode is not None:
         _choice("logging.wandb_mode", lg.wandb_mode, WANDB_MODES)
+    _require(lg.spectral_every >= 0, "logging.spectral_every", lg.spectral_every,
+             "a non-negative integer (steps between spectral logs; 0: off)")
     _validate_sweep(cfg.sweep)
     if cfg.init.from_run is not None:
         _require(cfg.init.from_run.strip() != "", "init.from_run", cfg.init.from_run,
@@ -330,6 +352,8 @@ def _validate_sweep(s: SweepConfig) -> None:
     _require(s.log2_lr_step > 0, "sweep.log2_lr_step", s.log2_lr_step,
              "a positive number of octaves")
     _require(s.vectorize_lr >= 1, "sweep.vectorize_lr", s.vectorize_lr, "a positive integer")
+    _require(math.isfinite(s.multiplier) and s.multiplier > 0, "sweep.multiplier", s.multiplier,
+             "a positive finite multiplier")
     if s.vectorize_lr > 1:
         _require(s.log2_lr_min is not None, "sweep.vectorize_lr", s.vectorize_lr,
                  "1 unless sweep.log2_lr_min/max define an LR grid to vectorize over")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 from flax import nnx
@@ -15,14 +16,19 @@ from optim import MATRIX_ROLES, SPHERE_ROLES, MatrixAxes, OptimizerConfig, RoleM
 from scaling.config import ParamConfig
 from scaling.rules import (
     ATTENTION_EXPONENT,
+    ATTENTION_MULTIPLIER,
     BASE_STD,
     DEPTH_RULES,
+    FORWARD_MULTIPLIERS,
+    INIT_MULTIPLIERS,
+    LR_MULTIPLIERS,
     MUON_DEPTH_LR,
     MUON_LR,
     MUON_WD,
     ONE,
     SPHERE_LR,
     TABLES,
+    TUNABLE,
     Depth,
     RoleRule,
     W,
@@ -38,13 +44,18 @@ def group_label(spec: ParamSpec) -> str:
 
 
 class Parametrization:
-    """A rule table bound to one model's shapes and depth, and its base shapes and depth."""
+    """A rule table bound to one model's shapes and depth, and its base shapes and depth, with
+    the tuned per-role multipliers (`tuned`: a TUNABLE field -> value, missing ones 1)."""
 
     def __init__(self, name: str, specs: dict[tuple, ParamSpec],
                  base_specs: dict[tuple, ParamSpec], head_dim: int, base_head_dim: int,
-                 depth: int = 1, base_depth: int = 1):
+                 depth: int = 1, base_depth: int = 1, tuned: Mapping[str, float] | None = None):
         if name not in TABLES:
             raise ValueError(f"param.name={name!r}: expected one of {sorted(TABLES)}")
+        unknown = set(tuned or {}) - set(TUNABLE)
+        if unknown:
+            raise ValueError(f"tuned multipliers {sorted(unknown)}: expected some of {TUNABLE}")
+        self.tuned = dict(tuned or {})
         if set(specs) != set(base_specs):
             raise ValueError("the base model has different parameters from the model")
         self.name, self.table, self.depth_rule = name, TABLES[name], DEPTH_RULES[name]
@@ -71,10 +82,16 @@ class Parametrization:
     def rule(self, path: tuple) -> RoleRule:
         return self.table[self.specs[path].role]
 
+    def tuned_value(self, fields: Mapping[str, str] | str, role: str | None = None) -> float:
+        """The tuned multiplier `fields[role]` (or the field `fields`), 1 where none applies."""
+        field = fields if isinstance(fields, str) else fields.get(role)
+        return 1.0 if field is None else self.tuned.get(field, 1.0)
+
     def init_std(self, path: tuple) -> float:
         spec, base = self.specs[path], self.base_specs[path]
         base_std = BASE_STD[spec.role](spec.init_scale, base.fan_in)
-        return base_std * self.rule(path).init_std(*self.fan_mults(path))
+        return (base_std * self.rule(path).init_std(*self.fan_mults(path))
+                * self.tuned_value(INIT_MULTIPLIERS, spec.role))
 
     def _per_group(self, value_of, label=group_label) -> dict[str, Any]:
         """One value per group; width dimensions grow together, so a group shares its factors."""
@@ -90,13 +107,16 @@ class Parametrization:
 
     @property
     def logit_multiplier(self) -> float:
-        return self._per_group(lambda p: self.rule(p).forward(*self.fan_mults(p)),
-                               lambda spec: spec.role)["output"]
+        return self._per_group(
+            lambda p: (self.rule(p).forward(*self.fan_mults(p))
+                       * self.tuned_value(FORWARD_MULTIPLIERS, self.specs[p].role)),
+            lambda spec: spec.role)["output"]
 
     @property
     def attention_scale(self) -> float:
         head_dim_mult = self.head_dim / self.base_head_dim
-        return self.base_head_dim**-0.5 * head_dim_mult ** ATTENTION_EXPONENT[self.name]
+        return (self.base_head_dim**-0.5 * head_dim_mult ** ATTENTION_EXPONENT[self.name]
+                * self.tuned_value(ATTENTION_MULTIPLIER))
 
     def optimizer_multipliers(self, family: str, *, update_scale: str | None = None,
                               wd_width_exponent: float | None = None
@@ -106,6 +126,7 @@ class Parametrization:
         'muon' reads MUON_LR[update_scale] for hidden matrices and 'sphere' SPHERE_LR for hidden
         and output matrices; both the Adam column for the other roles. Block parameters take the
         depth rule on top. `wd_width_exponent` γ replaces the hidden weight-decay rule by λ ∝ m^γ.
+        A tuned per-role LR multiplier (LR_MULTIPLIERS) multiplies its role's LR in every family.
         """
         if family not in FAMILIES:
             raise ValueError(f"optimizer family {family!r}: expected one of {list(FAMILIES)}")
@@ -130,7 +151,8 @@ class Parametrization:
                 lr_depth, eps_depth = depth.adam_lr, depth.adam_eps
             if role == "hidden" and wd_width_exponent is not None:
                 wd = W(a=wd_width_exponent)
-            return RoleMultipliers(lr(*mults) * self.depth_factor(path, lr_depth),
+            return RoleMultipliers(lr(*mults) * self.depth_factor(path, lr_depth)
+                                   * self.tuned_value(LR_MULTIPLIERS, role),
                                    eps(*mults) * self.depth_factor(path, eps_depth), wd(*mults))
         return self._per_group(of)
 
@@ -201,7 +223,8 @@ def make_parametrization(model_cfg: ModelConfig, param_cfg: ParamConfig,
                                    depth=param_cfg.base_depth)
     return Parametrization(param_cfg.name, _abstract_specs(model_cfg, vocab_size),
                            _abstract_specs(base_cfg, vocab_size), model_cfg.head_dim,
-                           base_cfg.head_dim, model_cfg.depth, param_cfg.base_depth)
+                           base_cfg.head_dim, model_cfg.depth, param_cfg.base_depth,
+                           {field: getattr(param_cfg, field) for field in TUNABLE})
 
 
 def build_model(model_cfg: ModelConfig, param_cfg: ParamConfig, vocab_size: int,

@@ -20,6 +20,7 @@ from matplotlib.ticker import NullLocator
 
 from scaling.analysis import PARAM_LABELS, exponent_text, optim_label
 from scaling.training.files import atomic_open
+from scaling.tuning_plots import tune_contours
 
 DPI = 120
 # baselines on the left, each scaled parametrization to the right of what it extends
@@ -56,6 +57,7 @@ def plot_analysis(analysis: dict, out_dir: Path) -> list[Path]:
         "optimum_vs_depth": _optimum_vs(analysis["depth_drift"], "depth"),
         "loss_vs_compute": _loss_vs_compute(analysis["metric"], analysis["loss_vs_compute"]),
         "optimum_vs_tokens": _optimum_vs_tokens(analysis["lr_vs_tokens"]),
+        "multiplier_tunes": tune_contours(analysis.get("tunes", [])),
     }
     written = []
     for stem, fig in plots.items():

@@ -78,6 +78,22 @@ TABLES["hyperp"] = {
     "output": RoleRule(W(a=-1),    ONE,      ONE,      ONE,      ONE,     W(a=1),       ONE),
 }
 
+# The transferable per-role hyperparameters a proxy tunes (`param.*` fields; 1 leaves the table
+# alone). Each multiplies one entry of one role's rule at every width, so μP = SP at the base
+# shape for any value, and a value tuned at the base width is carried unchanged to any width
+# (Tensor Programs V §5 and the `mup` library's input/output multipliers; Everett et al. 2024's
+# per-layer constants; Mlodozeniec et al. 2025's per-module multipliers). The hidden LR is the
+# reference: the base LR is its LR.
+# fmt: off
+LR_MULTIPLIERS: dict[str, str] = {"input": "input_lr_mult", "output": "output_lr_mult",
+                                  "vector": "vector_lr_mult"}  # role -> field, × the role's LR
+INIT_MULTIPLIERS: dict[str, str] = {"input": "input_init_mult"}  # × the role's init std
+FORWARD_MULTIPLIERS: dict[str, str] = {"output": "output_mult"}  # × the role's forward (logits)
+ATTENTION_MULTIPLIER = "attn_mult"  # × the attention logit scale (an inverse temperature)
+TUNABLE: tuple[str, ...] = (*LR_MULTIPLIERS.values(), *INIT_MULTIPLIERS.values(),
+                            *FORWARD_MULTIPLIERS.values(), ATTENTION_MULTIPLIER)
+# fmt: on
+
 # Attention logit scale as a function of head_dim_mult = head_dim / base_head_dim, times
 # 1/sqrt(base_head_dim): SP keeps 1/sqrt(d_head), μP uses 1/d_head written as
 # sqrt(d_head_base)/d_head so the base is unchanged.

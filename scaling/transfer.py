@@ -187,9 +187,35 @@ def proxy_shape(analysis: dict, *, param: str | None = None, width: int | None =
             shapes = [s for s in shapes if s[axis] == size]
             if not shapes:
                 raise ConfigError(f"proxy_{axis}", size, f"a swept {axis}, one of {sizes}")
-    # an optimum on the grid's edge is a bound, not an optimum: prefer any interior one
+    # an optimum on the grid's edge is a bound, not an optimum: prefer any interior one; among
+    # a multiplier tune's shapes, the centre (the multipliers nearest 1), which every tune shares
     return max(shapes, key=lambda s: (not s["optimum"]["on_edge"], s["width"], s["depth"],
-                                      s["tokens"]))
+                                      s["tokens"], -_distance_from_one(s)))
+
+
+def _distance_from_one(shape: dict) -> float:
+    return sum(abs(math.log2(v)) for v in shape.get("multipliers", {}).values())
+
+
+def tuned_multipliers(analysis: dict, shape: dict) -> list[dict]:
+    """The analysis's multiplier tunes that pass through `shape` (one per multiplier field)."""
+    return [t for t in analysis.get("tunes", []) if shape["id"] in t["shape_ids"]]
+
+
+def _tuned_reasons(tunes: list[dict], proxy_lr: float) -> list[str]:
+    reasons = []
+    for t in tunes:
+        o = t["optimum"]
+        edge = ", ON THE GRID EDGE: widen its grid" if o["on_edge"] else ""
+        reasons.append(f"param.{t['field']} = {o['value']:.4g}: tuned on the proxy against the "
+                       f"LR (joint optimum at log2 lr {o['log2_lr']:.2f}, loss {o['loss']:.4f}"
+                       f"{edge}); carried unchanged, as the table scales its role with width")
+    if len(tunes) > 1:
+        reasons.append(f"the {len(tunes)} multipliers were each tuned with the others held; the "
+                       f"base LR is the proxy's optimum at their centre (log2 "
+                       f"{math.log2(proxy_lr):.2f}): confirm the combination with an LR sweep at "
+                       "the proxy")
+    return reasons
 
 
 def proxy_config(results: list[dict], shape: dict) -> RunConfig:
@@ -207,8 +233,15 @@ def transfer_from_sweep(results: list[dict], *, width: int | None = None,
                         optim: str | None = None) -> tuple[dict, TransferResult]:
     """(proxy shape, transfer) from a sweep's `result.json` dicts, as `scaling-transfer` does:
     the proxy is the analysed optimum's own run config, never a default config."""
-    shape = proxy_shape(analyze(results), param=param, width=proxy_width, depth=proxy_depth,
-                        optim=optim)
-    return shape, transfer(proxy_config(results, shape), shape["optimum"]["lr"], width=width,
-                           depth=depth, steps=steps, batch_size=batch_size,
-                           data_exponent=data_exponent, depth_exponent=depth_exponent)
+    analysis = analyze(results)
+    shape = proxy_shape(analysis, param=param, width=proxy_width, depth=proxy_depth, optim=optim)
+    proxy, proxy_lr = proxy_config(results, shape), shape["optimum"]["lr"]
+    tunes = tuned_multipliers(analysis, shape)
+    if tunes:  # every tuned multiplier replaces the centre's value in the proxy's config
+        proxy = dataclasses.replace(proxy, param=dataclasses.replace(
+            proxy.param, **{t["field"]: t["optimum"]["value"] for t in tunes}))
+    result = transfer(proxy, proxy_lr, width=width, depth=depth, steps=steps,
+                      batch_size=batch_size, data_exponent=data_exponent,
+                      depth_exponent=depth_exponent)
+    reasons = [*result.reasons[:1], *_tuned_reasons(tunes, proxy_lr), *result.reasons[1:]]
+    return shape, dataclasses.replace(result, reasons=reasons)

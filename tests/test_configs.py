@@ -45,9 +45,17 @@ def test_every_config_file_composes(group, option):
     if group == "experiment":  # overlays are added, not chosen: no default in config.yaml
         points = sweep_points([f"+experiment={option}"])
         assert len(points) > 1, f"experiment {option} sweeps nothing"
+        seen: set[str] = set()
         for point in points:
+            if set(point) <= seen:
+                continue  # every value of every swept key is composed at least once
+            seen.update(point)
             cfg = to_run_config(compose(point))
             assert lr_grid(cfg.sweep), f"experiment {option} has no LR grid"
+        return
+    if group == "tune":  # added like an overlay; it sets its field from sweep.multiplier
+        cfg = to_run_config(compose([f"+tune={option}", "sweep.multiplier=0.5"]))
+        assert getattr(cfg.param, option) == 0.5
         return
     cfg = to_run_config(compose([f"{group}={option}"]))
     assert isinstance(cfg, RunConfig)

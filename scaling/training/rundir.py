@@ -7,11 +7,13 @@ import json
 from pathlib import Path
 
 from scaling.config import RunConfig, to_dict
+from scaling.rules import TUNABLE
 
 # Fields added after runs were finished: left out of the hash at their defaults, so those runs
 # keep their directories and are still found finished.
 LATER_DEFAULTS = {("data", "packages"): "all", ("init", "from_run"): None,
-                  ("optim", "clip_scope"): "global", ("optim", "clip_width_exponent"): 0.0}
+                  ("optim", "clip_scope"): "global", ("optim", "clip_width_exponent"): 0.0,
+                  **{("param", field): 1.0 for field in TUNABLE}}
 
 
 def config_hash(cfg: RunConfig, length: int = 8) -> str:

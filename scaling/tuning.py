@@ -1,0 +1,98 @@
+"""Per-role multipliers tuned on the proxy (scaling/rules.py TUNABLE): from a sweep of LR × one
+multiplier (the others held fixed), the 2-D optimum, and how that optimum moves with width.
+
+The joint optimum is found on the profile: each multiplier value's best loss over the LR grid (the
+per-shape LR fit), then the vertex of a quadratic in log2 multiplier through those best losses,
+and the LR optimum interpolated to that multiplier. For a loss quadratic in (log2 LR, log2
+multiplier) this is the exact optimum, whatever the correlation between the two.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import numpy as np
+
+from scaling.analysis import NOT_SHAPE, _config_id, _family_of, fit_optimum, tuned_label
+from scaling.rules import TUNABLE
+
+# A tune needs a curve in the multiplier with an interior minimum to fit: three values at least.
+MIN_VALUES = 3
+TUNE_FIELDS = ("param", "optim", "kind", "width", "depth", "tokens", "batch_size")
+
+
+def tunes(shapes: list[tuple[dict, dict]]) -> list[dict]:
+    """One tune per multiplier and family of shapes that differ only in that multiplier (and
+    the LR and seed), over at least MIN_VALUES values with an optimum each."""
+    out = []
+    for field in TUNABLE:
+        groups = defaultdict(list)
+        for shape, config in shapes:
+            if shape["optimum"] is not None:
+                groups[_config_id(config, NOT_SHAPE + (f"param.{field}",))].append(shape)
+        for members in groups.values():
+            if len({m["multipliers"][field] for m in members}) >= MIN_VALUES:
+                out.append(_tune(field, sorted(members, key=lambda m: m["multipliers"][field])))
+    return sorted(out, key=lambda t: (t["field"], *(str(t["family"][f]) for f in TUNE_FIELDS)))
+
+
+def _tune(field: str, members: list[dict]) -> dict:
+    log2_values = [math.log2(m["multipliers"][field]) for m in members]
+    log2_lr = [m["optimum"]["log2_lr"] for m in members]
+    losses = [m["optimum"]["loss"] for m in members]
+    best = fit_optimum(log2_values, losses)
+    joint_log2_lr = float(np.interp(best.log2_lr, log2_values, log2_lr))
+    others = {f: v for f, v in members[0]["multipliers"].items() if f != field and v != 1.0}
+    return {"field": field, "family": _family_of(members[0], TUNE_FIELDS), "others": others,
+            "shape_ids": [m["id"] for m in members],
+            "values": [m["multipliers"][field] for m in members], "log2_values": log2_values,
+            "log2_lr": log2_lr, "loss": losses,
+            "optimum": {"log2_value": best.log2_lr, "value": 2.0**best.log2_lr,
+                        "argmin_log2_value": best.argmin_log2_lr, "log2_lr": joint_log2_lr,
+                        "lr": 2.0**joint_log2_lr, "loss": best.loss, "on_edge": best.on_edge,
+                        "fitted": best.fitted},
+            # the loss surface for contours: per value, (log2 lr, seed-mean loss) on its LR grid
+            "curves": [[(p["log2_lr"], p["mean"]) for p in m["curve"]] for m in members]}
+
+
+def multiplier_drift(all_tunes: list[dict]) -> list[dict]:
+    """How each multiplier's optimum moves with width, over tunes equal in everything else."""
+    families = defaultdict(list)
+    for tune in all_tunes:
+        key = (tune["field"], *(str(tune["family"][f]) for f in TUNE_FIELDS if f != "width"),
+               tuple(sorted(tune["others"].items())))
+        families[key].append(tune)
+    out = []
+    for members in families.values():
+        if len(members) < 2:
+            continue
+        members.sort(key=lambda t: t["family"]["width"])
+        widths = [t["family"]["width"] for t in members]
+        log2_values = [t["optimum"]["log2_value"] for t in members]
+        out.append({"field": members[0]["field"],
+                    "family": {k: v for k, v in members[0]["family"].items() if k != "width"},
+                    "widths": widths, "log2_value": log2_values,
+                    "drift_octaves": max(log2_values) - min(log2_values),
+                    "slope": float(np.polyfit(np.log2(widths), log2_values, 1)[0]),
+                    "any_on_edge": any(t["optimum"]["on_edge"] for t in members)})
+    return out
+
+
+def tune_lines(analysis: dict) -> list[str]:
+    """One line per tune (its joint optimum) and per multiplier drift, for format_table."""
+    lines = []
+    for t in analysis.get("tunes", []):
+        f, o = t["family"], t["optimum"]
+        edge = "  (ON THE GRID EDGE: widen the multiplier grid)" if o["on_edge"] else ""
+        held = f" with {tuned_label(t['others'])}" if t["others"] else ""
+        lines.append(f"{f['param']} {f['optim']} w{f['width']} d{f['depth']} {f['tokens']} tokens"
+                     f"{held}: {t['field']} = {o['value']:.3g} (log2 {o['log2_value']:+.2f}) at "
+                     f"log2 lr {o['log2_lr']:.2f}, loss {o['loss']:.4f}{edge}")
+    for d in analysis.get("multiplier_drift", []):
+        f = d["family"]
+        edge = "  (an optimum is on the grid edge)" if d["any_on_edge"] else ""
+        lines.append(f"{f['param']} {f['optim']} d{f['depth']} {d['field']} "
+                     f"w{d['widths'][0]}→w{d['widths'][-1]}: drift {d['drift_octaves']:.2f} "
+                     f"octaves, slope {d['slope']:+.2f}/width-octave{edge}")
+    return lines
