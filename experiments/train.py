@@ -30,6 +30,7 @@ MAIN_FIELDS = {
     "model.scan_unroll": "layers unrolled per scan iteration: true (all), 1 (a rolled loop), k",
     "param.base_width": "the width at which μP equals SP",
     "param.base_depth": "the depth at which Depth-μP and CompleteP equal μP",
+    "param.output_mult": "× the logits, one of the per-role multipliers (docs/tuning.md)",
     "optim.lr": "base learning rate (each optim=NAME has its own fields: see --cfg job)",
     "optim.warmup_steps": "steps of linear warmup",
     "train.steps": "optimizer steps",
@@ -54,8 +55,9 @@ OTHER_FLAGS = """\
 def help_text() -> str:
     """What the command does, its config groups, main fields, sweeps and experiment overlays."""
     defaults = _default_options()
-    groups = [f"  {group:<8} " + ", ".join(f"{o} (default)" if o == defaults.get(group) else o
-                                           for o in options)
+    # a group outside the defaults list (tune) is added with a `+`, like an overlay
+    groups = [f"  {group if group in defaults else '+' + group:<8} "
+              + ", ".join(f"{o} (default)" if o == defaults.get(group) else o for o in options)
               for group, options in _choice_groups().items()]
     fields = [f"  {field:<20} {meaning}" for field, meaning in MAIN_FIELDS.items()]
     overlays = [f"  {name:<16} {_overlay_summary(name)}" for name in group_options(OVERLAY_GROUP)]
