@@ -1,60 +1,85 @@
 """Coordinate check (SCALING_RULES.md §1): under μP the RMS of every module's output stays within
 1.3x across an 8x range of widths, at init and after 3 Adam steps; under SP it grows with width.
 
+The measurement is `scaling-coord-check` on the Transformer: SP and μP side by side at widths
+64–512 (depth 2, head dim 32, base width 64), batch 4 × 32 bytes of the standard library, AdamW
+at a constant LR 1e-2 without clipping, 3 steps, each RMS the mean over 3 initializations, with
+model.readout_init=normal. Its slopes pass coord.check=true for μP; the tests below read its
+stats.json for the spreads (max/min across the widths). Measured after 3 steps: μP's block
+outputs within 1.17x (attention output of layer 1 1.16, MLP output 1.17, block output 1.02), SP's
+grown 16x–33x.
+
 The logits need care. With readout_init='normal' μP keeps the readout *std* constant and multiplies
 the logits by 1/m, so the init logits shrink like 1/sqrt(m): sqrt(D) summed O(1/sqrt(base)) terms,
-times base/D. Every part of the logits that involves the random init readout W0 (W0 itself and the
-hidden change projected on it) vanishes with width; only the part from the readout's own update is
-Θ(1). At these widths the vanishing parts still dominate at width 64, so μP logits after 3 steps
-are NOT flat with a normal readout (measured max/min 1.88 at lr 1e-2, 1.39 at 3e-2; their change
-from init converges towards a width-independent value only by width ~2048). With
-readout_init='zero' (the `mup` library's recommendation for Adam) there is no W0 term and the
-logits after each step are flat (measured 1.01). The tests assert exactly that.
+times base/D (measured 2.86 from width 64 to 512, against sqrt(8) = 2.83). Every part of the
+logits that involves the random init readout W0 (W0 itself and the hidden change projected on
+it) vanishes with width; only the part from the readout's own update is Θ(1). At these widths the
+vanishing parts still dominate at width 64, so μP logits after 3 steps are NOT flat with a normal
+readout (measured max/min 1.28, their change from init 1.38, falling with width towards a
+width-independent value), and the command reports them without checking them. With
+readout_init='zero' (the `mup` library's recommendation for Adam, and the command's default)
+there is no W0 term and the logits after each step are flat (measured 1.01 after each step by
+the library function on a batch of random tokens, one initialization).
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 
 import jax
 import numpy as np
 import pytest
+from test_coord_check_cli import (
+    assert_hidden_updates_fall_like_inverse_width,
+    assert_mup_passes_and_sp_is_not_flat,
+    assert_writes_figures_tables_and_stats,
+    run_check,
+    slopes,
+)
 
 from optim import AdamWConfig
 from scaling.config import ModelConfig, ParamConfig
 from scaling.coord_check import CoordStats, coordinate_check
 
 WIDTHS = [64, 128, 256, 512]
-# SP is the contrast, and each SP claim below compares the two ends of the 8x range (logits
-# equal at init, activations and logit change grown after the steps), so SP is measured at
-# those two widths only: two compiled train steps fewer than at all four.
-SP_WIDTHS = [WIDTHS[0], WIDTHS[-1]]
 STEPS = 3
 FLAT = 1.3  # max/min across an 8x width range (SCALING_RULES.md §1)
 B, T, VOCAB = 4, 32, 256
 OPTIM = AdamWConfig(lr=1e-2, schedule="constant", warmup_steps=0, clip_norm=0.0)
 
 
-def _check(name: str, readout_init: str, widths: list[int] = WIDTHS) -> CoordStats:
-    tokens_BxT1 = jax.random.randint(jax.random.key(0), (B, T + 1), 0, VOCAB)
-    model_cfg = ModelConfig(kind="transformer", depth=2, head_dim=32, readout_init=readout_init)
-    return coordinate_check(model_cfg, ParamConfig(name, base_width=64, base_depth=2), OPTIM,
-                            widths, STEPS, (tokens_BxT1[:, :-1], tokens_BxT1[:, 1:]))
+def _stats(check, param: str) -> CoordStats:
+    """One parametrization's measurement from the command's stats.json, keyed by numbers."""
+    by_width = json.loads((check.folder / "stats.json").read_text())["stats"]["width"][param]
+    return {int(w): {int(step): values for step, values in steps.items()}
+            for w, steps in by_width.items()}
 
 
 @pytest.fixture(scope="module")
-def mup() -> CoordStats:
-    return _check("mup", "normal")
+def command(tmp_path_factory):
+    """scaling-coord-check on the Transformer, SP and μP, a normal readout, check on."""
+    return run_check(["coord.check=true", "model.readout_init=normal",
+                      "logging.wandb_mode=disabled"], tmp_path_factory.mktemp("coord"))
 
 
 @pytest.fixture(scope="module")
-def sp() -> CoordStats:
-    return _check("sp", "normal", SP_WIDTHS)
+def mup(command) -> CoordStats:
+    return _stats(command, "mup")
+
+
+@pytest.fixture(scope="module")
+def sp(command) -> CoordStats:
+    return _stats(command, "sp")
 
 
 @pytest.fixture(scope="module")
 def mup_zero_readout() -> CoordStats:
-    return _check("mup", "zero")
+    """μP with a zero readout, by the library function on random tokens, one initialization."""
+    tokens_BxT1 = jax.random.randint(jax.random.key(0), (B, T + 1), 0, VOCAB)
+    model_cfg = ModelConfig(kind="transformer", depth=2, head_dim=32, readout_init="zero")
+    return coordinate_check(model_cfg, ParamConfig("mup", base_width=64, base_depth=2), OPTIM,
+                            WIDTHS, STEPS, (tokens_BxT1[:, :-1], tokens_BxT1[:, 1:]))
 
 
 def spread(stats: CoordStats, step: int, module: str) -> float:
@@ -70,15 +95,40 @@ def _block_modules(stats: CoordStats) -> list[str]:
     return names
 
 
-def test_coordinate_check_records_every_width_step_and_module(mup):
-    """The measurement covers each width, init plus every step, and one entry per layer."""
-    assert sorted(mup) == WIDTHS
+def test_coordinate_check_records_every_width_step_and_module(mup_zero_readout):
+    """The measurement covers each width, init plus every step, one entry per layer, and from
+    step 1 one update per parameter and layer."""
+    stats = mup_zero_readout
+    assert sorted(stats) == WIDTHS
     for width in WIDTHS:
-        assert sorted(mup[width]) == list(range(STEPS + 1))
-        for step_stats in mup[width].values():
+        assert sorted(stats[width]) == list(range(STEPS + 1))
+        for step_stats in stats[width].values():
             assert all(np.isfinite(v) and v >= 0 for v in step_stats.values())
-    assert {"embed_out", "logits", "logits_delta"} <= set(mup[WIDTHS[0]][0])
-    assert all(mup[width][0]["logits_delta"] == 0.0 for width in WIDTHS)
+    assert {"embed_out", "logits", "logits_delta"} <= set(stats[WIDTHS[0]][0])
+    assert all(stats[width][0]["logits_delta"] == 0.0 for width in WIDTHS)
+    updates = set(stats[WIDTHS[0]][1]) - set(stats[WIDTHS[0]][0])
+    assert {"update/embed", "update/readout", "update/blocks.wq/1"} <= updates
+
+
+def test_command_passes_the_check_for_mup_and_sp_is_not_flat(command):
+    assert_mup_passes_and_sp_is_not_flat(command)
+
+
+def test_command_reports_normal_readout_logits_without_checking_them(command):
+    """With a normal readout μP's init logits shrink like 1/sqrt(m) by design: slope near −1/2,
+    in the table but not checked."""
+    unchecked = slopes(command, "mup", checked=False)
+    assert -0.6 < unchecked[("logits", 0)] < -0.4, unchecked[("logits", 0)]
+    assert ("logits", 0) not in slopes(command, "mup", checked=True)
+    assert "logits and logits_delta are reported, not checked" in command.report
+
+
+def test_hidden_updates_fall_like_inverse_width_under_mup(command):
+    assert_hidden_updates_fall_like_inverse_width(command, "transformer")
+
+
+def test_command_writes_figures_tables_and_stats(command):
+    assert_writes_figures_tables_and_stats(command, ("sp", "mup"))
 
 
 @pytest.mark.parametrize("step", range(STEPS + 1))
@@ -112,7 +162,7 @@ def test_mup_logits_flat_after_steps_with_zero_readout(mup_zero_readout, step):
 def test_mup_logits_change_does_not_grow_with_width(mup, sp):
     """Normal readout: μP's logit change after 3 steps does not grow with width; SP's does."""
     mup_delta = [mup[width][STEPS]["logits_delta"] for width in WIDTHS]
-    sp_delta = [sp[width][STEPS]["logits_delta"] for width in SP_WIDTHS]
+    sp_delta = [sp[width][STEPS]["logits_delta"] for width in WIDTHS]
     assert all(a >= b for a, b in itertools.pairwise(mup_delta)), mup_delta
     assert sp_delta[-1] / sp_delta[0] > FLAT, sp_delta
 
@@ -121,5 +171,5 @@ def test_sp_activations_blow_up_after_steps(sp):
     """SP: after 3 Adam steps some block output and the logits grow by more than 1.3x."""
     spreads = {m: spread(sp, STEPS, m) for m in _block_modules(sp)}
     assert max(spreads.values()) > FLAT, spreads
-    logits = [sp[width][STEPS]["logits"] for width in SP_WIDTHS]
+    logits = [sp[width][STEPS]["logits"] for width in WIDTHS]
     assert logits[-1] / logits[0] > FLAT, logits

@@ -38,7 +38,7 @@ import pytest
 
 from optim import AdamWConfig
 from scaling.config import ModelConfig, ParamConfig
-from scaling.coord_check import CoordStats, depth_check
+from scaling.coord_check import DEPTH, CoordStats, depth_check, failures, slope_rows
 
 DEPTHS = [2, 4, 8, 16]  # the full check (slow)
 ENDS = [DEPTHS[0], DEPTHS[-1]]  # the default suite's check
@@ -121,6 +121,23 @@ def test_mup_stream_grows_with_depth(ends):
     after, init = stream(ends["mup"], STEPS), stream(ends["mup"], 0)
     assert after[16] / after[2] > FLAT, after
     assert after[16] / after[2] > init[16] / init[2], (init, after)
+
+
+def test_command_depth_check_on_the_ends(ends):
+    """scaling-coord-check's check across depth (coord.depths), on the same measurement: the
+    slope of log2 RMS against log2 depth of the embedding, the last block's output and the
+    logits within ±0.125 passes Depth-μP at every step; μP without a depth rule (not required
+    flat) has its stream's slope far beyond (measured +1.11 after 3 steps); CompleteP fails on
+    its stream (measured −0.18 at init, −0.12 after 3 steps: it tends to the embedding's RMS
+    like 1/L), a finite-depth effect of α = 1 that the check reports rather than hides."""
+    rows = slope_rows(ends, DEPTH, MODEL.readout_init)
+    failed = {(r.param, r.quantity, r.step) for r in failures(rows, 0.125)}
+    assert not any(param == "depth_mup" for param, _, _ in failed), failed
+    assert ("completep", "block_out/last", 0) in failed
+    stream = {(r.param, r.step): r.slope for r in rows if r.quantity == "block_out/last"}
+    assert stream[("mup", STEPS)] > 0.5 and stream[("mup", STEPS)] > stream[("mup", 0)], stream
+    assert not any(r.required for r in rows if r.param == "mup" or r.quantity.startswith(
+        ("attn_out", "mlp_out", "update/")))
 
 
 @pytest.mark.slow
