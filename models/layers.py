@@ -40,6 +40,30 @@ def causal_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, scale: float) -> jax.Array
                                         is_causal=True)
 
 
+def attention_log_z(q_BxTxNxH: jax.Array, k_BxTxNxH: jax.Array, scale: float) -> jax.Array:
+    """log Σ_s exp(q_t·k_s·scale) over the keys s ≤ t each query sees, (B, T, N) in float32.
+
+    Its own logits, not those of causal_attention: shared, XLA fuses the attention differently
+    and the training step's floats move in their last bits.
+    """
+    T = q_BxTxNxH.shape[1]
+    q_BxTxNxH, k_BxTxNxH = jax.lax.stop_gradient((q_BxTxNxH, k_BxTxNxH))
+    logits_BxTxNxS = jnp.einsum("btnh,bsnh->btns", q_BxTxNxH, k_BxTxNxH,
+                                preferred_element_type=jnp.float32) * scale
+    causal_Tx1xS = jnp.tril(jnp.ones((T, T), bool))[:, None, :]
+    return jax.nn.logsumexp(jnp.where(causal_Tx1xS, logits_BxTxNxS, -jnp.inf), axis=-1)
+
+
+def outlier_percent(x_BxTxD: jax.Array, threshold: float = 5.0) -> jax.Array:
+    """Percent of features further than `threshold` standard deviations (over the features)
+    from their token's mean: about 6e-5 % for Gaussian features, far more with massive
+    activations."""
+    x_BxTxD = jax.lax.stop_gradient(x_BxTxD).astype(jnp.float32)
+    mean_BxTx1 = jnp.mean(x_BxTxD, axis=-1, keepdims=True)
+    std_BxTx1 = jnp.std(x_BxTxD, axis=-1, keepdims=True)
+    return 100.0 * jnp.mean(jnp.abs(x_BxTxD - mean_BxTx1) > threshold * std_BxTx1)
+
+
 def float32_logits(h_BxTxD: jax.Array, readout_DxV: jax.Array) -> jax.Array:
     """The readout in the activations' dtype, accumulated and returned in float32: the softmax
     and the loss are taken in float32 whatever the compute dtype."""

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import ModelConfig, compute_dtype
-from models.layers import LayerTransform, float32_logits, rms, scan_layers
+from models.layers import LayerTransform, float32_logits, outlier_percent, rms, scan_layers
 from models.tagged import tagged_param
 
 
@@ -56,7 +56,7 @@ class ByteMLP(nnx.Module):
 
         def layer(h, p):
             h = jax.nn.gelu(h @ p["w"].astype(dtype) + p["b"].astype(dtype))
-            return h, {"block_out": rms(h)}
+            return h, {"block_out": rms(h), "outliers": outlier_percent(h)}
 
         stacked = {name: param[...] for name, param in self.layers.items()}
         h_BxTxD, layer_stats = scan_layers(layer, h_BxTxD, stacked, layer_transform,

@@ -9,15 +9,21 @@ from flax import nnx
 from models.config import ModelConfig, compute_dtype
 from models.layers import (
     LayerTransform,
+    attention_log_z,
     cast_matrices,
     causal_attention,
     float32_logits,
+    outlier_percent,
     rms,
     rms_norm,
     rope,
     scan_layers,
 )
 from models.tagged import tagged_param
+
+# attention Z from the batch's first 1/ATTENTION_Z_SHARE sequences (at least one): a mean over
+# many queries still, at that share of the cost (4% of a CPU step for the whole batch)
+ATTENTION_Z_SHARE = 8
 
 
 class Transformer(nnx.Module):
@@ -83,11 +89,17 @@ class Transformer(nnx.Module):
         h_BxTxD = rms_norm(x_BxTxD, p["mlp_norm"])
         mlp_BxTxD = self._branch(jax.nn.gelu(h_BxTxD @ p["w_up"]) @ p["w_down"])
         x_BxTxD = x_BxTxD + mlp_BxTxD
-        stats = {"attn_out": rms(attn_BxTxD), "mlp_out": rms(mlp_BxTxD), "block_out": rms(x_BxTxD)}
+        n = max(1, B // ATTENTION_Z_SHARE)
+        log_z_nxTxN = attention_log_z(q_BxTxNxH[:n], k_BxTxNxH[:n], self.attention_scale)
+        stats = {"attn_out": rms(attn_BxTxD), "mlp_out": rms(mlp_BxTxD), "block_out": rms(x_BxTxD),
+                 "attn_z": jnp.mean(jnp.square(log_z_nxTxN)), "outliers": outlier_percent(x_BxTxD)}
         return x_BxTxD, stats
 
     def forward(self, tokens_BxT: jax.Array, layer_transform: LayerTransform | None = None):
-        """Returns (logits_BxTxV, stats): stats holds the RMS of every block's outputs."""
+        """Returns (logits_BxTxV, stats): the RMS of the embedding, of every block's branch
+        outputs and residual stream, and of the logits; per block also `attn_z`, the mean squared
+        log-partition of its attention logits (ATTENTION_Z_SHARE), and `outliers`, the percent of residual-stream
+        features beyond 5 std of their token's mean (models.layers.outlier_percent)."""
         embed_BxTxD = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(self.compute_dtype)
         stacked = {name: param[...] for name, param in self.blocks.items()}
         x_BxTxD, layer_stats = scan_layers(self._block, embed_BxTxD, stacked, layer_transform,

@@ -69,3 +69,50 @@ def top_singular_values(params, specs: dict[tuple, ParamSpec], vectors: dict[tup
         w_BxIxO = as_matrices(leaf_at(params, path), specs[path])
         sigmas[path], new_vectors[path] = power_iteration(w_BxIxO, v_BxO, iterations)
     return sigmas, new_vectors
+
+
+def sigma_names(path: tuple, spec: ParamSpec) -> list[str]:
+    """'<path>' for one matrix; '<path>/<i>' for each matrix of a leaf with other axes (the
+    layers of a stacked leaf)."""
+    name = "/".join(map(str, path))
+    fan_axes = {a % len(spec.shape) for a in spec.fan_in_axes + spec.fan_out_axes}
+    batch = [n for a, n in enumerate(spec.shape) if a not in fan_axes]
+    if not batch:
+        return [name]
+    return [f"{name}/{i}" for i in range(math.prod(batch))]
+
+
+class SpectralLog:
+    """σ_max of every matrix, each call warm-started from the previous call's vectors.
+
+    `runs` > 1: parameters stacked along a leading axis, one run each (LRs trained together).
+    The first call runs START_CALLS calls' worth of iterations, since its vectors are random.
+    """
+
+    START_CALLS = 4
+
+    def __init__(self, params, specs: dict[tuple, ParamSpec], runs: int = 1, seed: int = 0):
+        self.specs, self.runs = specs, runs
+        one_run = params if runs == 1 else jax.tree.map(lambda x: x[0], params)
+        vectors = init_vectors(one_run, specs, seed)
+        if runs > 1:
+            vectors = jax.tree.map(lambda v: jnp.stack([v] * runs), vectors)
+        self.vectors, self.calls = vectors, 0
+        call = lambda p, v: top_singular_values(p, specs, v)
+        self._call = jax.jit(call if runs == 1 else jax.vmap(call))
+
+    def __call__(self, params) -> list[dict[str, float]]:
+        """Per run: matrix name (sigma_names) -> σ_max estimate."""
+        for _ in range(1 if self.calls else self.START_CALLS):
+            sigmas, self.vectors = self._call(params, self.vectors)
+        self.calls += 1
+        sigmas = jax.device_get(sigmas)
+        out = []
+        for run in range(self.runs):
+            named = {}
+            for path, sigma in sigmas.items():
+                values = sigma if self.runs == 1 else sigma[run]
+                named.update(zip(sigma_names(path, self.specs[path]), map(float, values),
+                                 strict=True))
+            out.append(named)
+        return out

@@ -17,14 +17,17 @@ from tqdm.auto import tqdm
 import optim
 from scaling.config import RunConfig, SweepConfig, lr_grid, to_dict, validate
 from scaling.parametrization import build_model
+from scaling.spectral import SpectralLog
 from scaling.training import data, pretrained
 from scaling.training.checkpoint import Checkpointer
 from scaling.training.files import MetricsLog, write_json_atomic
 from scaling.training.rundir import run_name
 from scaling.training.step import (
+    Measure,
     flops_per_token,
     init_train_state,
     make_eval,
+    make_forward_stats,
     make_train_step,
     optimizer_at,
 )
@@ -38,6 +41,12 @@ from scaling.training.zo_step import (
 )
 
 ZO_LOG = "zo_steps.jsonl"  # MeZO: (step, g, lr) of every step, for replay
+SPECTRAL_LOG = "spectral.jsonl"  # {"step": s, "sigma": {"<param path>[/<layer>]": σ_max}}
+# the clipping of the steps since the previous log: the state's sums -> the metric
+CLIP_SUMS = {"clipped_sum": "clipped_fraction", "clip_scale_sum": "mean_clip_scale"}
+# what the loop itself logs; every other metric is an indicator the step measured
+LOOP_METRICS = {"step", "tokens", "lr", "train_loss", "val_loss", "tokens_per_second",
+                "curvature", *CLIP_SUMS.values()}
 
 
 def _finished(run_dir: Path) -> dict | None:
@@ -107,11 +116,13 @@ class _Member:
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", keep_through_step=step)
         if self.cfg.optim.family == "zeroth_order":
             self.zo_log = MetricsLog(self.run_dir / ZO_LOG, keep_through_step=step)
+        if self.cfg.logging.spectral_every > 0:
+            self.spectral_log = MetricsLog(self.run_dir / SPECTRAL_LOG, keep_through_step=step)
         self.tracker = Tracker(self.cfg, self.run_dir, self.name)
 
     def close(self) -> None:
         self.checkpointer.close()
-        for log in ("metrics", "zo_log"):
+        for log in ("metrics", "zo_log", "spectral_log"):
             if hasattr(self, log):
                 getattr(self, log).close()
 
@@ -126,9 +137,10 @@ def _optimizer_setup(cfg: RunConfig, parametrization):
 
 
 def _init_state(cfg: RunConfig, setup, params, lr: float) -> dict:
+    """The state the loop trains (and checkpoints): a measured step's, for backprop."""
     if cfg.optim.family == "zeroth_order":
         return init_zo_state(params, setup, lr)
-    return init_train_state(params, setup, lr)
+    return init_train_state(params, setup, lr, measure=True)
 
 
 def pretrained_params(cfg: RunConfig, vocab_size: int, like):
@@ -152,8 +164,13 @@ def _train_together(members: list[_Member], splits) -> list[dict]:
         params = pretrained_params(cfg, splits.vocab_size, params)
     setup = _optimizer_setup(cfg, parametrization)
     init_state = lambda lr: _init_state(cfg, setup, params, lr)
-    make_step = make_zo_step if cfg.optim.family == "zeroth_order" else make_train_step
-    train_step = make_step(graphdef, setup, k)
+    if cfg.optim.family == "zeroth_order":  # no gradient: the forward stats by another pass
+        zo_step, forward_stats = make_zo_step(graphdef, setup, k), make_forward_stats(graphdef, k)
+        train_step = lambda state, inputs, targets: (zo_step(state, inputs, targets), {})
+        measure_forward = forward_stats if cfg.logging.indicators else None
+    else:
+        measure = Measure(parametrization.labels(), cfg.optim.clip_norm, cfg.logging.indicators)
+        train_step, measure_forward = make_train_step(graphdef, setup, k, measure), None
     template = init_state(0.0)
     cost = {"params": int(sum(x.size for x in jax.tree.leaves(params))),
             "flops_per_token": flops_per_token(model, parametrization.specs, t.seq_len),
@@ -169,7 +186,10 @@ def _train_together(members: list[_Member], splits) -> list[dict]:
         state = _stack(states) if k > 1 else states[0]
         for m in members:
             m.start_logs(step)
-        _loop(members, state, step, splits, train_step, evaluate, cost, wall_before)
+        spectral = (SpectralLog(state["params"], parametrization.specs, k)
+                    if cfg.logging.spectral_every > 0 else None)
+        _loop(members, state, step, splits, (train_step, measure_forward, spectral), evaluate,
+              cost, wall_before)
     except BaseException:
         for m in members:
             if hasattr(m, "tracker"):  # so a later run in this process does not inherit it
@@ -194,9 +214,14 @@ def _restore(members: list[_Member], template: dict) -> tuple[int, list | None, 
     return restored[0][0], [r[1] for r in restored], max(r[2]["wall_seconds"] for r in restored)
 
 
-def _loop(members: list[_Member], state, step: int, splits, train_step, evaluate, cost: dict,
+def _loop(members: list[_Member], state, step: int, splits, programs, evaluate, cost: dict,
           wall_before: float) -> None:
-    """Steps until every run is done or diverged; logs, evaluates, checkpoints, writes results."""
+    """Steps until every run is done or diverged; logs, evaluates, checkpoints, writes results.
+
+    `programs`: the train step, state -> (state, measured); the forward stats of a step that
+    measures none itself (MeZO), or None; the spectral log, or None.
+    """
+    train_step, measure_forward, spectral = programs
     cfg, t, k = members[0].cfg, members[0].cfg.train, len(members)
     lr_at = [optim.learning_rate(m.cfg.optim, t.steps) for m in members]
     tokens_per_step = t.batch_size * t.seq_len
@@ -213,7 +238,7 @@ def _loop(members: list[_Member], state, step: int, splits, train_step, evaluate
         _log_start(members, evaluate(state["params"]))
     while step < t.steps and not all(m.diverged for m in members):
         inputs, targets = data.train_batch(splits.train, t.seed, step, t.batch_size, t.seq_len)
-        state = train_step(state, inputs, targets)
+        state, measured = train_step(state, inputs, targets)
         step += 1
         bar.update(1)
         if zeroth_order:
@@ -226,8 +251,14 @@ def _loop(members: list[_Member], state, step: int, splits, train_step, evaluate
         if step % t.log_every == 0 or step % t.eval_every == 0 or last:
             # the running sums live in the train state, so a resumed window averages the same steps
             train_losses = np.atleast_1d(state["loss_sum"] / state["loss_count"]).tolist()
-            state["loss_sum"] = jnp.zeros_like(state["loss_sum"])
-            state["loss_count"] = jnp.zeros_like(state["loss_count"])
+            clipping = {name: np.atleast_1d(state[key] / state["loss_count"]).tolist()
+                        for key, name in CLIP_SUMS.items() if key in state}
+            for key in ("loss_sum", "loss_count", *CLIP_SUMS):
+                if key in state:
+                    state[key] = jnp.zeros_like(state[key])
+            if measure_forward is not None:
+                measured = measure_forward(state["params"], inputs)
+            measured = jax.device_get(measured)
             now = time.perf_counter()
             tokens_per_second = (step - window[1]) * tokens_per_step / (now - window[0])
             window = (now, step)
@@ -247,6 +278,8 @@ def _loop(members: list[_Member], state, step: int, splits, train_step, evaluate
                     record["lr"] = m.zo_log.records[-1]["lr"]
                 if curvature:  # the Hessian-trace estimate's moving average
                     record["curvature"] = traces[i]
+                record |= {name: values[i] for name, values in clipping.items()}
+                record |= _flatten(measured, None if k == 1 else i)
                 m.diverged = not math.isfinite(record["train_loss"])
                 if not m.diverged and evaluating:
                     record["val_loss"] = val_losses[i]
@@ -256,6 +289,11 @@ def _loop(members: list[_Member], state, step: int, splits, train_step, evaluate
                 m.tracker.log({key: v for key, v in record.items() if key != "step"}, step)
             best = min(train_losses, key=lambda x: x if math.isfinite(x) else math.inf)
             bar.set_postfix(loss=f"{best:.3f}", tok_s=f"{tokens_per_second:.0f}")
+        if spectral is not None and (step % cfg.logging.spectral_every == 0 or last):
+            for m, sigma in zip(members, spectral(state["params"]), strict=True):
+                if not m.diverged:
+                    m.spectral_log.write({"step": step, "sigma": sigma})
+                    m.tracker.log({f"spectral/{name}": v for name, v in sigma.items()}, step)
         checkpointing = step % t.checkpoint_every == 0 or last
         for i, m in enumerate(members):
             if m.result is None and (checkpointing or m.diverged):
@@ -266,6 +304,19 @@ def _loop(members: list[_Member], state, step: int, splits, train_step, evaluate
     for m in members:  # resumed after the last checkpoint but before its result was written
         if m.result is None:
             m.result = _write_result(m, cost, wall())
+
+
+def _flatten(measured: dict, run: int | None) -> dict[str, float]:
+    """One run's values (`run` of those trained together, or None for one); per-layer values
+    (shape (depth,)) become one metric per layer: 'attn_z/0', 'attn_z/1'."""
+    out = {}
+    for name, value in measured.items():
+        value = np.asarray(value) if run is None else np.asarray(value)[run]
+        if value.ndim == 0:
+            out[name] = float(value)
+        else:
+            out.update({f"{name}/{i}": float(v) for i, v in enumerate(value)})
+    return out
 
 
 def _log_start(members: list[_Member], val_losses: list[float]) -> None:
@@ -280,6 +331,31 @@ def _start_val_loss(m: _Member) -> float | None:
     return next((r["val_loss"] for r in m.metrics.records if r["step"] == 0), None)
 
 
+def _summaries(m: _Member) -> dict:
+    """Over the run's logged steps: the fraction of steps clipped and the mean clip factor
+    (each log's window weighted by its steps), every indicator's last and largest value, and
+    the last σ_max of every matrix. Non-finite values are null, as the losses of a diverged run."""
+    finite = lambda x: x if math.isfinite(x) else None
+    records, out = m.metrics.records, {}
+    windows = [(r, r["step"] - before["step"])
+               for before, r in zip([{"step": 0}, *records], records, strict=False)]
+    clipped = [(r, steps) for r, steps in windows if "clipped_fraction" in r]
+    if clipped:
+        mean = lambda name: finite(sum(r[name] * steps for r, steps in clipped)
+                                   / sum(steps for _, steps in clipped))
+        out["clipping"] = {"fraction": mean("clipped_fraction"),
+                           "mean_scale": mean("mean_clip_scale")}
+    names = [key for key in records[-1] if key not in LOOP_METRICS] if records else []
+    if names:
+        out["indicators"] = {
+            "last": {key: finite(records[-1][key]) for key in names},
+            "max": {key: finite(float(np.max([r[key] for r in records if key in r])))
+                    for key in names}}
+    if getattr(m, "spectral_log", None) is not None and m.spectral_log.records:
+        out["spectral"] = m.spectral_log.records[-1]["sigma"]
+    return out
+
+
 def _write_result(m: _Member, cost: dict, wall_seconds: float) -> dict:
     t = m.cfg.train
     result = {
@@ -291,7 +367,11 @@ def _write_result(m: _Member, cost: dict, wall_seconds: float) -> dict:
     }
     if m.cfg.init.from_run is not None:  # where fine-tuning started from, on this data
         result["start_val_loss"] = _start_val_loss(m)
-    m.tracker.finish({key: v for key, v in result.items() if isinstance(v, (int, float, bool))})
+    result |= _summaries(m)
+    summary = {key: v for key, v in result.items() if isinstance(v, (int, float, bool))}
+    summary |= {f"clipping/{key}": v for key, v in result.get("clipping", {}).items()
+                if v is not None}
+    m.tracker.finish(summary)
     result |= {"config": to_dict(m.cfg)}  # what a re-run of the finished run returns, too
     m.checkpointer.close()  # the result must not name a checkpoint still being written
     write_json_atomic(m.run_dir / "result.json", result)

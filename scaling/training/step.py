@@ -17,35 +17,96 @@ from scaling.parametrization import build_optimizer
 
 
 def next_token_loss(graphdef, params, inputs_BxT, targets_BxT) -> jax.Array:
-    logits_BxTxV = nnx.merge(graphdef, params)(inputs_BxT).astype(jnp.float32)
-    return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets_BxT).mean()
+    return next_token_loss_and_stats(graphdef, params, inputs_BxT, targets_BxT)[0]
+
+
+def next_token_loss_and_stats(graphdef, params, inputs_BxT, targets_BxT):
+    """(loss, the model's forward stats); unused stats cost nothing under jit."""
+    logits_BxTxV, stats = nnx.merge(graphdef, params).forward(inputs_BxT)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV.astype(jnp.float32),
+                                                           targets_BxT).mean()
+    return loss, stats
 
 
 # lr -> the optimizer at that base LR; built inside the traced step, so lr may be a tracer
 OptimizerAt = Callable[[jax.Array | float], optax.GradientTransformation]
 
 
-def make_train_step(graphdef, tx_at: OptimizerAt, lrs_together: int = 1):
-    """state -> state, with the optimizer `tx_at(state["lr"])`.
+@dataclasses.dataclass(frozen=True)
+class Measure:
+    """What a measured train step reports besides the new state: always the gradient's global
+    norm before clipping and the clip factor optim.clip_norm implies (summed over the steps
+    between logs in the state); with `indicators`, the model's forward stats and the
+    update/weight RMS ratio of every parameter group."""
+
+    labels: dict  # every parameter's group label, a tree like the parameters (group_label)
+    clip_norm: float  # optim.clip_norm; 0: no clipping, the factor is 1
+    indicators: bool = True
+
+
+def clip_scale(grad_norm: jax.Array, clip_norm: float) -> jax.Array:
+    """min(1, clip_norm / ‖g‖): the factor global-norm clipping multiplies the gradient by."""
+    if clip_norm <= 0:
+        return jnp.ones_like(grad_norm)
+    return jnp.minimum(1.0, clip_norm / grad_norm)
+
+
+def update_ratios(updates, params, labels: dict) -> dict[str, jax.Array]:
+    """‖update‖ / ‖weight‖ over each group's parameters (= the ratio of their RMS), weights
+    before the update; 'update_ratio/<group>'."""
+    squares = {}
+    for label, u, w in zip(jax.tree.leaves(labels), jax.tree.leaves(updates),
+                           jax.tree.leaves(params), strict=True):
+        u2, w2 = squares.get(label, (0.0, 0.0))
+        squares[label] = (u2 + jnp.sum(jnp.square(u)), w2 + jnp.sum(jnp.square(w)))
+    return {f"update_ratio/{label}": jnp.sqrt(u2 / w2) for label, (u2, w2) in squares.items()}
+
+
+def make_train_step(graphdef, tx_at: OptimizerAt, lrs_together: int = 1,
+                    measure: Measure | None = None):
+    """state -> state, with the optimizer `tx_at(state["lr"])`; with `measure`,
+    state -> (state, measured): what Measure lists, of this step.
 
     The LR lives in the state so that one compiled program trains several LRs (vmap over the
     state when `lrs_together` > 1) exactly as it trains one; the optimizer is built from it
     inside the step, because a relative (sphere) step is not linear in the LR. The state also
-    carries a running loss sum, so logged means survive resumes.
+    carries a running loss sum, so logged means survive resumes. Measuring only reads the
+    gradients, updates and activations: the new state is the unmeasured step's, bit for bit.
     """
+    forward_stats = measure is not None and measure.indicators
 
     def train_step(state, inputs_BxT, targets_BxT):
-        loss, grads = jax.value_and_grad(
-            lambda p: next_token_loss(graphdef, p, inputs_BxT, targets_BxT))(state["params"])
-        updates, opt_state = tx_at(state["lr"]).update(grads, state["opt_state"],
-                                                       state["params"])
-        return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
-                "lr": state["lr"], "loss_sum": state["loss_sum"] + loss,
-                "loss_count": state["loss_count"] + 1}
+        params = state["params"]
+        (loss, stats), grads = jax.value_and_grad(
+            lambda p: next_token_loss_and_stats(graphdef, p, inputs_BxT, targets_BxT),
+            has_aux=True)(params)
+        updates, opt_state = tx_at(state["lr"]).update(grads, state["opt_state"], params)
+        new_state = {**state, "params": optax.apply_updates(params, updates),
+                     "opt_state": opt_state, "loss_sum": state["loss_sum"] + loss,
+                     "loss_count": state["loss_count"] + 1}
+        if measure is None:
+            return new_state
+        grad_norm = optax.global_norm(grads)
+        scale = clip_scale(grad_norm, measure.clip_norm)
+        new_state["clipped_sum"] = state["clipped_sum"] + (scale < 1).astype(jnp.float32)
+        new_state["clip_scale_sum"] = state["clip_scale_sum"] + scale
+        measured = {"grad_norm": grad_norm, "clip_scale": scale}
+        if forward_stats:
+            measured |= stats | update_ratios(updates, params, measure.labels)
+        return new_state, measured
 
     if lrs_together > 1:
         train_step = jax.vmap(train_step, in_axes=(0, None, None))
     return jax.jit(train_step, donate_argnums=0)
+
+
+def make_forward_stats(graphdef, lrs_together: int = 1):
+    """(params, inputs_BxT) -> the model's forward stats: the indicators of a step that takes
+    no gradient (MeZO), by one more forward pass."""
+    stats = lambda params, inputs_BxT: nnx.merge(graphdef, params).forward(inputs_BxT)[1]
+    if lrs_together > 1:
+        stats = jax.vmap(stats, in_axes=(0, None))
+    return jax.jit(stats)
 
 
 def optimizer_at(cfg: OptimizerConfig, parametrization, *, total_steps: int) -> OptimizerAt:
@@ -54,11 +115,16 @@ def optimizer_at(cfg: OptimizerConfig, parametrization, *, total_steps: int) -> 
                                       total_steps=total_steps)
 
 
-def init_train_state(params, tx_at: OptimizerAt, lr: float) -> dict:
-    """The optimizer state does not depend on the LR, so one template serves every LR."""
-    return {"params": params, "opt_state": tx_at(lr).init(params),
-            "lr": jnp.asarray(lr, jnp.float32),
-            "loss_sum": jnp.zeros((), jnp.float32), "loss_count": jnp.zeros((), jnp.int32)}
+def init_train_state(params, tx_at: OptimizerAt, lr: float, measure: bool = False) -> dict:
+    """The optimizer state does not depend on the LR, so one template serves every LR.
+    `measure`: the state of a measured step, which also sums the clipping between logs."""
+    state = {"params": params, "opt_state": tx_at(lr).init(params),
+             "lr": jnp.asarray(lr, jnp.float32),
+             "loss_sum": jnp.zeros((), jnp.float32), "loss_count": jnp.zeros((), jnp.int32)}
+    if measure:
+        state |= {"clipped_sum": jnp.zeros((), jnp.float32),
+                  "clip_scale_sum": jnp.zeros((), jnp.float32)}
+    return state
 
 
 def make_eval(graphdef, batches, lrs_together: int = 1):
