@@ -308,8 +308,9 @@ def what_is_checked(axis: str, readout_init: str, tolerance: float) -> str:
         return (f"across width, for {flat}: every module output's |slope| ≤ {tolerance:g} at "
                 f"every step{left_out}; parameter updates are reported, not checked")
     return (f"across depth, for {flat}: |slope| ≤ {tolerance:g} at every step for the embedding, "
-            f"the last block's output (the residual stream) and the logits; single branches "
-            f"({', '.join(BRANCH_OUTPUTS)}) and parameter updates are reported, not checked")
+            f"the last block's output (the residual stream), the logits and their change; single "
+            f"branches ({', '.join(BRANCH_OUTPUTS)}) and parameter updates are reported, not "
+            f"checked")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -361,6 +362,13 @@ def verdict(rows: list[Slope], axis: str, param: str, tolerance: float) -> str:
             f"±{tolerance:g} ({where})")
 
 
+def _table_order(quantity: str) -> tuple:
+    """Module outputs before updates; what has no layer first, then layer by layer."""
+    match = _LAYER.match(quantity)
+    layer = -1 if match is None else int(match["layer"])
+    return is_update(quantity), layer, base_name(quantity)
+
+
 def _cell(row: Slope, tolerance: float) -> str:
     text = "nan" if not math.isfinite(row.slope) else f"{row.slope:+.2f}"
     if not row.required:
@@ -373,8 +381,7 @@ def markdown_table(rows: list[Slope], axis: str, tolerance: float) -> str:
     Checked slopes plain (✗ beyond the tolerance), the rest in parentheses."""
     rows = [r for r in rows if r.axis == axis]
     columns = list(dict.fromkeys((r.param, r.step) for r in rows))
-    # in the order of the last step, which has them all (updates start at step 1)
-    quantities = list(dict.fromkeys(r.quantity for r in sorted(rows, key=lambda r: -r.step)))
+    quantities = sorted({r.quantity for r in rows}, key=_table_order)
     cells = {(r.quantity, r.param, r.step): _cell(r, tolerance) for r in rows}
     head = [f"{param} step {step}" for param, step in columns]
     lines = [f"| {axis} slope | " + " | ".join(head) + " |",

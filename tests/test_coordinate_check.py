@@ -5,9 +5,9 @@ The measurement is `scaling-coord-check` on the Transformer: SP and μP side by 
 64–512 (depth 2, head dim 32, base width 64), batch 4 × 32 bytes of the standard library, AdamW
 at a constant LR 1e-2 without clipping, 3 steps, each RMS the mean over 3 initializations, with
 model.readout_init=normal. Its slopes pass coord.check=true for μP; the tests below read its
-stats.json for the spreads (max/min across the widths). Measured after 3 steps: μP's block
-outputs within 1.17x (attention output of layer 1 1.16, MLP output 1.17, block output 1.02), SP's
-grown 16x–33x.
+stats.json for the spreads (max/min across the widths). Measured: μP's block outputs within
+1.21x at every step (after 3 steps attn_out/1 1.16, mlp_out/1 1.17, block_out/1 1.02), SP's grown
+16x–33x after 3 steps.
 
 The logits need care. With readout_init='normal' μP keeps the readout *std* constant and multiplies
 the logits by 1/m, so the init logits shrink like 1/sqrt(m): sqrt(D) summed O(1/sqrt(base)) terms,
