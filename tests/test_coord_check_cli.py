@@ -27,9 +27,10 @@ from synthetic import assert_one_line_cli_error
 import experiments.coord_check
 import models
 import scaling.rules
+from experiments.compose import compose
 from models.config import ModelConfig
 from models.tagged import param_specs
-from scaling.coord_check import update_name
+from scaling.coord_check import CoordConfig, update_name
 
 PROG = "scaling-coord-check"
 WIDTHS = [64, 128, 256, 512]
@@ -199,6 +200,13 @@ def test_bad_values_are_one_line_errors(argv, named, capsys, tmp_path):
     """Field, value and expectation on one stderr line, exit 2, nothing written."""
     assert_one_line_cli_error(experiments.coord_check.main,
                               [*argv, f"coord.out_dir={tmp_path}"], capsys, PROG, named, tmp_path)
+
+
+def test_config_defaults_are_the_library_defaults():
+    """configs/coord_check.yaml's coord node holds CoordConfig's fields and defaults."""
+    defaults = {k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(CoordConfig()).items()}
+    assert compose([], "coord_check")["coord"] == defaults
 
 
 def test_help_names_the_command_and_its_fields(capsys):
