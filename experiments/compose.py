@@ -29,6 +29,8 @@ INFO_FLAGS = {"-h", "--help", "--hydra-help", "-i", "--info", "-c", "--cfg", "-s
 FLAGS_WITH_VALUE = {"-cn", "--config-name", "-p", "--package", "-c", "--cfg", "-cp",
                     "--config-path", "-cd", "--config-dir"}
 MULTIRUN_FLAGS = {"-m", "--multirun"}
+COMMANDS = {"config": "scaling-train", "finetune": "scaling-finetune",
+            "coord_check": "scaling-coord-check"}  # the command of each primary config
 COMPOSE_ERRORS = (HydraException, OmegaConfBaseException, ValueError)
 
 
@@ -107,7 +109,7 @@ def _expected(key: str, value: str, error: Exception, point: list[str], config_n
     if "not in struct" in str(error) or "Could not override" in first_line:
         if key.startswith("optim."):  # each optimizer has its own fields: name the chosen one
             return expected_field(_chosen_option("optim", point, config_name))
-        return "a key of the config (see `scaling-train --cfg job`)"
+        return f"a key of the config (see `{COMMANDS.get(config_name, 'scaling-train')} --cfg job`)"
     return f"a valid override ({first_line})"
 
 

@@ -1,4 +1,4 @@
-"""The installed distribution points at this checkout and provides the `scaling-train` command."""
+"""The installed distribution points at this checkout and provides every command it declares."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import importlib
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -21,8 +22,9 @@ def test_package_imports_from_this_repository(name):
     assert Path(module.__file__).resolve().is_relative_to(REPO), module.__file__
 
 
-SCRIPTS = {"scaling-train": "experiments.train", "scaling-analyze": "experiments.analyze",
-           "scaling-transfer": "experiments.transfer", "scaling-demo": "experiments.demo"}
+# every command pyproject.toml declares -> its module
+SCRIPTS = {name: target.split(":")[0] for name, target in
+           tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"].items()}
 
 
 @pytest.mark.parametrize(("script", "module"), SCRIPTS.items())
