@@ -519,7 +519,9 @@ def test_estimate_runs_forward_passes_only(curvature_on):
                                      targets).jaxpr
     assert _count(jaxpr, "dot_general") == (2 if curvature_on else 1) * forward
     backward = _count(jax.make_jaxpr(jax.value_and_grad(loss))(params).jaxpr, "dot_general")
-    assert backward >= 3 * forward  # what the check would see of a gradient
+    # what the check would see of a gradient: two more per differentiated matmul (the forward
+    # also holds the attention-Z indicator's, which no gradient flows through)
+    assert backward > 2 * forward
 
 
 def test_mezo_lowers_a_non_differentiable_objective():
