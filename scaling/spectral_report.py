@@ -18,8 +18,10 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from flax import nnx
+import orbax.checkpoint as ocp
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
 
 import optim
 from models.config import ModelConfig
@@ -27,16 +29,14 @@ from models.tagged import ParamSpec
 from scaling.config import (
     ConfigError,
     DataConfig,
-    InitConfig,
     ParamConfig,
     RunConfig,
     from_dict,
 )
-from scaling.parametrization import build_model, make_parametrization
+from scaling.parametrization import make_parametrization
 from scaling.spectral import init_vectors, matrix_paths, top_singular_values
 from scaling.training import data
 from scaling.training.files import atomic_open
-from scaling.training.loop import pretrained_params
 
 SPECTRAL_LOG = "spectral.jsonl"
 # power iteration from the checkpoint: calls of ITERATIONS each until σ moves less than TOLERANCE
@@ -83,14 +83,25 @@ def _finished_result(run_dir: Path, field: str) -> dict:
     return result
 
 
-def checkpoint_sigmas(run_dir: Path, cfg: RunConfig, specs: dict[tuple, ParamSpec]
+def checkpoint_params(run_dir: Path, field: str = "run") -> dict:
+    """The parameters of the run's newest checkpoint, read as saved: no train-state template, so
+    a checkpoint written by any version of the train state reads the same."""
+    manager = ocp.CheckpointManager((run_dir / "checkpoints").absolute())
+    try:
+        step = manager.latest_step()
+        if step is None:
+            raise ConfigError(field, str(run_dir), "a run with a checkpoint in checkpoints/")
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore()))
+    finally:
+        manager.close()
+    return restored["state"]["params"]
+
+
+def checkpoint_sigmas(run_dir: Path, specs: dict[tuple, ParamSpec], field: str = "run"
                       ) -> dict[str, float]:
     """σ_max of every matrix in the run's last checkpoint, by power iteration to TOLERANCE."""
-    vocab_size = data.vocab_size(cfg.data)
-    model, _ = build_model(cfg.model, cfg.param, vocab_size, cfg.train.seed)
-    like = nnx.split(model)[1].to_pure_dict()
-    params = pretrained_params(dataclasses.replace(cfg, init=InitConfig(from_run=str(run_dir))),
-                               vocab_size, like)
+    params = checkpoint_params(run_dir, field)
     step = jax.jit(lambda p, v: top_singular_values(p, specs, v, ITERATIONS))
     vectors, previous = init_vectors(params, specs), None
     for _ in range(MAX_CALLS):
@@ -122,7 +133,7 @@ def load_run(run_dir: str | Path, field: str = "run") -> RunSpectrum:
             raise ConfigError(field, str(run_dir), f"a {SPECTRAL_LOG} naming this model's "
                               f"matrices (it names {unknown[:3]})")
     elif (run_dir / "checkpoints").is_dir():
-        sigma, source = checkpoint_sigmas(run_dir, cfg, specs), "checkpoint"
+        sigma, source = checkpoint_sigmas(run_dir, specs, field), "checkpoint"
     else:
         raise ConfigError(field, str(run_dir), f"a run with checkpoints/ or {SPECTRAL_LOG}")
     return RunSpectrum(run_dir, cfg, {n: sigma[n] for n in roles if n in sigma}, roles, source)
@@ -201,7 +212,7 @@ def hidden_decay(cfg: RunConfig) -> dict[str, float]:
 def _family_label(cfg: RunConfig) -> str:
     gamma = cfg.optim.wd_width_exponent
     return (f"{cfg.param.name} {cfg.optim.name} γ={'table' if gamma is None else f'{gamma:g}'} "
-            f"λ={cfg.optim.weight_decay:g} lr={cfg.optim.lr:g}")
+            f"λ={cfg.optim.weight_decay:g} lr={cfg.optim.lr:.3g}")
 
 
 def sweep_report(sweep_dir: str | Path) -> dict:
@@ -318,31 +329,49 @@ def plot_comparison(rows: list[dict], label_a: str, label_b: str, path: Path) ->
     top.set_ylabel("top singular value σ_max")
     top.legend(fontsize=7, loc="best")
     ratios = [np.nan if r["ratio"] is None else r["ratio"] for r in rows]
-    bottom.bar(x, ratios, color=[f"C{ROLE_ORDER.index(r['role']) + 2}"
-                                 if r["role"] in ROLE_ORDER else "C7" for r in rows])
+    colour = {role: f"C{i + 2}" for i, role in enumerate(ROLE_ORDER)}
+    bottom.bar(x, ratios, color=[colour.get(r["role"], "C7") for r in rows])
     bottom.axhline(1.0, color="k", lw=0.8, ls="--")
-    bottom.set_yscale("log", base=2)
+    _ratio_axis(bottom)
     bottom.set_ylabel("B / A")
     bottom.set_xticks(x, [r["matrix"] for r in rows], rotation=70, fontsize=7)
-    fig.suptitle("σ_max per matrix (bar colour: role — input, hidden, output)", fontsize=9)
+    fig.legend(handles=[Patch(color=c, label=role) for role, c in colour.items()
+                        if any(r["role"] == role for r in rows)], fontsize=7, ncols=3,
+               loc="upper right", title="bar colour: role", title_fontsize=7)
+    fig.suptitle("σ_max per matrix, and the ratio B / A", fontsize=9, x=0.3)
     return _save(fig, path)
 
 
+def _ratio_axis(ax) -> None:
+    """A log-2 axis labelled with plain ratios (0.5, 0.75, 1, 1.5, 2, ...)."""
+    ax.set_yscale("log", base=2)
+    ax.yaxis.set_major_locator(LogLocator(base=2, subs=(1.0, 1.5)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_locator(NullLocator())
+
+
 def plot_sweep(report: dict, path: Path) -> Path:
-    """σ_max against width per role (geometric mean over the role's matrices and seeds), one line
-    per family: a flat line is a width-invariant spectrum."""
+    """σ_max against width relative to the narrowest width, per role (geometric mean over the
+    role's matrices and seeds), one line per family: a flat line is a width-invariant σ."""
     roles = _ordered({role for f in report["families"] for role in f["roles"]})
-    fig = Figure(figsize=(4.2 * len(roles), 3.6))
-    axes = np.atleast_1d(fig.subplots(1, len(roles), squeeze=False)[0])
+    fig = Figure(figsize=(3.6 * len(roles), 3.4))
+    axes = fig.subplots(1, len(roles), squeeze=False, sharey=True)[0]
     for ax, role in zip(axes, roles, strict=True):
         for i, f in enumerate(report["families"]):
             if role in f["roles"]:
-                ax.plot(f["widths"], f["roles"][role]["sigma"], marker="os^vDP<>"[i % 8],
-                        mfc="none", label=f["label"])
+                sigma = f["roles"][role]["sigma"]
+                ax.plot(f["widths"], [v / sigma[0] for v in sigma], marker="os^vDP<>"[i % 8],
+                        mfc="none", color=f"C{i}", label=f["label"])
+        ax.axhline(1.0, color="k", lw=0.8, ls="--")
         ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_locator(NullLocator())
+        _ratio_axis(ax)
         ax.set_xlabel("width")
         ax.set_title(f"{role} matrices", fontsize=9)
-    axes[0].set_ylabel("σ_max (geometric mean)")
-    axes[-1].legend(fontsize=6, loc="best")
+    axes[0].set_ylabel("σ_max / σ_max at the narrowest width")
+    fig.legend(*axes[-1].get_legend_handles_labels(), fontsize=7, loc="lower center",
+               ncols=min(3, len(report["families"])), bbox_to_anchor=(0.5, -0.02 - 0.05 * (
+                   (len(report["families"]) - 1) // 3)))
+    fig.subplots_adjust(bottom=0.24)
     return _save(fig, path)
