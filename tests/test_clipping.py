@@ -19,7 +19,15 @@ from optim import MeZOConfig, RoleMultipliers, SGDConfig
 from scaling.config import ConfigError, ParamConfig, RunConfig, validate
 from scaling.parametrization import build_model, build_optimizer, make_parametrization
 from scaling.training.rundir import run_name
-from scaling.training.step import next_token_loss
+from scaling.training.step import (
+    Measure,
+    clip_of,
+    clip_scales,
+    init_train_state,
+    make_train_step,
+    next_token_loss,
+    optimizer_at,
+)
 
 # plain SGD at LR 1: the update is minus the clipped gradient
 PLAIN = SGDConfig(lr=1.0, momentum=0.0, schedule="constant", warmup_steps=0)
@@ -197,3 +205,31 @@ def test_default_run_names_are_unchanged_and_new_settings_get_their_own():
     default = run_name(RunConfig())
     role = run_name(RunConfig(optim=dataclasses.replace(RunConfig().optim, clip_scope="role")))
     assert default.endswith("-s0-ffeef714") and role != default
+
+
+def test_logged_clip_factor_is_the_one_each_group_gets_under_role_clipping():
+    """With optim.clip_scope=role the measured step reports every group's factor
+    min(1, τ_g/‖g_g‖) and, as `clip_scale`, the smallest of them."""
+    cfg = SGDConfig(lr=0.1, clip_norm=0.05, clip_scope="role", clip_width_exponent=None,
+                    schedule="constant", warmup_steps=0)
+    model, parametrization = build_model(ModelConfig(width=64, depth=2, head_dim=16),
+                                         ParamConfig("mup", base_width=32, base_depth=2), 256, 0)
+    clip = clip_of(cfg, parametrization)
+    assert isinstance(clip, dict) and set(clip) == set(jax.tree.leaves(parametrization.labels()))
+    graphdef, params = nnx.split(model)
+    params = params.to_pure_dict()
+    grads = jax.tree.map(lambda x: jnp.full_like(x, 0.01), params)
+    scale, per_group = clip_scales(grads, optax.global_norm(grads),
+                                   Measure(parametrization.labels(), clip))
+    for label, value in per_group.items():
+        group = label.split("/", 1)[1]
+        leaves = [g for lab, g in zip(jax.tree.leaves(parametrization.labels()),
+                                      jax.tree.leaves(grads), strict=True) if lab == group]
+        expected = min(1.0, clip[group] / float(optax.global_norm(leaves)))
+        np.testing.assert_allclose(float(value), expected, rtol=1e-5)
+    assert float(scale) == min(float(v) for v in per_group.values()) < 1
+    tx = optimizer_at(cfg, parametrization, total_steps=4)
+    step = make_train_step(graphdef, tx, measure=Measure(parametrization.labels(), clip))
+    state = init_train_state(params, tx, cfg.lr, measure=True)
+    _, measured = step(state, *(jnp.zeros((2, 8), jnp.int32),) * 2)
+    assert {k for k in measured if k.startswith("clip_scale/")} == set(per_group)

@@ -24,6 +24,7 @@ from scaling.training.files import MetricsLog, write_json_atomic
 from scaling.training.rundir import run_name
 from scaling.training.step import (
     Measure,
+    clip_of,
     flops_per_token,
     init_train_state,
     make_eval,
@@ -169,7 +170,8 @@ def _train_together(members: list[_Member], splits) -> list[dict]:
         train_step = lambda state, inputs, targets: (zo_step(state, inputs, targets), {})
         measure_forward = forward_stats if cfg.logging.indicators else None
     else:
-        measure = Measure(parametrization.labels(), cfg.optim.clip_norm, cfg.logging.indicators)
+        measure = Measure(parametrization.labels(), clip_of(cfg.optim, parametrization),
+                          cfg.logging.indicators)
         train_step, measure_forward = make_train_step(graphdef, setup, k, measure), None
     template = init_state(0.0)
     cost = {"params": int(sum(x.size for x in jax.tree.leaves(params))),

@@ -13,6 +13,7 @@ import optax
 from flax import nnx
 
 from optim import OptimizerConfig
+from optim.build import clip_thresholds
 from scaling.parametrization import build_optimizer
 
 
@@ -35,13 +36,24 @@ OptimizerAt = Callable[[jax.Array | float], optax.GradientTransformation]
 @dataclasses.dataclass(frozen=True)
 class Measure:
     """What a measured train step reports besides the new state: always the gradient's global
-    norm before clipping and the clip factor optim.clip_norm implies (summed over the steps
-    between logs in the state); with `indicators`, the model's forward stats and the
+    norm before clipping and the clip factor the optimizer applies (summed over the steps
+    between logs in the state; with per-group clipping, the smallest group's factor, and each
+    group's as 'clip_scale/<group>'); with `indicators`, the model's forward stats and the
     update/weight RMS ratio of every parameter group."""
 
     labels: dict  # every parameter's group label, a tree like the parameters (group_label)
-    clip_norm: float  # optim.clip_norm; 0: no clipping, the factor is 1
+    # the clipping threshold: one number for a global clip (optim.clip_norm; 0: none), or
+    # group -> threshold for optim.clip_scope=role (optim.build.clip_thresholds)
+    clip: float | dict[str, float]
     indicators: bool = True
+
+
+def clip_of(cfg: OptimizerConfig, parametrization) -> float | dict[str, float]:
+    """Measure.clip of the optimizer `cfg` builds: its global threshold, or every group's
+    threshold under optim.clip_scope=role."""
+    groups = sorted(set(jax.tree.leaves(parametrization.labels())))
+    thresholds = clip_thresholds(cfg, groups, parametrization.clip_factors(cfg))
+    return thresholds if cfg.clip_scope == "role" else next(iter(thresholds.values()))
 
 
 def clip_scale(grad_norm: jax.Array, clip_norm: float) -> jax.Array:
@@ -51,15 +63,31 @@ def clip_scale(grad_norm: jax.Array, clip_norm: float) -> jax.Array:
     return jnp.minimum(1.0, clip_norm / grad_norm)
 
 
+def _group_norms(tree, labels: dict) -> dict[str, jax.Array]:
+    """Each group's global norm over its parameters."""
+    squares: dict[str, jax.Array] = {}
+    for label, x in zip(jax.tree.leaves(labels), jax.tree.leaves(tree), strict=True):
+        squares[label] = squares.get(label, 0.0) + jnp.sum(jnp.square(x))
+    return {label: jnp.sqrt(total) for label, total in squares.items()}
+
+
 def update_ratios(updates, params, labels: dict) -> dict[str, jax.Array]:
     """‖update‖ / ‖weight‖ over each group's parameters (= the ratio of their RMS), weights
     before the update; 'update_ratio/<group>'."""
-    squares = {}
-    for label, u, w in zip(jax.tree.leaves(labels), jax.tree.leaves(updates),
-                           jax.tree.leaves(params), strict=True):
-        u2, w2 = squares.get(label, (0.0, 0.0))
-        squares[label] = (u2 + jnp.sum(jnp.square(u)), w2 + jnp.sum(jnp.square(w)))
-    return {f"update_ratio/{label}": jnp.sqrt(u2 / w2) for label, (u2, w2) in squares.items()}
+    weights = _group_norms(params, labels)
+    return {f"update_ratio/{label}": norm / weights[label]
+            for label, norm in _group_norms(updates, labels).items()}
+
+
+def clip_scales(grads, grad_norm: jax.Array, measure: Measure
+                ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(the clip factor, per-group factors when each group is clipped alone)."""
+    if not isinstance(measure.clip, dict):
+        return clip_scale(grad_norm, measure.clip), {}
+    per_group = {label: clip_scale(norm, measure.clip[label])
+                 for label, norm in _group_norms(grads, measure.labels).items()}
+    return (jnp.min(jnp.stack(list(per_group.values()))),
+            {f"clip_scale/{label}": s for label, s in per_group.items()})
 
 
 def make_train_step(graphdef, tx_at: OptimizerAt, lrs_together: int = 1,
@@ -87,10 +115,10 @@ def make_train_step(graphdef, tx_at: OptimizerAt, lrs_together: int = 1,
         if measure is None:
             return new_state
         grad_norm = optax.global_norm(grads)
-        scale = clip_scale(grad_norm, measure.clip_norm)
+        scale, group_scales = clip_scales(grads, grad_norm, measure)
         new_state["clipped_sum"] = state["clipped_sum"] + (scale < 1).astype(jnp.float32)
         new_state["clip_scale_sum"] = state["clip_scale_sum"] + scale
-        measured = {"grad_norm": grad_norm, "clip_scale": scale}
+        measured = {"grad_norm": grad_norm, "clip_scale": scale, **group_scales}
         if forward_stats:
             measured |= stats | update_ratios(updates, params, measure.labels)
         return new_state, measured
