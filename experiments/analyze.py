@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import argparse
 import csv
-import sys
 from pathlib import Path
 from typing import NoReturn
 
+from experiments.cli import OneLineParser, fail
 from scaling.analysis import METRICS, analyze, format_table, load_results
 from scaling.analysis_run import log_analysis
 from scaling.config import LoggingConfig
@@ -21,17 +21,12 @@ from scaling.training.tracking import wandb_mode
 
 
 def _fail(message: str) -> NoReturn:
-    print(f"scaling-analyze: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    fail("scaling-analyze", message)
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line like every other error, not usage + line
-        _fail(message)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="scaling-analyze", description="Tables, plots and a W&B analysis run "
+    parser = OneLineParser(prog="scaling-analyze", description="Tables, plots and a W&B analysis run "
                      "from the result.json files of a sweep.")
     parser.add_argument("sweep_dir", type=Path, help="folder holding the sweep's run folders")
     parser.add_argument("--out", type=Path, help="output folder (default: SWEEP_DIR/analysis)")

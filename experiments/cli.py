@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
 from typing import NoReturn
@@ -11,10 +12,17 @@ from experiments.compose import ConfigError
 HELP_FLAGS = {"-h", "--help"}  # ours; Hydra's own help stays at --hydra-help
 
 
-def fail(prog: str, error: ConfigError) -> NoReturn:
+def fail(prog: str, error: ConfigError | str) -> NoReturn:
     """One line on stderr (field, value, expectation) and exit code 2."""
     print(f"{prog}: error: {error}", file=sys.stderr)
     sys.exit(2)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are the one line every command prints, not usage + line."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(self.prog, message)
 
 
 def run_command(prog: str, argv: list[str] | None, help_text: Callable[[], str],

@@ -11,11 +11,11 @@ with nothing written.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import NoReturn
 
 from experiments.analyze import write_csv_atomic
+from experiments.cli import OneLineParser, fail
 from scaling.config import ConfigError
 from scaling.spectral_report import (
     compare_runs,
@@ -33,17 +33,12 @@ PROG = "scaling-spectral"
 
 
 def _fail(message: str) -> NoReturn:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    fail(PROG, message)
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line like every other error
-        _fail(message)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Top singular value of every matrix of finished runs "
+    parser = OneLineParser(prog=PROG, description="Top singular value of every matrix of finished runs "
                      "(their spectral.jsonl, else their last checkpoint by power iteration).")
     parser.add_argument("runs", nargs="*", type=Path, metavar="RUN",
                         help="two run directories to compare matrix by matrix (A, then B)")

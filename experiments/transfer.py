@@ -11,10 +11,10 @@ import dataclasses
 import json
 import re
 import shlex
-import sys
 from pathlib import Path
 from typing import NoReturn
 
+from experiments.cli import OneLineParser, fail
 from experiments.compose import compose, to_run_config
 from scaling.analysis import load_results
 from scaling.config import RunConfig, to_dict
@@ -30,17 +30,12 @@ TARGET_FLAGS = (("--width", "model.width"), ("--depth", "model.depth"),
 
 
 def _fail(message: str) -> NoReturn:
-    print(f"scaling-transfer: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    fail("scaling-transfer", message)
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line like every other error
-        _fail(message)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="scaling-transfer", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="scaling-transfer", description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", type=Path, help="the proxy sweep's folder")
     parser.add_argument("--width", type=int, help="the target's model.width (default: proxy's)")
     parser.add_argument("--depth", type=int, help="the target's model.depth (default: proxy's)")
