@@ -68,6 +68,7 @@ MAIN_FIELDS = {
     "coord.seeds": "initializations averaged (default 3)",
     "coord.tolerance": "largest |slope| counted as flat (default 0.125: 1.3x over 8x width)",
     "coord.check": "true: exit 1 when a slope that must be flat is beyond the tolerance",
+    "coord.require_flat": "which must be flat (default: those whose rule claims it, not sp)",
     "coord.out_dir": "folder of the checks' output folders",
     "model": "transformer (default) or mlp; model.readout_init=zero|normal",
     "optim": "any optimizer (optim=NAME), at a constant LR optim.lr",
@@ -203,7 +204,7 @@ def run_check(cfg: RunConfig, coord: CoordConfig) -> tuple[Path, list[Slope]]:
                 cfg.model, dataclasses.replace(cfg.param, name=param), cfg.optim, list(values),
                 coord.steps, batch, vocab_size=splits.vocab_size, seed=cfg.train.seed,
                 seeds=coord.seeds)
-        axis_rows = slope_rows(stats[axis], axis, cfg.model.readout_init)
+        axis_rows = slope_rows(stats[axis], axis, cfg.model.readout_init, coord.flat_in(axis))
         rows += axis_rows
         shape = (f"depth {cfg.model.depth}" if axis == WIDTH else f"width {cfg.model.width}")
         title = f"{cfg.model.kind} at {shape}, {setup}"
@@ -226,7 +227,8 @@ def report(cfg: RunConfig, coord: CoordConfig, rows: list[Slope]) -> str:
     for axis in (WIDTH, DEPTH):
         if not any(r.axis == axis for r in rows):
             continue
-        checked = what_is_checked(axis, cfg.model.readout_init, coord.tolerance)
+        checked = what_is_checked(axis, cfg.model.readout_init, coord.tolerance,
+                                  coord.flat_in(axis))
         parts += [markdown_table(rows, axis, coord.tolerance), "",
                   (f"Checked {checked}. Parenthesized slopes are reported, not checked; ✗ "
                    "marks a checked slope beyond the tolerance."), ""]

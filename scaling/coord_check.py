@@ -188,6 +188,12 @@ class CoordConfig:
     seq_len: int = 32
     check: bool = False  # exit non-zero when a slope that must be flat is beyond tolerance
     out_dir: str = "runs/coord_check"
+    # the parametrizations that must be flat; None: those whose rule claims it (FLAT_IN), so SP
+    # is the contrast. [sp, mup] holds SP to μP's claim, and SP then fails the check.
+    require_flat: tuple[str, ...] | None = None
+
+    def flat_in(self, axis: str) -> tuple[str, ...]:
+        return FLAT_IN[axis] if self.require_flat is None else self.require_flat
 
 
 def _axis_values(field: str, values: Any) -> tuple[int, ...] | None:
@@ -233,9 +239,15 @@ def coord_config(values: Mapping[str, Any]) -> CoordConfig:
         raise ConfigError("coord.check", v["check"], "true or false")
     if not isinstance(v["out_dir"], str) or not v["out_dir"].strip():
         raise ConfigError("coord.out_dir", v["out_dir"], "a folder for the check's outputs")
+    flat = v["require_flat"]
+    if flat is not None and (not isinstance(flat, (list, tuple)) or not flat
+                             or not all(p in PARAMETRIZATIONS for p in flat)):
+        raise ConfigError("coord.require_flat", flat, "null (the parametrizations whose rule "
+                          f"claims flatness), or a list from {list(PARAMETRIZATIONS)}")
     return CoordConfig(widths=widths, depths=depths, params=tuple(params), steps=v["steps"],
                        seeds=v["seeds"], tolerance=float(tolerance), batch_size=v["batch_size"],
-                       seq_len=v["seq_len"], check=v["check"], out_dir=v["out_dir"])
+                       seq_len=v["seq_len"], check=v["check"], out_dir=v["out_dir"],
+                       require_flat=None if flat is None else tuple(flat))
 
 
 def fit_slope(xs: list[int], ys: list[float]) -> float | None:
@@ -298,9 +310,10 @@ def is_checked(quantity: str, axis: str, readout_init: str) -> bool:
     return not (readout_init == "normal" and base in READOUT_DEPENDENT)
 
 
-def what_is_checked(axis: str, readout_init: str, tolerance: float) -> str:
-    """One sentence on what the check covers along `axis`."""
-    flat = ", ".join(FLAT_IN[axis])
+def what_is_checked(axis: str, readout_init: str, tolerance: float,
+                    flat_params: tuple[str, ...] | None = None) -> str:
+    """One sentence on what the check covers along `axis` (for `flat_params`, else FLAT_IN)."""
+    flat = ", ".join(FLAT_IN[axis] if flat_params is None else flat_params)
     if axis == WIDTH:
         left_out = ("; logits and logits_delta are reported, not checked: with "
                     "model.readout_init=normal they shrink with width by design"
@@ -323,20 +336,24 @@ class Slope:
     quantity: str
     slope: float
     covered: bool  # a quantity the check covers along this axis (is_checked)
+    must_be_flat: bool  # its parametrization must be flat along the axis
 
     @property
     def required(self) -> bool:
         """Checked: a covered quantity of a parametrization that must be flat along the axis."""
-        return self.covered and self.param in FLAT_IN[self.axis]
+        return self.covered and self.must_be_flat
 
     def within(self, tolerance: float) -> bool:
         return math.isfinite(self.slope) and abs(self.slope) <= tolerance
 
 
-def slope_rows(stats_by_param: dict[str, CoordStats], axis: str,
-               readout_init: str) -> list[Slope]:
-    """Every fitted slope of every parametrization along one axis."""
-    return [Slope(axis, param, step, name, slope, is_checked(name, axis, readout_init))
+def slope_rows(stats_by_param: dict[str, CoordStats], axis: str, readout_init: str,
+               flat_params: tuple[str, ...] | None = None) -> list[Slope]:
+    """Every fitted slope of every parametrization along one axis; `flat_params` must be flat
+    (None: FLAT_IN, those whose rule claims it)."""
+    flat = FLAT_IN[axis] if flat_params is None else flat_params
+    return [Slope(axis, param, step, name, slope, is_checked(name, axis, readout_init),
+                  param in flat)
             for param, stats in stats_by_param.items()
             for step, fitted in slopes(stats, axis).items()
             for name, slope in fitted.items() if slope is not None]
@@ -356,8 +373,9 @@ def verdict(rows: list[Slope], axis: str, param: str, tolerance: float) -> str:
     beyond = [r for r in covered if not r.within(tolerance)]
     worst = max(covered, key=lambda r: abs(r.slope) if math.isfinite(r.slope) else math.inf)
     where = f"largest |slope| {abs(worst.slope):.2f}: {worst.quantity} at step {worst.step}"
-    role = "checked" if param in FLAT_IN[axis] else "not required flat"
-    state = "FAIL" if beyond and param in FLAT_IN[axis] else "flat" if not beyond else "not flat"
+    must = covered[0].must_be_flat
+    role = "checked" if must else "not required flat"
+    state = "FAIL" if beyond and must else "flat" if not beyond else "not flat"
     return (f"{axis} {param} ({role}): {state}, {len(beyond)} of {len(covered)} slopes beyond "
             f"±{tolerance:g} ({where})")
 

@@ -195,6 +195,7 @@ def test_a_broken_mup_table_fails_the_check(tmp_path, monkeypatch, capsys):
     (["coord.params=[mup,hyperp]"], ["coord.params", "readout_init", "normal"]),
     (["param=sp"], ["param", "coord.params"]),
     (["train.steps=5"], ["train.steps=5", "coord.steps=3"]),
+    (["coord.require_flat=[sp,xp]"], ["coord.require_flat", "xp", "null"]),
 ])
 def test_bad_values_are_one_line_errors(argv, named, capsys, tmp_path):
     """Field, value and expectation on one stderr line, exit 2, nothing written."""

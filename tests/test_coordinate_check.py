@@ -173,3 +173,19 @@ def test_sp_activations_blow_up_after_steps(sp):
     assert max(spreads.values()) > FLAT, spreads
     logits = [sp[width][STEPS]["logits"] for width in WIDTHS]
     assert logits[-1] / logits[0] > FLAT, logits
+
+
+def test_sp_fails_the_check_when_held_to_mups_claim(command):
+    """By default SP is the contrast (its rule claims no flatness); coord.require_flat=[sp, mup]
+    holds it to μP's claim, and then its slopes fail the check where μP's pass."""
+    from scaling.coord_check import WIDTH, CoordConfig, failures, slope_rows, verdict
+
+    tolerance = CoordConfig().tolerance  # the command's default
+    stats = {param: _stats(command, param) for param in ("sp", "mup")}
+    default = slope_rows(stats, WIDTH, "normal")
+    held = slope_rows(stats, WIDTH, "normal", ("sp", "mup"))
+    assert not failures(default, tolerance)
+    failed = failures(held, tolerance)
+    assert failed and {r.param for r in failed} == {"sp"}
+    assert "(checked): FAIL" in verdict(held, WIDTH, "sp", tolerance)
+    assert "(not required flat): not flat" in verdict(default, WIDTH, "sp", tolerance)
