@@ -34,7 +34,7 @@ from scaling.config import (
     from_dict,
 )
 from scaling.parametrization import make_parametrization
-from scaling.spectral import init_vectors, matrix_paths, top_singular_values
+from scaling.spectral import init_vectors, matrix_paths, sigma_names, top_singular_values
 from scaling.training import data
 from scaling.training.files import atomic_open
 
@@ -60,14 +60,6 @@ class RunSpectrum:
 def _parametrization(model: ModelConfig, param: ParamConfig, data_cfg: DataConfig):
     """A run's parametrization, built abstractly once per shape (a sweep repeats a few)."""
     return make_parametrization(model, param, data.vocab_size(data_cfg))
-
-
-def matrix_names(path: tuple, spec: ParamSpec) -> list[str]:
-    """'<path>' for one matrix; '<path>/<i>' for each matrix of a leaf with other axes."""
-    name = "/".join(map(str, path))
-    fan_axes = {a % len(spec.shape) for a in spec.fan_in_axes + spec.fan_out_axes}
-    batch = [n for a, n in enumerate(spec.shape) if a not in fan_axes]
-    return [f"{name}/{i}" for i in range(math.prod(batch))] if batch else [name]
 
 
 def _finished_result(run_dir: Path, field: str) -> dict:
@@ -112,7 +104,7 @@ def checkpoint_sigmas(run_dir: Path, specs: dict[tuple, ParamSpec], field: str =
             break
         previous = sigmas
     return {name: float(value) for path in matrix_paths(specs)
-            for name, value in zip(matrix_names(path, specs[path]), sigmas[path], strict=True)}
+            for name, value in zip(sigma_names(path, specs[path]), sigmas[path], strict=True)}
 
 
 def load_run(run_dir: str | Path, field: str = "run") -> RunSpectrum:
@@ -122,7 +114,7 @@ def load_run(run_dir: str | Path, field: str = "run") -> RunSpectrum:
     cfg = from_dict(result["config"])
     specs = _parametrization(cfg.model, cfg.param, cfg.data).specs
     roles = {name: specs[path].role for path in matrix_paths(specs)
-             for name in matrix_names(path, specs[path])}
+             for name in sigma_names(path, specs[path])}
     log = run_dir / SPECTRAL_LOG
     rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] \
         if log.is_file() else []

@@ -17,8 +17,8 @@ from models.config import ModelConfig
 from optim import AdamWConfig
 from scaling.config import ParamConfig, RunConfig, TrainConfig, to_dict
 from scaling.parametrization import build_model
-from scaling.spectral import as_matrices, matrix_paths
-from scaling.spectral_report import SPECTRAL_LOG, load_run, matrix_names, sweep_report
+from scaling.spectral import as_matrices, matrix_paths, sigma_names
+from scaling.spectral_report import SPECTRAL_LOG, load_run, sweep_report
 from scaling.training.checkpoint import Checkpointer
 from scaling.training.rundir import run_name
 from scaling.training.step import init_train_state, optimizer_at
@@ -65,7 +65,7 @@ def checkpointed(tmp_path_factory):
             leaf = leaf[key]
         svd = np.linalg.svd(np.asarray(as_matrices(leaf, parametrization.specs[path]),
                                        np.float64), compute_uv=False)[:, 0]
-        exact.update(zip(matrix_names(path, parametrization.specs[path]), svd, strict=True))
+        exact.update(zip(sigma_names(path, parametrization.specs[path]), svd, strict=True))
     return run_dir, exact
 
 
