@@ -4,6 +4,8 @@ a command-line tool's error is one line, exit status 2, with nothing written."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -56,6 +58,19 @@ def write_results(root: Path, results: Iterable[dict]) -> None:
 def files_under(root: Path) -> list[Path]:
     """Every file and folder below `root`, relative to it, sorted."""
     return sorted(p.relative_to(root) for p in root.rglob("*"))
+
+
+def call_main(main: Callable[[list[str]], object], argv: list[str]) -> tuple[int, str]:
+    """(exit code, stdout) of a command's `main(argv)`. Hydra binds its logging to the stdout of
+    the moment, so that is a buffer of the caller's own, not capsys's: capsys closes its stream
+    after the test while the logging handler would still hold it."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            main(argv)
+        except SystemExit as exit_info:
+            return exit_info.code, out.getvalue()
+    return 0, out.getvalue()
 
 
 def assert_one_line_cli_error(main: Callable[[list[str]], object], argv: list[str], capsys,

@@ -3,14 +3,12 @@ and that re-running a finished run says it was not retrained."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import sys
 from pathlib import Path
 
 import pytest
-from synthetic import assert_one_line_cli_error, run_result
+from synthetic import assert_one_line_cli_error, call_main, run_result
 
 import experiments.finetune
 import experiments.train
@@ -27,18 +25,10 @@ def argv0(monkeypatch):
 
 @pytest.fixture
 def run_main(argv0, restore_root_logging):
-    """Calls scaling-train's main; returns (exit code, stdout). Hydra binds its logging to the
-    stdout of the moment, so that is a buffer of this test's own, not capsys's: capsys closes its
-    stream after the test while the logging handler would still hold it."""
+    """Calls scaling-train's main; returns (exit code, stdout) (synthetic.call_main)."""
 
     def run(argv: list[str]) -> tuple[int, str]:
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            try:
-                experiments.train.main(argv)
-            except SystemExit as exit_info:
-                return exit_info.code, out.getvalue()
-        return 0, out.getvalue()
+        return call_main(experiments.train.main, argv)
 
     return run
 

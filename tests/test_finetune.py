@@ -3,8 +3,6 @@ other data; its source pretrained first when none is given; the start (step 0) o
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
 import sys
@@ -14,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import TINY_RUN
-from synthetic import assert_one_line_cli_error
+from synthetic import assert_one_line_cli_error, call_main
 
 import experiments.finetune
 from experiments.compose import compose, to_run_config
@@ -48,13 +46,7 @@ def run_main(monkeypatch, restore_root_logging):
     monkeypatch.setattr(sys, "argv", ["scaling-finetune"])
 
     def run(argv: list[str]) -> tuple[int, str]:
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            try:
-                experiments.finetune.main(argv)
-            except SystemExit as exit_info:
-                return exit_info.code, out.getvalue()
-        return 0, out.getvalue()
+        return call_main(experiments.finetune.main, argv)
 
     return run
 
