@@ -1,4 +1,6 @@
-"""`scaling-analyze SWEEP_DIR`: tables, plots and a W&B analysis run from a sweep's results.
+"""`scaling-analyze SWEEP_DIR`: tables, plots and a W&B analysis run from a sweep's results; a
+partial sweep (runs preempted or still going) is analysed on its finished runs and the table lists
+the unfinished ones.
 
 Errors (missing sweep, no results, bad metric) are one line on stderr and exit code 2, with
 nothing written.
@@ -12,7 +14,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from experiments.cli import OneLineParser, fail
-from scaling.analysis import METRICS, analyze, format_table, load_results
+from scaling.analysis import METRICS, analyze, format_table, load_results, unfinished_runs
 from scaling.analysis_run import log_analysis
 from scaling.config import LoggingConfig
 from scaling.plots import plot_analysis
@@ -62,7 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.sweep_dir.is_dir():
         _fail(f"sweep_dir={str(args.sweep_dir)!r}: expected an existing folder of sweep runs")
     try:
-        analysis = analyze(load_results(args.sweep_dir), metric=args.metric)
+        analysis = analyze(load_results(args.sweep_dir), metric=args.metric,
+                           unfinished=unfinished_runs(args.sweep_dir))
     except (FileNotFoundError, ValueError) as error:
         _fail(str(error))
     out = args.out or args.sweep_dir / "analysis"

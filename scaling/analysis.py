@@ -16,6 +16,7 @@ import numpy as np
 
 from scaling.config import ConfigError
 from scaling.rules import TUNABLE
+from scaling.training.files import read_jsonl
 
 METRICS = ("val_loss", "train_loss")
 # What a sweep varies within one shape (LR, seed) and bookkeeping that does not change training.
@@ -35,14 +36,49 @@ DIVERGED_LOSS = 100.0
 PROBE_FIELDS = ("probe_scaling", "update_scaling")
 
 
+def _outside_analysis(root: Path, path: Path) -> bool:
+    """Whether `path` is a sweep's own file, not one under an `analysis` output folder."""
+    return "analysis" not in path.relative_to(root).parts[:-1]
+
+
 def load_results(sweep_dir: str | Path) -> list[dict]:
-    """Every run's result.json under `sweep_dir`, sorted by run name; analysis outputs skipped."""
+    """Every finished run's result.json under `sweep_dir`, sorted by run name; analysis outputs
+    skipped, unfinished runs left to `unfinished_runs`."""
     root = Path(sweep_dir)
-    paths = [p for p in root.rglob("result.json")
-             if "analysis" not in p.relative_to(root).parts[:-1]]
+    paths = [p for p in root.rglob("result.json") if _outside_analysis(root, p)]
     if not paths:
-        raise FileNotFoundError(f"no result.json under {root}: expected a sweep of run directories")
+        unfinished = len(unfinished_runs(root))
+        found = (f"no run has finished yet ({unfinished} unfinished: a metrics log or "
+                 "checkpoints, no result.json)") if unfinished else \
+            "expected a sweep of run directories"
+        raise FileNotFoundError(f"no result.json under {root}: {found}")
     return sorted((json.loads(p.read_text()) for p in paths), key=lambda r: r["name"])
+
+
+def _checkpoint_step(run_dir: Path) -> int | None:
+    """The newest checkpoint's step; orbax's temporary folders (`12.orbax-checkpoint-tmp-…`) are
+    saves cut short, not checkpoints."""
+    folder = run_dir / "checkpoints"
+    steps = [int(p.name) for p in folder.iterdir() if p.name.isdigit() and p.is_dir()] \
+        if folder.is_dir() else []
+    return max(steps, default=None)
+
+
+def unfinished_runs(sweep_dir: str | Path) -> list[dict]:
+    """Run directories under `sweep_dir` with a metrics log or checkpoints but no result.json
+    (still running, or killed), sorted by name: how far each got. A run's planned steps live in
+    its config, which only result.json holds, so `steps` is None."""
+    root = Path(sweep_dir)
+    marks = [*root.rglob("metrics.jsonl"), *(p for p in root.rglob("checkpoints") if p.is_dir())]
+    run_dirs = {p.parent for p in marks
+                if _outside_analysis(root, p) and not (p.parent / "result.json").exists()}
+    runs = []
+    for run_dir in sorted(run_dirs, key=lambda d: d.name):
+        records = read_jsonl(run_dir / "metrics.jsonl")
+        runs.append({"name": run_dir.name, "run_dir": str(run_dir),
+                     "logged_step": records[-1]["step"] if records else None,
+                     "checkpoint_step": _checkpoint_step(run_dir), "steps": None})
+    return runs
 
 
 @dataclass(frozen=True)
@@ -303,9 +339,11 @@ def exponent_text(law: dict) -> str:
     return f"{law['exponent']:.3f} ± {_pm(law['exponent_stderr'], 3)}"
 
 
-def analyze(results: list[dict], metric: str = "val_loss") -> dict:
+def analyze(results: list[dict], metric: str = "val_loss",
+            unfinished: list[dict] | None = None) -> dict:
     """Per-shape LR optima and, across shapes, drift with width and with depth and power laws
-    (JSON-ready)."""
+    (JSON-ready); `unfinished` (from `unfinished_runs`) is passed through, so a partial sweep's
+    analysis says what it is missing."""
     if metric not in METRICS:
         raise ConfigError("metric", metric, f"one of {list(METRICS)}")
     groups = {r["config"].get("logging", {}).get("group") for r in results}
@@ -351,7 +389,7 @@ def analyze(results: list[dict], metric: str = "val_loss") -> dict:
             "runs": sorted((_run_row(r) for r in results), key=lambda row: row["name"]),
             "shapes": [shape for shape, _ in shapes], **drifts, "lr_vs_tokens": lr_vs_tokens,
             "loss_vs_compute": loss_vs_compute, "tunes": multiplier_tunes,
-            "multiplier_drift": multiplier_drift(multiplier_tunes)}
+            "multiplier_drift": multiplier_drift(multiplier_tunes), "unfinished": unfinished or []}
 
 
 def _pm(value: float | None, digits: int = 2) -> str:
@@ -416,4 +454,18 @@ def format_table(analysis: dict) -> str:
         tuned = f" {p['tuned']}" if p.get("tuned") else ""
         lines.append(f"{p['param']} {optim_label(p)}{tuned}: best loss ∝ "
                      f"compute^({exponent_text(p)})")
+    lines += _unfinished_lines(analysis["unfinished"])
     return "\n".join(lines)
+
+
+def _unfinished_lines(unfinished: list[dict]) -> list[str]:
+    """One line per unfinished run and their count; none when every run finished."""
+    if not unfinished:
+        return []
+    lines = [f"unfinished: {u['name']} (step {_step(u['logged_step'])} logged, checkpoint at "
+             f"{_step(u['checkpoint_step'])})" for u in unfinished]
+    return [*lines, f"unfinished runs left out of the analysis: {len(unfinished)}"]
+
+
+def _step(step: int | None) -> str:
+    return "none" if step is None else str(step)

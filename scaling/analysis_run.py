@@ -78,4 +78,5 @@ def _summary(analysis: dict) -> dict:
     for tune, parts in zip(tunes, family_names([t["family"] for t in tunes], ("param", "width")),
                            strict=True):
         values[f"tune/{tune['field']}/{'/'.join(parts)}"] = tune["optimum"]["value"]
+    values["unfinished"] = len(analysis["unfinished"])  # runs a partial sweep's analysis lacks
     return values
