@@ -161,6 +161,7 @@ def check_name(cfg: RunConfig, coord: CoordConfig) -> str:
     """The output folder's name: what is checked, and a hash of everything measured."""
     values = to_dict(cfg)
     values.pop("logging")
+    values.pop("mesh")  # where it runs, not what it measures
     values["train"].pop("out_dir")
     measured = {"run": values, "coord": dataclasses.asdict(coord) | {"check": None,
                                                                       "out_dir": None}}

@@ -21,7 +21,7 @@ from optim.config import (
     MuonConfig,
     OptimizerConfig,
 )
-from optim.muon import scale_by_muon
+from optim.muon import StackSharding, scale_by_muon
 from optim.schedules import learning_rate
 from optim.sphere import scale_to_sphere
 
@@ -73,11 +73,14 @@ def ns_compute_dtype(name: str):
     return None if name == "float32" else jnp.dtype(name)
 
 
-def muon_transform(cfg: MatrixOptimizerConfig, matrix_axes) -> optax.GradientTransformation:
-    """The direction part of `optim=muon` / `optim=auon` for the hidden matrices in matrix_axes."""
+def muon_transform(cfg: MatrixOptimizerConfig, matrix_axes, stack: StackSharding | None = None
+                   ) -> optax.GradientTransformation:
+    """The direction part of `optim=muon` / `optim=auon` for the hidden matrices in matrix_axes;
+    `stack` places the orthogonalization on a mesh unless optim.ns_sharding is "compiler"."""
     common = {"momentum": cfg.momentum, "nesterov": cfg.nesterov,
               "update_scale": cfg.update_scale, "momentum_dtype": jnp.dtype(cfg.momentum_dtype),
-              "bias_correction": cfg.bias_correction, "ns_backend": cfg.ns_backend}
+              "bias_correction": cfg.bias_correction, "ns_backend": cfg.ns_backend,
+              "stack": stack if cfg.ns_sharding == "stack" else None}
     if cfg.name == "auon":
         return scale_by_muon(matrix_axes, direction="auon_hybrid" if cfg.auon_hybrid else "auon",
                              **common)
@@ -93,7 +96,8 @@ def _need_axes(cfg: OptimizerConfig, matrix_axes) -> None:
                          "matrix it owns (a MatrixAxes tree like the parameters)")
 
 
-def _sphere(cfg: AdamWConfig, role: str, mult: RoleMultipliers, total_steps: int, matrix_axes):
+def _sphere(cfg: AdamWConfig, role: str, mult: RoleMultipliers, total_steps: int, matrix_axes,
+            stack: StackSharding | None):
     """MuonH/AdamH on one matrix role: a direction, then the relative step and retraction."""
     _need_axes(cfg, matrix_axes)
     weight_decay = cfg.weight_decay * mult.weight_decay
@@ -101,7 +105,7 @@ def _sphere(cfg: AdamWConfig, role: str, mult: RoleMultipliers, total_steps: int
         _warned.add(message)  # once: the optimizer is rebuilt at every trace of the train step
         warnings.warn(message, stacklevel=4)
     if role in MATRIX_ROLES and isinstance(cfg, MuonConfig):
-        direction = muon_transform(cfg, matrix_axes)
+        direction = muon_transform(cfg, matrix_axes, stack)
     else:
         direction = optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps * mult.eps)
     step = learning_rate(cfg, total_steps, mult.lr)
@@ -109,25 +113,25 @@ def _sphere(cfg: AdamWConfig, role: str, mult: RoleMultipliers, total_steps: int
 
 
 def _role_transform(cfg: OptimizerConfig, label: str, mult: RoleMultipliers, total_steps: int,
-                    matrix_axes):
+                    matrix_axes, stack: StackSharding | None):
     role = role_of(label)
     if cfg.family == "sgd":
         return _sgd(cfg, mult, total_steps)
     if cfg.family == "adam":
         return _adamw(cfg, mult, total_steps)
     if cfg.family == "sphere" and role in SPHERE_ROLES:
-        return _sphere(cfg, role, mult, total_steps, matrix_axes)
+        return _sphere(cfg, role, mult, total_steps, matrix_axes, stack)
     if cfg.family == "muon" and role in MATRIX_ROLES:
         _need_axes(cfg, matrix_axes)
-        return [muon_transform(cfg, matrix_axes)] + _decay_and_step(cfg, mult, total_steps)
+        return [muon_transform(cfg, matrix_axes, stack)] + _decay_and_step(cfg, mult, total_steps)
     adam_mult = dataclasses.replace(mult, lr=mult.lr * cfg.adam_lr_ratio)
     return _adamw(cfg, adam_mult, total_steps)
 
 
 def build_optimizer(cfg: OptimizerConfig, labels, multipliers: Mapping[str, RoleMultipliers],
                     *, total_steps: int, matrix_axes=None,
-                    clip_factors: Mapping[str, float] | None = None
-                    ) -> optax.GradientTransformation:
+                    clip_factors: Mapping[str, float] | None = None,
+                    stack: StackSharding | None = None) -> optax.GradientTransformation:
     """Gradient clipping, then one transform per parameter group with its multipliers.
 
     `labels` is every parameter's group as a tree like the parameters: its role, optionally
@@ -140,6 +144,7 @@ def build_optimizer(cfg: OptimizerConfig, labels, multipliers: Mapping[str, Role
     Clipping: with `cfg.clip_scope` "global" the whole gradient is clipped to one global norm,
     with "role" each group's gradient to its own; `clip_factors` maps each label to its factor on
     `cfg.clip_norm` (None: 1 for every group; "global" needs one factor shared by all groups).
+    `stack` (a device mesh's StackSharding): Muon's matrices are orthogonalized whole per device.
     """
     if cfg.family == "zeroth_order":
         raise ValueError(f"optim.name={cfg.name!r} is zeroth-order, not a gradient "
@@ -155,7 +160,7 @@ def build_optimizer(cfg: OptimizerConfig, labels, multipliers: Mapping[str, Role
     thresholds = clip_thresholds(cfg, groups, clip_factors)
     per_role = {role: optax.chain(*_role_clip(cfg, thresholds[role]),
                                   *_role_transform(cfg, role, multipliers[role], total_steps,
-                                                   matrix_axes))
+                                                   matrix_axes, stack))
                 for role in groups}
     clip = _global_clip(cfg, thresholds)
     return optax.chain(*clip, optax.partition(per_role, labels))

@@ -70,6 +70,9 @@ class MatrixOptimizerConfig(AdamWConfig):
     momentum_dtype: str = "float32"  # float32 | bfloat16
     bias_correction: bool = False  # divide the momentum terms by (1 - β^t), as optax does
     ns_backend: str = "auto"  # auto | xla | pallas (auto: pallas only where verified compiled)
+    # on a device mesh: stack (whole matrices per device) | compiler (NS matmuls split as the
+    # compiler propagates the parameters' sharding; the benchmark's baseline)
+    ns_sharding: str = "stack"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,6 +36,31 @@ class MatrixAxes:
     fan_out_axes: tuple[int, ...]
 
 
+@dataclasses.dataclass(frozen=True)
+class StackSharding:
+    """Where same-shape matrices are orthogonalized on a device mesh: stacked, the stack split
+    over `axes`, so that each device runs Newton–Schulz on whole matrices and no NS matmul is
+    split across devices (the compiler moves the matrices there and back)."""
+
+    mesh: jax.sharding.Mesh
+    axes: tuple[str, ...]
+
+    @property
+    def shards(self) -> int:
+        return math.prod(self.mesh.shape[a] for a in self.axes)
+
+    def constrain(self, x_SxMxN: jax.Array) -> jax.Array:
+        """x with its stack axis split over the mesh, padded with zero matrices to a multiple
+        of the shard count (their directions are zero and dropped by the caller)."""
+        pad = -x_SxMxN.shape[0] % self.shards
+        if pad:
+            x_SxMxN = jnp.concatenate(
+                [x_SxMxN, jnp.zeros((pad, *x_SxMxN.shape[1:]), x_SxMxN.dtype)])
+        spec = jax.sharding.PartitionSpec(self.axes, None, None)
+        return jax.lax.with_sharding_constraint(
+            x_SxMxN, jax.sharding.NamedSharding(self.mesh, spec))
+
+
 class MuonState(NamedTuple):
     count: jax.Array
     mu: Any
@@ -89,8 +114,9 @@ def auon_direction(x_BxMxN: jax.Array, *, hybrid: bool = False, eps: float = 1e-
     return (u * math.sqrt(min(x.shape[-2:]))).astype(x_BxMxN.dtype)
 
 
-def _directions(tree, axes_of: dict, direction_fn, scale_fn):
-    """Applies `direction_fn` to all matrices of a shape at once, then each leaf's scale."""
+def _directions(tree, axes_of: dict, direction_fn, scale_fn, stack: StackSharding | None = None):
+    """Applies `direction_fn` to all matrices of a shape at once, then each leaf's scale; with
+    `stack`, the matrices of a shape are split over the devices whole."""
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
     views, groups = [], {}
     for i, (path, x) in enumerate(flat):
@@ -103,7 +129,12 @@ def _directions(tree, axes_of: dict, direction_fn, scale_fn):
         groups.setdefault((m.shape[1:], m.dtype), []).append(i)
     out = [None] * len(flat)
     for members in groups.values():
-        directions = direction_fn(jnp.concatenate([views[i][0] for i in members], axis=0))
+        stacked_SxMxN = jnp.concatenate([views[i][0] for i in members], axis=0)
+        if stack is None:
+            directions = direction_fn(stacked_SxMxN)
+        else:  # the NS loop runs on each device's own matrices, then gathered back
+            count = stacked_SxMxN.shape[0]
+            directions = stack.constrain(direction_fn(stack.constrain(stacked_SxMxN)))[:count]
         ends = np.cumsum([views[i][0].shape[0] for i in members])[:-1]
         for i, direction in zip(members, jnp.split(directions, ends), strict=True):
             _, restore, scale = views[i]
@@ -116,13 +147,15 @@ def scale_by_muon(matrix_axes, *, momentum: float = 0.95, nesterov: bool = True,
                   ns_scheme: str = "polar_express", ns_steps: int | None = None,
                   ns_normalization: str = "schatten4", ns_method: str = "auto",
                   ns_dtype=None, ns_eps: float = 1e-7, momentum_dtype=jnp.float32,
-                  bias_correction: bool = False,
-                  ns_backend: str = "auto") -> optax.GradientTransformation:
+                  bias_correction: bool = False, ns_backend: str = "auto",
+                  stack: StackSharding | None = None) -> optax.GradientTransformation:
     """Momentum, then an orthogonalized direction times the update scale s of each matrix.
 
     `matrix_axes` is a tree like the parameters (or a prefix of the masked tree optax.partition
     passes) whose leaves are MatrixAxes. `M ← βM + (1−β)G`; Nesterov `U = (1−β)G + βM`, else
     `U = M`; with `bias_correction` each term is divided by its (1 − β^t) as in NAdam.
+    `stack`: on a device mesh, orthogonalize whole matrices per device (StackSharding); None
+    leaves the placement to the compiler.
     """
     if update_scale not in UPDATE_SCALES:
         raise ValueError(f"optim.update_scale={update_scale!r}: expected one of "
@@ -160,7 +193,7 @@ def scale_by_muon(matrix_axes, *, momentum: float = 0.95, nesterov: bool = True,
             u = jax.tree.map(lambda m, g: beta * m / mu_c + (1 - beta) * g / g_c, mu, updates)
         else:
             u = jax.tree.map(lambda m: m / mu_c, mu)
-        out = _directions(u, axes_of, direction_fn, scale_fn)
+        out = _directions(u, axes_of, direction_fn, scale_fn, stack)
         out = jax.tree.map(lambda o, g: o.astype(g.dtype), out, updates)
         return out, MuonState(count=count,
                               mu=jax.tree.map(lambda m: m.astype(momentum_dtype), mu))

@@ -112,6 +112,43 @@ class SweepConfig:
     multiplier: float = 1.0
 
 
+MESH_AXES = ("data", "fsdp", "tensor")
+DISTRIBUTED = ("auto", "on", "off")
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingRules:
+    """The mesh axis each logical parameter axis (models/tagged.py) is split over; null keeps it
+    whole. The batch is always split over data and fsdp (scaling/sharding.py)."""
+
+    vocab: str | None = "tensor"
+    embed: str | None = "fsdp"
+    heads: str | None = "tensor"
+    mlp: str | None = "tensor"
+    layers: str | None = None
+    context: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """The device mesh a run is sharded over (docs/sharding.md); all sizes 1: no mesh at all.
+
+    A size of -1 takes every device the other axes leave. With several hosts,
+    `distributed` starts jax.distributed before the first JAX operation: auto when the
+    environment says so (SLURM with several tasks, a TPU pod, JAX_COORDINATOR_ADDRESS) or a
+    coordinator is set here, on always (JAX detects the cluster), off never.
+    """
+
+    data: int = 1
+    fsdp: int = 1
+    tensor: int = 1
+    rules: ShardingRules = ShardingRules()
+    distributed: str = "auto"  # auto | on | off
+    coordinator_address: str | None = None  # host:port of process 0
+    num_processes: int | None = None
+    process_id: int | None = None
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = ModelConfig()
@@ -122,6 +159,7 @@ class RunConfig:
     logging: LoggingConfig = LoggingConfig()
     sweep: SweepConfig = SweepConfig()
     init: InitConfig = InitConfig()
+    mesh: MeshConfig = MeshConfig()
 
 
 def _coerce(field: str, value: Any, annotation: Any) -> Any:
@@ -248,6 +286,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _require(lg.spectral_every >= 0, "logging.spectral_every", lg.spectral_every,
              "a non-negative integer (steps between spectral logs; 0: off)")
     _validate_sweep(cfg.sweep)
+    _validate_mesh(cfg.mesh)
     if cfg.init.from_run is not None:
         _require(cfg.init.from_run.strip() != "", "init.from_run", cfg.init.from_run,
                  "a finished run's directory, or null for a fresh initialization")
@@ -326,6 +365,7 @@ def _validate_matrix_optimizer(o: MatrixOptimizerConfig) -> None:
     _choice("optim.update_scale", o.update_scale, ("keller", "spectral", "moonlight"))
     _choice("optim.ns_backend", o.ns_backend, ("auto", "xla", "pallas"))
     _choice("optim.momentum_dtype", o.momentum_dtype, ("float32", "bfloat16"))
+    _choice("optim.ns_sharding", o.ns_sharding, ("stack", "compiler"))
 
 
 def _validate_newton_schulz(o: MuonConfig) -> None:
@@ -340,6 +380,28 @@ def _validate_newton_schulz(o: MuonConfig) -> None:
         _require(o.ns_method != "gram", "optim.ns_method", o.ns_method,
                  "'auto' or 'direct' with optim.ns_backend=pallas (its kernels run the direct "
                  "form)")
+
+
+def _validate_mesh(m: MeshConfig) -> None:
+    """What can be checked without the devices (scaling/sharding.py checks the rest)."""
+    for axis in MESH_AXES:
+        size = getattr(m, axis)
+        _require(size >= 1 or size == -1, f"mesh.{axis}", size,
+                 "a positive number of devices, or -1 for every device the other axes leave")
+    _require([getattr(m, axis) for axis in MESH_AXES].count(-1) <= 1, "mesh",
+             {axis: getattr(m, axis) for axis in MESH_AXES}, "at most one axis of size -1")
+    for field in dataclasses.fields(m.rules):
+        target = getattr(m.rules, field.name)
+        if target is not None:
+            _choice(f"mesh.rules.{field.name}", target, MESH_AXES)
+    _choice("mesh.distributed", m.distributed, DISTRIBUTED)
+    if m.num_processes is not None:
+        _require(m.num_processes >= 1, "mesh.num_processes", m.num_processes,
+                 "a positive integer, or null (from the environment)")
+    if m.process_id is not None:
+        _require(m.process_id >= 0 and (m.num_processes is None or m.process_id < m.num_processes),
+                 "mesh.process_id", m.process_id,
+                 f"an integer in [0, mesh.num_processes={m.num_processes})")
 
 
 def _validate_sweep(s: SweepConfig) -> None:

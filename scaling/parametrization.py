@@ -241,12 +241,13 @@ def build_model(model_cfg: ModelConfig, param_cfg: ParamConfig, vocab_size: int,
     return model, parametrization
 
 
-def build_optimizer(cfg: OptimizerConfig, parametrization: Parametrization, *, total_steps: int):
+def build_optimizer(cfg: OptimizerConfig, parametrization: Parametrization, *, total_steps: int,
+                    stack=None):
     """`optim.build_optimizer` with the groups, multipliers, matrix axes and clipping factors
-    this parametrization gives."""
+    this parametrization gives; `stack`: Muon's placement on a device mesh (scaling.sharding)."""
     parametrization.check_spheres(cfg)
     return optim.build_optimizer(cfg, parametrization.labels(),
                                  parametrization.optimizer_multipliers_for(cfg),
                                  total_steps=total_steps,
                                  matrix_axes=parametrization.matrix_axes(),
-                                 clip_factors=parametrization.clip_factors(cfg))
+                                 clip_factors=parametrization.clip_factors(cfg), stack=stack)

@@ -49,21 +49,27 @@ def read_jsonl(path: Path) -> list[dict]:
 class MetricsLog:
     """Append-only JSONL of per-step metrics, truncated on resume to the restored step."""
 
-    def __init__(self, path: Path, keep_through_step: int):
+    def __init__(self, path: Path, keep_through_step: int, writes: bool = True):
+        """`writes`: False in every process but the one that writes (several hosts): the
+        records are kept in memory alike, the file is left alone."""
         self.path = path
         self.records = [r for r in read_jsonl(path) if r["step"] <= keep_through_step]
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-        os.replace(tmp, path)
-        self._file = open(path, "a")  # noqa: SIM115 (kept open for the whole run)
+        self._file = None
+        if writes:
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+            os.replace(tmp, path)
+            self._file = open(path, "a")  # noqa: SIM115 (kept open for the whole run)
 
     def write(self, record: dict) -> None:
         self.records.append(record)
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
 
     def last(self, key: str) -> Any:
         return next((r[key] for r in reversed(self.records) if key in r), None)
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()

@@ -16,7 +16,9 @@ from tqdm.auto import tqdm
 
 import optim
 from scaling.config import RunConfig, SweepConfig, lr_grid, to_dict, validate
+from scaling import distributed
 from scaling.parametrization import build_model
+from scaling.sharding import Layout, layout_of, place
 from scaling.spectral import SpectralLog
 from scaling.training import data, pretrained
 from scaling.training.checkpoint import Checkpointer
@@ -90,6 +92,7 @@ def train_lrs(cfg: RunConfig, lrs: list[float]) -> list[dict]:
     run at that LR would, so a grid resumes, skips finished LRs and analyses like separate runs.
     """
     validate(cfg)
+    distributed.initialize(cfg.mesh)  # before the first JAX operation, when several hosts run
     splits = data.load(cfg.data, cfg.train.seq_len)  # a bad source fails before anything is written
     members = [_Member(member_config(cfg, lr), Path(cfg.train.out_dir)) for lr in lrs]
     results = {i: done for i, m in enumerate(members) if (done := _finished(m.run_dir))}
@@ -101,12 +104,14 @@ def train_lrs(cfg: RunConfig, lrs: list[float]) -> list[dict]:
 
 
 class _Member:
-    """One LR of a group: its run directory, logs, checkpoints and W&B run."""
+    """One LR of a group: its run directory, logs, checkpoints and W&B run. With several hosts
+    every process trains and checkpoints it; only process 0 writes logs, results and W&B."""
 
     def __init__(self, cfg: RunConfig, out_dir: Path):
         self.cfg, self.name = cfg, run_name(cfg)
         self.run_dir = out_dir / self.name
         self.step, self.diverged, self.result = 0, False, None
+        self.primary = distributed.is_primary()
 
     def open(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -114,12 +119,16 @@ class _Member:
 
     def start_logs(self, step: int) -> None:
         self.step = step
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", keep_through_step=step)
+        log = lambda name: MetricsLog(self.run_dir / name, keep_through_step=step,
+                                      writes=self.primary)
+        self.metrics = log("metrics.jsonl")
         if self.cfg.optim.family == "zeroth_order":
-            self.zo_log = MetricsLog(self.run_dir / ZO_LOG, keep_through_step=step)
+            self.zo_log = log(ZO_LOG)
         if self.cfg.logging.spectral_every > 0:
-            self.spectral_log = MetricsLog(self.run_dir / SPECTRAL_LOG, keep_through_step=step)
-        self.tracker = Tracker(self.cfg, self.run_dir, self.name)
+            self.spectral_log = log(SPECTRAL_LOG)
+        tracked = self.cfg if self.primary else dataclasses.replace(
+            self.cfg, logging=dataclasses.replace(self.cfg.logging, wandb_mode="disabled"))
+        self.tracker = Tracker(tracked, self.run_dir, self.name)
 
     def close(self) -> None:
         self.checkpointer.close()
@@ -128,13 +137,14 @@ class _Member:
                 getattr(self, log).close()
 
 
-def _optimizer_setup(cfg: RunConfig, parametrization):
+def _optimizer_setup(cfg: RunConfig, parametrization, layout: Layout | None = None):
     """What the train state and step of cfg's optimizer are built from: MeZO's probe setup, or
-    the optimizer at any LR."""
+    the optimizer at any LR (on `layout`'s mesh, if any)."""
     t = cfg.train
     if cfg.optim.family == "zeroth_order":
         return zo_setup(cfg.optim, parametrization, total_steps=t.steps, seed=t.seed)
-    return optimizer_at(cfg.optim, parametrization, total_steps=t.steps)
+    return optimizer_at(cfg.optim, parametrization, total_steps=t.steps,
+                        stack=None if layout is None else layout.stack)
 
 
 def _init_state(cfg: RunConfig, setup, params, lr: float) -> dict:
@@ -163,22 +173,33 @@ def _train_together(members: list[_Member], splits) -> list[dict]:
     params = params.to_pure_dict()
     if cfg.init.from_run is not None:  # fine-tuning, before anything is written
         params = pretrained_params(cfg, splits.vocab_size, params)
-    setup = _optimizer_setup(cfg, parametrization)
+    layout = layout_of(cfg.mesh)
+    if layout is not None:
+        layout.check_batch(t.batch_size)
+    setup = _optimizer_setup(cfg, parametrization, layout)
     init_state = lambda lr: _init_state(cfg, setup, params, lr)
+    template = init_state(0.0)
+    # one run's state layout; runs trained together are stacked on a leading axis kept whole
+    shardings = None if layout is None else layout.state(template, parametrization.specs)
     if cfg.optim.family == "zeroth_order":  # no gradient: the forward stats by another pass
-        zo_step, forward_stats = make_zo_step(graphdef, setup, k), make_forward_stats(graphdef, k)
+        zo_step = make_zo_step(graphdef, setup, k, None if shardings is None else shardings["params"])
+        forward_stats = make_forward_stats(graphdef, k)
         train_step = lambda state, inputs, targets: (zo_step(state, inputs, targets), {})
         measure_forward = forward_stats if cfg.logging.indicators else None
     else:
         measure = Measure(parametrization.labels(), clip_of(cfg.optim, parametrization),
                           cfg.logging.indicators)
-        train_step, measure_forward = make_train_step(graphdef, setup, k, measure), None
-    template = init_state(0.0)
+        train_step = make_train_step(graphdef, setup, k, measure, shardings)
+        measure_forward = None
     cost = {"params": int(sum(x.size for x in jax.tree.leaves(params))),
             "flops_per_token": flops_per_token(model, parametrization.specs, t.seq_len),
             "data": splits.description, "lrs_trained_together": k}
-    evaluate = make_eval(graphdef, data.val_batches(splits.val, t.eval_batches, t.batch_size,
-                                                    t.seq_len), k)
+    val_batches = data.val_batches(splits.val, t.eval_batches, t.batch_size, t.seq_len)
+    if layout is not None:
+        cost["sharding"] = layout.describe(parametrization.specs)
+        template = place(template, shardings)  # so a checkpoint restores onto this mesh
+        val_batches = [place(batch, (layout.batch,) * 2) for batch in val_batches]
+    evaluate = make_eval(graphdef, val_batches, k)
     for m in members:
         m.open()
     try:
@@ -186,12 +207,14 @@ def _train_together(members: list[_Member], splits) -> list[dict]:
         if states is None:
             states = [init_state(m.cfg.optim.lr) for m in members]
         state = _stack(states) if k > 1 else states[0]
+        if layout is not None:
+            state = place(state, shardings if k == 1 else layout.lead(shardings))
         for m in members:
             m.start_logs(step)
         spectral = (SpectralLog(state["params"], parametrization.specs, k)
                     if cfg.logging.spectral_every > 0 else None)
         _loop(members, state, step, splits, (train_step, measure_forward, spectral), evaluate,
-              cost, wall_before)
+              cost, wall_before, layout)
     except BaseException:
         for m in members:
             if hasattr(m, "tracker"):  # so a later run in this process does not inherit it
@@ -217,7 +240,7 @@ def _restore(members: list[_Member], template: dict) -> tuple[int, list | None, 
 
 
 def _loop(members: list[_Member], state, step: int, splits, programs, evaluate, cost: dict,
-          wall_before: float) -> None:
+          wall_before: float, layout: Layout | None = None) -> None:
     """Steps until every run is done or diverged; logs, evaluates, checkpoints, writes results.
 
     `programs`: the train step, state -> (state, measured); the forward stats of a step that
@@ -230,8 +253,8 @@ def _loop(members: list[_Member], state, step: int, splits, programs, evaluate, 
     started = time.perf_counter()
     window = (started, step)  # wall time and step of the last record, for tokens/s
     label = members[0].name if k == 1 else f"{members[0].name} (+{k - 1} LRs)"
-    bar = tqdm(total=t.steps, initial=step, desc=label, disable=not cfg.logging.progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=t.steps, initial=step, desc=label,
+               disable=not (cfg.logging.progress and members[0].primary), dynamic_ncols=True)
     wall = lambda: wall_before + time.perf_counter() - started
     member_state = (lambda i: state) if k == 1 else (lambda i: jax.tree.map(lambda x: x[i], state))
     zeroth_order = cfg.optim.family == "zeroth_order"
@@ -240,6 +263,8 @@ def _loop(members: list[_Member], state, step: int, splits, programs, evaluate, 
         _log_start(members, evaluate(state["params"]))
     while step < t.steps and not all(m.diverged for m in members):
         inputs, targets = data.train_batch(splits.train, t.seed, step, t.batch_size, t.seq_len)
+        if layout is not None:  # every process draws the whole batch and keeps its shards
+            inputs, targets = place((inputs, targets), (layout.batch,) * 2)
         state, measured = train_step(state, inputs, targets)
         step += 1
         bar.update(1)
@@ -376,5 +401,6 @@ def _write_result(m: _Member, cost: dict, wall_seconds: float) -> dict:
     m.tracker.finish(summary)
     result |= {"config": to_dict(m.cfg)}  # what a re-run of the finished run returns, too
     m.checkpointer.close()  # the result must not name a checkpoint still being written
-    write_json_atomic(m.run_dir / "result.json", result)
+    if m.primary:
+        write_json_atomic(m.run_dir / "result.json", result)
     return result

@@ -13,6 +13,7 @@ from scaling.rules import TUNABLE
 # keep their directories and are still found finished.
 LATER_DEFAULTS = {("data", "packages"): "all", ("init", "from_run"): None,
                   ("optim", "clip_scope"): "global", ("optim", "clip_width_exponent"): 0.0,
+                  ("optim", "ns_sharding"): "stack",
                   **{("param", field): 1.0 for field in TUNABLE}}
 
 
@@ -21,10 +22,11 @@ def config_hash(cfg: RunConfig, length: int = 8) -> str:
     values = to_dict(cfg)
     values.pop("logging")
     values.pop("sweep")  # a grid member trains exactly what a separate run at its LR trains
+    values.pop("mesh")  # the same run on another mesh (or host count) resumes the same directory
     values["train"].pop("out_dir")
     for (group, field), default in LATER_DEFAULTS.items():
-        if values[group][field] == default:
-            values[group].pop(field)
+        if values[group].get(field, default) == default:  # some optimizers lack some fields
+            values[group].pop(field, None)
     if not values["init"]:
         values.pop("init")
     else:  # the source's name hashes what it trained; its folder may be given any way

@@ -91,7 +91,7 @@ def clip_scales(grads, grad_norm: jax.Array, measure: Measure
 
 
 def make_train_step(graphdef, tx_at: OptimizerAt, lrs_together: int = 1,
-                    measure: Measure | None = None):
+                    measure: Measure | None = None, shardings=None):
     """state -> state, with the optimizer `tx_at(state["lr"])`; with `measure`,
     state -> (state, measured): what Measure lists, of this step.
 
@@ -100,6 +100,8 @@ def make_train_step(graphdef, tx_at: OptimizerAt, lrs_together: int = 1,
     inside the step, because a relative (sphere) step is not linear in the LR. The state also
     carries a running loss sum, so logged means survive resumes. Measuring only reads the
     gradients, updates and activations: the new state is the unmeasured step's, bit for bit.
+    `shardings` (a tree like the state): on a device mesh, where the new state is kept, so
+    every step compiles and runs with the same layout.
     """
     forward_stats = measure is not None and measure.indicators
 
@@ -112,6 +114,8 @@ def make_train_step(graphdef, tx_at: OptimizerAt, lrs_together: int = 1,
         new_state = {**state, "params": optax.apply_updates(params, updates),
                      "opt_state": opt_state, "loss_sum": state["loss_sum"] + loss,
                      "loss_count": state["loss_count"] + 1}
+        if shardings is not None:  # under vmap, each run's slice is laid out like one run
+            new_state = jax.lax.with_sharding_constraint(new_state, shardings)
         if measure is None:
             return new_state
         grad_norm = optax.global_norm(grads)
@@ -137,10 +141,12 @@ def make_forward_stats(graphdef, lrs_together: int = 1):
     return jax.jit(stats)
 
 
-def optimizer_at(cfg: OptimizerConfig, parametrization, *, total_steps: int) -> OptimizerAt:
-    """The optimizer make_train_step expects: `cfg` at any base LR, traced or not."""
+def optimizer_at(cfg: OptimizerConfig, parametrization, *, total_steps: int,
+                 stack=None) -> OptimizerAt:
+    """The optimizer make_train_step expects: `cfg` at any base LR, traced or not; `stack`:
+    Muon's placement on a device mesh (scaling.sharding.Layout.stack)."""
     return lambda lr: build_optimizer(dataclasses.replace(cfg, lr=lr), parametrization,
-                                      total_steps=total_steps)
+                                      total_steps=total_steps, stack=stack)
 
 
 def init_train_state(params, tx_at: OptimizerAt, lr: float, measure: bool = False) -> dict:

@@ -123,17 +123,21 @@ def _estimate_fn(graphdef, setup: ZOSetup):
     return estimate
 
 
-def _update_fn(setup: ZOSetup):
+def _update_fn(setup: ZOSetup, shardings=None):
     def update(params, count, thresholds, gs, lr_used):
-        return apply_update(params, setup.plan, thresholds, step_key(setup.seed, count), gs,
-                            lr_used, setup.cfg.weight_decay)
+        params = apply_update(params, setup.plan, thresholds, step_key(setup.seed, count), gs,
+                              lr_used, setup.cfg.weight_decay)
+        if shardings is not None:  # on a mesh: the layout the next step was compiled for
+            params = jax.lax.with_sharding_constraint(params, shardings)
+        return params
 
     return update
 
 
-def make_update(setup: ZOSetup, lrs_together: int = 1):
-    """The compiled update (params donated), vmapped over runs trained together."""
-    update = _update_fn(setup)
+def make_update(setup: ZOSetup, lrs_together: int = 1, shardings=None):
+    """The compiled update (params donated), vmapped over runs trained together; `shardings`
+    (a tree like the parameters) keeps them where a device mesh placed them."""
+    update = _update_fn(setup, shardings)
     if lrs_together > 1:
         update = jax.vmap(update)
     return jax.jit(update, donate_argnums=0)
@@ -146,10 +150,12 @@ def make_estimate(graphdef, setup: ZOSetup, lrs_together: int = 1):
     return jax.jit(estimate)
 
 
-def make_zo_step(graphdef, setup: ZOSetup, lrs_together: int = 1):
-    """state -> state, like make_train_step's, for optim=mezo."""
+def make_zo_step(graphdef, setup: ZOSetup, lrs_together: int = 1, shardings=None):
+    """state -> state, like make_train_step's, for optim=mezo; `shardings` as make_update's.
+    On a mesh each device draws the probe entries of its own shards (JAX's partitionable
+    threefry), the same numbers whatever the mesh."""
     estimate = make_estimate(graphdef, setup, lrs_together)
-    update = make_update(setup, lrs_together)
+    update = make_update(setup, lrs_together, shardings)
 
     def train_step(state, inputs_BxT, targets_BxT):
         opt_state = state["opt_state"]
