@@ -11,14 +11,25 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import NoReturn
 
+from hydra import compose as hydra_compose
+from hydra import initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
 from tqdm.auto import tqdm
 
-from experiments.compose import ConfigError, compose_or_explain, sweep_points, to_run_config
+from experiments.compose import (
+    COMPOSE_ERRORS,
+    CONFIG_MODULE,
+    ConfigError,
+    compose_or_explain,
+    sweep_points,
+    to_run_config,
+)
 from experiments.transfer import command_overrides, explain, plan, write_overrides
 from scaling.analysis import DRIFT_KEYS, PARAM_LABELS
 from scaling.config import RunConfig
@@ -62,6 +73,12 @@ def _parser() -> argparse.ArgumentParser:
                         help="--axis width: default 4× the widest proxy width")
     parser.add_argument("--target-depth", type=int,
                         help="--axis depth: default 4× the deepest proxy depth")
+    parser.add_argument("--launcher", metavar="NAME",
+                        help="run the proxy sweep as `scaling-train -m hydra/launcher=NAME`, e.g. "
+                        "joblib, parallel, submitit_local, slurm (docs/clusters.md)")
+    parser.add_argument("--launcher-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="with --launcher: hydra.launcher.KEY=VALUE, e.g. n_jobs=2 "
+                        "(repeatable)")
     parser.add_argument("overrides", nargs="*",
                         help="Hydra overrides for the proxy sweep, e.g. train.steps=300")
     return parser
@@ -70,6 +87,43 @@ def _parser() -> argparse.ArgumentParser:
 def _fail(message: str) -> NoReturn:
     print(f"scaling-demo: error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def check_launcher(name: str, args: list[str]) -> list[str]:
+    """The Hydra overrides that select launcher `name` with `args` (KEY=VALUE), each checked
+    against the launchers and fields Hydra finds."""
+    for arg in args:
+        if "=" not in arg:
+            _fail(f"--launcher-arg={arg}: expected KEY=VALUE, e.g. n_jobs=2")
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        options = GlobalHydra.instance().config_loader().get_group_options("hydra/launcher")
+        if name not in options:
+            _fail(f"--launcher={name}: expected one of {', '.join(options)} (joblib and "
+                  "submitit_* come with pip install -e '.[cluster]')")
+        try:
+            launcher = hydra_compose("config", overrides=[f"hydra/launcher={name}"],
+                                     return_hydra_config=True).hydra.launcher
+        except COMPOSE_ERRORS as error:  # one of ours whose plugin is not installed
+            _fail(f"--launcher={name}: expected an installed launcher plugin (pip install -e "
+                  f"'.[cluster]'); {str(error).strip().splitlines()[0]}")
+    for arg in args:
+        if arg.partition("=")[0] not in launcher:
+            _fail(f"--launcher-arg={arg}: expected a field of hydra/launcher={name}: "
+                  f"{', '.join(k for k in launcher if not k.startswith('_'))}")
+    return [f"hydra/launcher={name}", *(f"hydra.launcher.{arg}" for arg in args)]
+
+
+def sweep_through_launcher(experiment: str, extra: list[str], launcher: list[str]) -> None:
+    """Trains the proxy sweep as one `scaling-train -m` through a Hydra launcher: its jobs in
+    parallel processes or on a cluster, each job's bar off so that their output stays readable."""
+    command = [sys.executable, "-m", "experiments.train", "-m", f"+experiment={experiment}",
+               *launcher, *extra, "logging.progress=false"]
+    print("scaling-train " + " ".join(command[3:]), flush=True)  # what to run by hand
+    if (code := subprocess.run(command, check=False).returncode) != 0:
+        print(f"scaling-demo: error: the proxy sweep ({' '.join(launcher)}) failed with exit "
+              f"code {code}", file=sys.stderr)
+        sys.exit(code)
 
 
 def proxy_configs(experiment: str, extra: list[str]) -> list:
@@ -194,6 +248,10 @@ def main(argv: list[str] | None = None) -> None:
     extra = [*args.overrides, *mode, f"logging.group=scaling-demo-{experiment}"]
     if args.out_dir is not None:
         extra.append(f"train.out_dir={args.out_dir / 'proxy'}")
+    if args.launcher_arg and args.launcher is None:
+        _fail(f"--launcher-arg={args.launcher_arg[0]}: expected --launcher NAME with it")
+    launcher = (None if args.launcher is None
+                else check_launcher(args.launcher, args.launcher_arg))
     try:
         jobs = proxy_configs(experiment, extra)
     except ConfigError as error:
@@ -206,7 +264,10 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"[1/4] proxy sweep: {len(jobs)} jobs (param × {args.axis} × seed), each over the LR "
           "grid")
-    sweep_proxies(jobs)
+    if launcher is None:
+        sweep_proxies(jobs)
+    else:
+        sweep_through_launcher(experiment, extra, launcher)
     print(f"[2/4] analysis of {sweep_dir}")
     analysis, files = analyse(sweep_dir, project=jobs[0].logging.project, mode=args.wandb_mode)
     print(f"[3/4] transfer to {args.axis} {target_size} and train the targets")

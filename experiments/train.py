@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from experiments.cli import fail, run_command
 from experiments.compose import CONFIG_MODULE, ConfigError, group_options, precheck, to_run_config
+from experiments.launcher_env import apply_job_environment
 
 OVERLAY_GROUP = "experiment"
 USAGE = "usage: scaling-train [-m] [+experiment=NAME] [GROUP=OPTION ...] [GROUP.FIELD=VALUE ...]"
@@ -93,6 +94,7 @@ def _overlay_summary(name: str) -> str:
 
 @hydra.main(config_path="pkg://configs", config_name="config", version_base="1.3")
 def _run(cfg: DictConfig) -> None:
+    apply_job_environment()
     # after validation: importing jax is the slow part
     from scaling.training.loop import finished_result, member_config, sweep_lrs, train_sweep
 
