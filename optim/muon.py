@@ -56,7 +56,19 @@ class StackSharding:
         if pad:
             x_SxMxN = jnp.concatenate(
                 [x_SxMxN, jnp.zeros((pad, *x_SxMxN.shape[1:]), x_SxMxN.dtype)])
-        spec = jax.sharding.PartitionSpec(self.axes, None, None)
+        for count in range(1, len(self.axes) + 1):  # one mesh axis at a time: each an all-to-all
+            x_SxMxN = self._split_over(x_SxMxN, self.axes[:count])
+        return x_SxMxN
+
+    def release(self, x_SxMxN: jax.Array) -> jax.Array:
+        """The way back, one mesh axis at a time, for the compiler to take to the parameters'
+        layout (over two axes at once it falls back to replicating the whole stack)."""
+        for count in range(len(self.axes) - 1, 0, -1):
+            x_SxMxN = self._split_over(x_SxMxN, self.axes[:count])
+        return x_SxMxN
+
+    def _split_over(self, x_SxMxN: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+        spec = jax.sharding.PartitionSpec(axes, None, None)
         return jax.lax.with_sharding_constraint(
             x_SxMxN, jax.sharding.NamedSharding(self.mesh, spec))
 
@@ -134,7 +146,8 @@ def _directions(tree, axes_of: dict, direction_fn, scale_fn, stack: StackShardin
             directions = direction_fn(stacked_SxMxN)
         else:  # the NS loop runs on each device's own matrices, then gathered back
             count = stacked_SxMxN.shape[0]
-            directions = stack.constrain(direction_fn(stack.constrain(stacked_SxMxN)))[:count]
+            directions = stack.release(stack.constrain(direction_fn(stack.constrain(
+                stacked_SxMxN))))[:count]
         ends = np.cumsum([views[i][0].shape[0] for i in members])[:-1]
         for i, direction in zip(members, jnp.split(directions, ends), strict=True):
             _, restore, scale = views[i]

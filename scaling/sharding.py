@@ -131,9 +131,9 @@ class Layout:
                               f"over (mesh data × fsdp = {dict(self.mesh.shape)})")
 
     def describe(self, specs: dict[tuple, ParamSpec]) -> dict:
-        """The mesh and every parameter's PartitionSpec, for result.json."""
+        """The mesh and every parameter's mesh axis per dimension (null: whole), for result.json."""
         return {"mesh": dict(self.mesh.shape), "processes": jax.process_count(),
-                "params": {"/".join(map(str, path)): str(self.spec(s.logical_axes, s.shape))
+                "params": {"/".join(map(str, path)): list(self.spec(s.logical_axes, s.shape))
                            for path, s in specs.items()}}
 
 

@@ -1,4 +1,5 @@
-"""Shared test setup: CPU, a persistent compilation cache, W&B off unless a test turns it on."""
+"""Shared test setup: CPU with 8 simulated devices, a persistent compilation cache, W&B off
+unless a test turns it on."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# 8 simulated CPU devices for the sharding tests; a run without a mesh uses the first alone
+SIMULATED_DEVICES = 8
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           f" --xla_force_host_platform_device_count={SIMULATED_DEVICES}").strip()
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 

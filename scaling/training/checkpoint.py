@@ -30,6 +30,10 @@ class Checkpointer:
             state=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore()))
         return step, restored["state"], restored["meta"]
 
+    def wait(self) -> None:
+        """Until every save started has been written."""
+        self.manager.wait_until_finished()
+
     def close(self) -> None:
         if self.manager is not None:  # closing twice is harmless
             self.manager.wait_until_finished()

@@ -23,6 +23,7 @@ from scaling.spectral import SpectralLog
 from scaling.training import data, pretrained
 from scaling.training.checkpoint import Checkpointer
 from scaling.training.files import MetricsLog, write_json_atomic
+from scaling.training.preemption import StopSignals
 from scaling.training.rundir import run_name
 from scaling.training.step import (
     Measure,
@@ -213,8 +214,9 @@ def _train_together(members: list[_Member], splits) -> list[dict]:
             m.start_logs(step)
         spectral = (SpectralLog(state["params"], parametrization.specs, k)
                     if cfg.logging.spectral_every > 0 else None)
-        _loop(members, state, step, splits, (train_step, measure_forward, spectral), evaluate,
-              cost, wall_before, layout)
+        with StopSignals() as stop:
+            _loop(members, state, step, splits, (train_step, measure_forward, spectral),
+                  evaluate, cost, wall_before, layout, stop)
     except BaseException:
         for m in members:
             if hasattr(m, "tracker"):  # so a later run in this process does not inherit it
@@ -240,11 +242,13 @@ def _restore(members: list[_Member], template: dict) -> tuple[int, list | None, 
 
 
 def _loop(members: list[_Member], state, step: int, splits, programs, evaluate, cost: dict,
-          wall_before: float, layout: Layout | None = None) -> None:
+          wall_before: float, layout: Layout | None = None, stop: StopSignals | None = None
+          ) -> None:
     """Steps until every run is done or diverged; logs, evaluates, checkpoints, writes results.
 
     `programs`: the train step, state -> (state, measured); the forward stats of a step that
-    measures none itself (MeZO), or None; the spectral log, or None.
+    measures none itself (MeZO), or None; the spectral log, or None. On a stop signal (`stop`)
+    the step just trained is checkpointed and the signal goes on (preemption.py).
     """
     train_step, measure_forward, spectral = programs
     cfg, t, k = members[0].cfg, members[0].cfg.train, len(members)
@@ -321,12 +325,19 @@ def _loop(members: list[_Member], state, step: int, splits, programs, evaluate, 
                 if not m.diverged:
                     m.spectral_log.write({"step": step, "sigma": sigma})
                     m.tracker.log({f"spectral/{name}": v for name, v in sigma.items()}, step)
-        checkpointing = step % t.checkpoint_every == 0 or last
+        stopping = stop is not None and not last and stop.requested(step)
+        checkpointing = step % t.checkpoint_every == 0 or last or stopping
         for i, m in enumerate(members):
             if m.result is None and (checkpointing or m.diverged):
                 m.checkpointer.save(step, member_state(i), {"wall_seconds": wall()})
             if m.result is None and (m.diverged or last):
                 m.result = _write_result(m, cost, wall())
+        if stopping:  # preempted: what the requeued job resumes from is on disk first
+            for m in members:
+                if m.result is None:
+                    m.checkpointer.wait()
+            bar.close()
+            stop.forward()
     bar.close()
     for m in members:  # resumed after the last checkpoint but before its result was written
         if m.result is None:

@@ -1,0 +1,220 @@
+"""Sharded training on 8 simulated CPU devices (tests/conftest.py): a sharded step is the
+single-device step up to float reassociation, for every optimizer family; parameters and
+optimizer state are laid out as the config says; checkpoints move between meshes."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import SIMULATED_DEVICES, TINY_RUN
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from experiments.compose import compose, to_run_config
+from scaling.config import ConfigError, MeshConfig, ShardingRules
+from scaling.parametrization import build_model
+from scaling.sharding import Layout, layout_of, mesh_shape, place
+from scaling.training import data
+from scaling.training.checkpoint import Checkpointer
+from scaling.training.loop import _init_state, _optimizer_setup
+from scaling.training.step import make_train_step
+from scaling.training.zo_step import make_zo_step
+
+MESH_4x2 = ["mesh.fsdp=4", "mesh.tensor=2"]
+STEPS = 2
+
+
+def _config(optim: str, mesh: list[str]):
+    return to_run_config(compose([*TINY_RUN, f"optim={optim}", "train.batch_size=8", *mesh]))
+
+
+def _trained(optim: str, mesh: list[str], steps: int = STEPS):
+    """(state after `steps` steps, layout) of the tiny Transformer under `optim` on `mesh`."""
+    cfg = _config(optim, mesh)
+    model, parametrization = build_model(cfg.model, cfg.param, 256, cfg.train.seed)
+    graphdef, params = nnx.split(model)
+    layout = layout_of(cfg.mesh)
+    setup = _optimizer_setup(cfg, parametrization, layout)
+    state = _init_state(cfg, setup, params.to_pure_dict(), cfg.optim.lr)
+    shardings = None if layout is None else layout.state(state, parametrization.specs)
+    if cfg.optim.family == "zeroth_order":
+        step = make_zo_step(graphdef, setup, 1, None if layout is None else shardings["params"])
+    else:
+        step = make_train_step(graphdef, setup, 1, None, shardings)
+    if layout is not None:
+        state = place(state, shardings)
+    tokens = np.random.default_rng(0).integers(0, 256, 4096).astype(np.uint16)
+    for i in range(steps):
+        batch = data.train_batch(tokens, 0, i, cfg.train.batch_size, cfg.train.seq_len)
+        state = step(state, *(batch if layout is None else place(batch, (layout.batch,) * 2)))
+    return state, layout
+
+
+@pytest.mark.parametrize("optim", ["adamw", "muon", "muonh", "mezo"])
+def test_sharded_step_equals_single_device_step(optim):
+    """Two steps on a 4×2 (fsdp × tensor) mesh against one device: the same parameters and
+    optimizer state to float reassociation (a wrong all-reduce, a sphere norm taken per shard
+    or a probe drawn per device would be off by O(1)). MeZO's projected gradient g is a loss
+    difference over 2ε, so its float error is the loss's (float32: ~1e-6) over 2ε = 2e-3: a
+    probe drawn differently would move it by O(g) ≈ 0.3."""
+    single, _ = _trained(optim, [])
+    sharded, layout = _trained(optim, MESH_4x2)
+    assert dict(layout.mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 2}
+    initial, _ = _trained(optim, [], steps=0)
+    moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in
+                zip(jax.tree.leaves(single["params"]), jax.tree.leaves(initial["params"]),
+                    strict=True))
+    assert moved > 1e-4  # the steps did move the parameters
+    loose = {"g": 5e-3} if optim == "mezo" else {}
+    for name in ("params", "opt_state"):
+        flat = jax.tree_util.tree_flatten_with_path(single[name])[0]
+        for (path, b), a in zip(flat, jax.tree.leaves(sharded[name]), strict=True):
+            atol = loose.get(str(getattr(path[-1], "key", "")), 2e-6)
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=atol,
+                                       err_msg=jax.tree_util.keystr(path))
+
+
+def test_parameters_and_optimizer_state_are_sharded_as_configured():
+    """Muon on 4×2: each matrix split by its logical axes (embed → fsdp, heads and mlp →
+    tensor), the momentum and Adam moments like their parameters, scalars replicated; every
+    device holds 1/8 of a block matrix."""
+    state, layout = _trained("muon", MESH_4x2)
+    params, opt_state = state["params"], state["opt_state"]
+    assert params["blocks"]["wq"].sharding.spec == P(None, "fsdp", "tensor")
+    assert params["blocks"]["wo"].sharding.spec == P(None, "tensor", "fsdp")
+    assert params["blocks"]["w_up"].sharding.spec == P(None, "fsdp", "tensor")
+    assert params["embed"].sharding.spec == P("tensor", "fsdp")
+    assert params["blocks"]["attn_norm"].sharding.spec == P(None, "fsdp")
+    shard = params["blocks"]["wq"].addressable_shards[0].data
+    assert shard.shape == (2, 64 // 4, 64 // 2)
+    specs = {tuple(str(k) for k in path): leaf.sharding.spec
+             for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]}
+    momentum = [spec for path, spec in specs.items() if path[-2:] == ("['blocks']", "['wq']")]
+    assert momentum and all(spec == P(None, "fsdp", "tensor") for spec in momentum)
+    moments = [spec for path, spec in specs.items() if path[-1] == "['embed']"]
+    assert len(moments) >= 2 and all(spec == P("tensor", "fsdp") for spec in moments)
+    assert state["lr"].sharding.spec == P()
+    assert state["lr"].sharding.mesh.shape == layout.mesh.shape
+
+
+def test_layout_rules_keep_an_axis_whole_when_it_cannot_split():
+    mesh = jax.make_mesh((2, 4, 1), ("data", "fsdp", "tensor"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    layout = Layout(mesh, ShardingRules(vocab="fsdp"))
+    assert layout.spec(("vocab", "embed"), (256, 64)) == P("fsdp", None)  # fsdp used once
+    assert layout.spec(("embed", "mlp"), (6, 64)) == P(None, None)  # 4 does not divide 6
+    assert layout.spec(("layers", "embed"), (3, 64)) == P(None, "fsdp")
+    with pytest.raises(ValueError, match="logical axis 'experts' has no sharding rule"):
+        layout.spec(("experts",), (8,))
+    with pytest.raises(ConfigError, match="train.batch_size=4: expected a multiple of 8"):
+        layout.check_batch(4)
+
+
+def test_mesh_shape_resolves_and_refuses():
+    assert mesh_shape(MeshConfig(fsdp=-1), 8) == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert mesh_shape(MeshConfig(data=2, fsdp=-1, tensor=2), 8)["fsdp"] == 2
+    with pytest.raises(ConfigError, match=r"mesh.fsdp=-1: expected the 8 devices to divide by "
+                                          r"the other axes' 3"):
+        mesh_shape(MeshConfig(fsdp=-1, tensor=3), 8)
+    with pytest.raises(ConfigError, match="product is the 8 devices"):
+        mesh_shape(MeshConfig(fsdp=2, tensor=2), 8)
+
+
+@pytest.mark.parametrize("override, field", [
+    ("mesh.fsdp=0", "mesh.fsdp=0"), ("mesh.rules.embed=model", "mesh.rules.embed='model'"),
+    ("mesh.distributed=maybe", "mesh.distributed='maybe'"),
+    ("mesh.data=-1", "mesh={'data': -1, 'fsdp': -1"),
+])
+def test_bad_mesh_fields_are_named(override, field):
+    with pytest.raises(ConfigError) as error:
+        to_run_config(compose([override, "mesh=fsdp"]))
+    assert str(error.value).startswith(field)
+
+
+def test_checkpoint_moves_between_meshes(tmp_path):
+    """A state saved on a 4×2 mesh restores on 8×1 and on one device, value for value, each
+    laid out as its template asks."""
+    state, layout = _trained("muon", MESH_4x2)
+    checkpointer = Checkpointer(tmp_path / "checkpoints")
+    checkpointer.save(STEPS, state, {"wall_seconds": 1.0})
+    checkpointer.close()
+    cfg = _config("muon", [])
+    _, parametrization = build_model(cfg.model, cfg.param, 256, 0)
+    expected = jax.device_get(state)
+    other = Layout(jax.make_mesh((8, 1, 1), ("data", "fsdp", "tensor"),
+                                 axis_types=(jax.sharding.AxisType.Auto,) * 3),
+                   ShardingRules(embed="data"))
+    templates = {"8x1": place(expected, other.state(expected, parametrization.specs)),
+                 "one device": jax.device_put(expected, jax.devices()[0])}
+    for where, template in templates.items():
+        step, restored, meta = Checkpointer(tmp_path / "checkpoints").restore_latest(template)
+        assert step == STEPS and meta == {"wall_seconds": 1.0}, where
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b),
+                     restored, expected)
+        jax.tree.map(lambda a, t: (a.sharding == t.sharding) or pytest.fail(where),
+                     restored, template)
+    wq = templates["8x1"]["params"]["blocks"]["wq"]
+    assert wq.sharding.spec == P(None, "data", None)
+
+
+def test_scaling_train_mesh_fsdp_with_an_lr_grid(tmp_path):
+    """`scaling-train mesh=fsdp` over the 8 devices, two LRs trained together: each writes its
+    result with the layout it trained on, and its losses are the unsharded run's."""
+    from experiments.train import main
+    from synthetic import call_main
+
+    out = tmp_path / "runs"
+    grid = ["sweep.log2_lr_min=-7", "sweep.log2_lr_max=-6", "sweep.log2_lr_step=1",
+            "sweep.vectorize_lr=2", "train.batch_size=8", "logging.spectral_every=6"]
+    code, _ = call_main(main, [*TINY_RUN, *grid, "mesh=fsdp", f"train.out_dir={out}"])
+    assert code == 0
+    sharded = sorted((json.loads(p.read_text()) for p in out.glob("*/result.json")),
+                     key=lambda r: r["name"])
+    assert len(sharded) == 2
+    for result in sharded:
+        assert result["sharding"]["mesh"] == {"data": 1, "fsdp": SIMULATED_DEVICES, "tensor": 1}
+        assert result["sharding"]["params"]["blocks/w_up"] == [None, "fsdp", None]
+        assert result["config"]["mesh"]["fsdp"] == -1
+    code, _ = call_main(main, [*TINY_RUN, *grid, f"train.out_dir={tmp_path / 'single'}"])
+    single = sorted((json.loads(p.read_text()) for p in (tmp_path / "single").glob("*/result.json")),
+                    key=lambda r: r["name"])
+    for a, b in zip(sharded, single, strict=True):
+        assert a["name"] == b["name"]  # the mesh is where a run trains, not what it trains
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+
+
+def test_muon_stack_keeps_each_matrix_on_one_device():
+    """Four 32×48 momenta sharded by rows over 8 devices: with the stack, every dot of the
+    compiled Newton–Schulz loop is one whole matrix (32×48 or its 32×32 Gram); left to the
+    compiler, the same loop multiplies row slices (4 of 32 rows) and all-reduces them. Both
+    give the unsharded update."""
+    from optim.muon import MatrixAxes, StackSharding, scale_by_muon
+
+    mesh = jax.make_mesh((1, 8, 1), ("data", "fsdp", "tensor"),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    grads = {"w": jax.random.normal(jax.random.key(0), (4, 32, 48))}
+    axes = {"w": MatrixAxes((-2,), (-1,))}
+    sharded = jax.device_put(grads, {"w": jax.sharding.NamedSharding(mesh, P(None, "fsdp"))})
+    unsharded = scale_by_muon(axes)
+    expected = np.asarray(unsharded.update(grads, unsharded.init(grads))[0]["w"])
+    dots = {}
+    for name, stack in (("stack", StackSharding(mesh, ("fsdp",))), ("compiler", None)):
+        tx = scale_by_muon(axes, stack=stack)
+        update = jax.jit(lambda g, tx=tx: tx.update(g, tx.init(g))[0])
+        np.testing.assert_allclose(np.asarray(update(sharded)["w"]), expected, rtol=1e-4,
+                                   atol=1e-5)
+        hlo = update.lower(sharded).compile().as_text()
+        dots[name] = {line.split("=")[1].split()[0] for line in hlo.splitlines() if " dot(" in line}
+    assert dots["stack"] == {"f32[32,48]{1,0}", "f32[32,32]{1,0}"}
+    assert any(shape.startswith("f32[4,4,") for shape in dots["compiler"])
+
+
+def test_single_mesh_is_no_mesh():
+    """mesh=single compiles exactly the unsharded program; any -1 makes a mesh, even of one."""
+    assert layout_of(MeshConfig()) is None
+    assert dict(layout_of(MeshConfig(fsdp=-1)).mesh.shape)["fsdp"] == SIMULATED_DEVICES
