@@ -15,8 +15,8 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 import optim
-from scaling.config import RunConfig, SweepConfig, lr_grid, to_dict, validate
 from scaling import distributed
+from scaling.config import RunConfig, SweepConfig, lr_grid, to_dict, validate
 from scaling.parametrization import build_model
 from scaling.sharding import Layout, layout_of, place
 from scaling.spectral import SpectralLog

@@ -12,6 +12,7 @@ from __future__ import annotations
 import signal
 import threading
 from types import FrameType
+from typing import Self
 
 import jax
 
@@ -25,7 +26,7 @@ class StopSignals:
         self.signals, self.received = signals, None
         self._previous: dict[int, object] = {}
 
-    def __enter__(self) -> StopSignals:
+    def __enter__(self) -> Self:
         # only the main thread can catch signals; with several processes JAX's own SIGTERM
         # handler (jax.distributed's preemption notifier) must stay in place
         if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
