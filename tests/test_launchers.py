@@ -16,7 +16,14 @@ from hydra.core.hydra_config import HydraConfig
 
 from experiments.compose import precheck
 from experiments.demo import main as demo_main
-from experiments.launcher_env import JOBLIB, SUBMITIT_LOCAL, apply_job_environment, job_environment
+from experiments.launcher_env import (
+    JOBLIB,
+    NO_PINNING,
+    SUBMITIT_LOCAL,
+    apply_job_environment,
+    core_share,
+    job_environment,
+)
 from scaling.analysis import analyze, load_results
 
 SLURM = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
@@ -51,19 +58,20 @@ def test_precheck_leaves_launcher_overrides_to_hydra():
     assert precheck(argv)[:len(argv)] == argv
 
 
-def test_parallel_jobs_share_the_cores_and_the_gpu():
+def test_parallel_jobs_share_the_gpu():
     two = {"_target_": JOBLIB, "n_jobs": 2}
-    env = job_environment(two, cpus=8, gpu=False, environ={})
-    assert env == {"OMP_NUM_THREADS": "4", "OPENBLAS_NUM_THREADS": "4", "MKL_NUM_THREADS": "4",
-                   "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false "
-                                "intra_op_parallelism_threads=4"}
+    assert job_environment(two, cpus=8, gpu=True, environ={}) == {
+        "XLA_PYTHON_CLIENT_PREALLOCATE": "false", "XLA_CLIENT_MEM_FRACTION": "0.450"}
     # joblib's n_jobs=-1 is one job per core; submitit's local jobs are sized by cpus_per_task
-    assert job_environment({"_target_": JOBLIB, "n_jobs": -1}, 8, False, {})["OMP_NUM_THREADS"] == "1"
+    assert job_environment({"_target_": JOBLIB, "n_jobs": -1}, 8, True, {})[
+        "XLA_CLIENT_MEM_FRACTION"] == "0.113"
     local = {"_target_": SUBMITIT_LOCAL, "cpus_per_task": 2}
-    assert job_environment(local, 8, False, {})["OMP_NUM_THREADS"] == "2"
-    gpu = job_environment(two, cpus=8, gpu=True, environ={})
-    assert gpu["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
-    assert gpu["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.450"
+    assert job_environment(local, 8, True, {})["XLA_CLIENT_MEM_FRACTION"] == "0.225"
+    # no thread variables on CPU: the cores are shared by pinning, not by flags
+    assert job_environment(two, cpus=8, gpu=False, environ={}) == {}
+    # jaxlib refuses both fraction variables at once, so the user's old spelling stays alone
+    mine = job_environment(two, 8, True, {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.3"})
+    assert mine == {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
 
 
 def test_a_job_alone_or_on_slurm_is_left_alone():
@@ -72,17 +80,9 @@ def test_a_job_alone_or_on_slurm_is_left_alone():
         assert job_environment(launcher, cpus=16, gpu=True, environ={}) == {}
 
 
-def test_user_xla_flags_are_kept():
-    two = {"_target_": JOBLIB, "n_jobs": 2}
-    env = job_environment(two, 4, False, {"XLA_FLAGS": "--xla_dump_to=/tmp/x"})
-    assert env["XLA_FLAGS"].startswith("--xla_dump_to=/tmp/x --xla_cpu_multi_thread_eigen=false")
-    # the user's own thread setting wins
-    mine = "--xla_cpu_multi_thread_eigen=true"
-    assert "XLA_FLAGS" not in job_environment(two, 4, False, {"XLA_FLAGS": mine})
-
-
 def test_apply_job_environment_sets_only_what_the_user_did_not(monkeypatch):
-    monkeypatch.setattr(os, "environ", {"OMP_NUM_THREADS": "3", "XLA_FLAGS": "--xla_dump_to=d"})
+    monkeypatch.setattr(os, "environ", {"XLA_PYTHON_CLIENT_PREALLOCATE": "true",
+                                        "CUDA_VISIBLE_DEVICES": "0", NO_PINNING: "1"})
     monkeypatch.setattr(os, "sched_getaffinity", lambda _: {0, 1, 2, 3})
     saved = HydraConfig.instance().cfg
     HydraConfig.instance().set_config(_hydra_config("parallel", "+experiment=lr_width_sweep"))
@@ -90,9 +90,54 @@ def test_apply_job_environment_sets_only_what_the_user_did_not(monkeypatch):
         apply_job_environment()
     finally:
         HydraConfig.instance().cfg = saved
-    assert os.environ["OMP_NUM_THREADS"] == "3" and os.environ["MKL_NUM_THREADS"] == "2"
-    assert os.environ["XLA_FLAGS"] == ("--xla_dump_to=d --xla_cpu_multi_thread_eigen=false "
-                                       "intra_op_parallelism_threads=2")
+    assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "true"
+    assert os.environ["XLA_CLIENT_MEM_FRACTION"] == "0.450"
+
+
+def test_core_shares_split_the_cores_contiguously():
+    assert [core_share([0, 1, 2, 3, 4, 5, 6, 7], s, 3) for s in range(3)] == \
+        [[0, 1], [2, 3, 4], [5, 6, 7]]
+    assert [core_share([4, 9], s, 4) for s in range(4)] == [[4], [4], [9], [9]]  # > 1 job a core
+
+
+# claims two slots (the second must repeat the first), prints slot and affinity, then holds the
+# slot until its stdin closes
+_CLAIM = """
+import os, sys, warnings
+from pathlib import Path
+from experiments.launcher_env import claim_cores, claim_slot
+warnings.simplefilter("ignore")
+cores = claim_cores(Path(sys.argv[1]), 2)
+print(claim_slot(Path(sys.argv[1]), 2), claim_slot(Path(sys.argv[1]), 2),
+      ",".join(map(str, sorted(os.sched_getaffinity(0)))) if cores else "-", flush=True)
+sys.stdin.read()
+"""
+
+
+def _claimer(folder) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", _CLAIM, str(folder)], cwd=REPO, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+
+def _claimed(proc: subprocess.Popen) -> tuple[str, str, set[str]]:
+    slot, again, cores = proc.stdout.readline().split()
+    return slot, again, set(cores.split(","))
+
+
+def test_parallel_jobs_claim_different_slots_and_disjoint_cores(tmp_path):
+    first, second = _claimer(tmp_path), _claimer(tmp_path)
+    (slot_a, again_a, cores_a), (slot_b, again_b, cores_b) = _claimed(first), _claimed(second)
+    assert {slot_a, slot_b} == {"0", "1"} and (again_a, again_b) == (slot_a, slot_b)
+    if len(os.sched_getaffinity(0)) >= 2:  # one core can only be shared
+        assert not cores_a & cores_b
+    full = _claimer(tmp_path)  # both slots held: affinity left alone
+    assert _claimed(full)[0] == "None"
+    full.communicate("")
+    first.communicate("")  # an ended job's slot is free again
+    reuse = _claimer(tmp_path)
+    assert _claimed(reuse)[0] == slot_a
+    reuse.communicate("")
+    second.communicate("")
 
 
 def _sweep(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
