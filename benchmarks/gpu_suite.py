@@ -177,6 +177,19 @@ def train_step_mfu(out: Path, opts) -> dict:
                     + (f" (batch {tried[:-1]} ran out of memory)" if len(tried) > 1 else "")}
 
 
+def sharding(out: Path, opts) -> dict:
+    """The train step on a mesh of every device (one GPU: the mesh machinery's own cost) and
+    Muon's update with stacked matrices against compiler-split Newton–Schulz."""
+    sizes = (["--repeats", "1", "--steps", "1", "--widths", "32", "--meshes", "single", "fsdp",
+              "--", "model.width=32", "model.depth=1", "train.batch_size=8", "train.seq_len=16"]
+             if opts.tiny else ["--repeats", "5", "--steps", "10", "--widths", "1024"])
+    r = call_main("sharding", ["--out", str(out), *sizes])
+    fsdp, muon = r["train_step"]["fsdp"], next(iter(r["muon_update"].values()))
+    return {"fsdp_ratio": fsdp["ratio"], "stack_ratio": muon["stack"]["ratio"],
+            "line": f"{r['devices']} device(s): mesh=fsdp step {fsdp['ratio']:.2f}× no mesh "
+                    f"({fsdp['ms']:.1f} ms); Muon stack {muon['stack']['ratio']:.2f}× compiler"}
+
+
 # Limits on the GPU add up to gpu.sh's budget less its margin, so each gets its own in full.
 # Tiny mode runs repeated measurements at one shape: the compilation cache serves the repeats.
 # mezo_memory runs first: the device's peak_bytes_in_use counter only grows within a process.
@@ -184,11 +197,12 @@ MEASUREMENTS = (
     Measurement("mezo_memory", 45, mezo_memory),
     Measurement("ns_kernels", 55, ns_kernels),
     Measurement("muon_step_w1024", 35, muon_step(1024)),
-    Measurement("muon_step_w4096", 70, muon_step(4096)),
+    Measurement("muon_step_w4096", 60, muon_step(4096)),
     Measurement("vectorize_lr", 55, vectorize_lr),
     Measurement("train_step_default", 35, train_step_vs_reference(128, 4)),
     Measurement("train_step_w512_d8", 35, train_step_vs_reference(512, 8)),
-    Measurement("train_step_mfu", 130, train_step_mfu),
+    Measurement("train_step_mfu", 115, train_step_mfu),
+    Measurement("sharding", 25, sharding),
 )
 NAMES = tuple(m.name for m in MEASUREMENTS)
 

@@ -31,7 +31,10 @@ from pathlib import Path
 
 def _parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--devices", type=int, default=8, help="simulated CPU devices")
+    parser.add_argument("--devices", type=int, default=8,
+                        help="simulated CPU devices (when run as a script, on CPU)")
+    parser.add_argument("--meshes", nargs="+", default=["single", "fsdp", "data"],
+                        help="mesh options of the train-step rows; the first is the baseline")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10, help="steps per timing")
     parser.add_argument("--widths", type=int, nargs="+", default=[128, 512],
@@ -41,23 +44,23 @@ def _parse() -> argparse.Namespace:
     return parser.parse_args()
 
 
-ARGS = _parse() if __name__ == "__main__" else None
-if ARGS is not None and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+if __name__ == "__main__" and "device_count" not in os.environ.get("XLA_FLAGS", ""):
+    # before JAX starts; imported (benchmarks/gpu_suite.py), the devices are the real ones
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + f" --xla_force_host_platform_device_count={ARGS.devices}")
+                               + f" --xla_force_host_platform_device_count={_parse().devices}")
 
-import jax  # noqa: E402 (after XLA_FLAGS)
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import numpy as np
+import optax
+from flax import nnx
 
-from experiments.compose import compose, to_run_config  # noqa: E402
-from scaling.parametrization import build_model  # noqa: E402
-from scaling.sharding import layout_of, place  # noqa: E402
-from scaling.training import data  # noqa: E402
-from scaling.training.files import write_json_atomic  # noqa: E402
-from scaling.training.loop import _init_state, _optimizer_setup  # noqa: E402
-from scaling.training.step import make_train_step  # noqa: E402
+from experiments.compose import compose, to_run_config
+from scaling.parametrization import build_model
+from scaling.sharding import layout_of, place
+from scaling.training import data
+from scaling.training.files import write_json_atomic
+from scaling.training.loop import _init_state, _optimizer_setup
+from scaling.training.step import make_train_step
 
 VOCAB = 256
 
@@ -126,31 +129,33 @@ def compare(programs: dict, baseline: str, repeats: int, steps: int) -> dict:
             for name, t in times.items()}
 
 
-def main() -> None:
-    args, model = ARGS, ARGS.overrides
+def main() -> dict:
+    args = _parse()
+    model = args.overrides
     print(f"devices: {jax.device_count()} × {jax.devices()[0].platform}", flush=True)
     steps = {}
-    for mesh in ("single", "fsdp", "data"):
+    for mesh in args.meshes:
         step, state, batch = train_program([*model, f"mesh={mesh}"])
         steps[mesh] = (lambda s, step=step, batch=batch: step(s, *batch), state)
-    train = compare(steps, "single", args.repeats, args.steps)
+    train = compare(steps, args.meshes[0], args.repeats, args.steps)
     muon = {}
     for width in args.widths:
         rows = {kind: muon_program([*model, f"model.width={width}", "mesh=fsdp",
                                     f"optim.ns_sharding={kind}"]) for kind in ("stack", "compiler")}
         muon[width] = compare(rows, "compiler", args.repeats, args.steps)
-    print("\n| train step | ms | × single |\n|---|---|---|")
+    print(f"\n| train step | ms | × {args.meshes[0]} |\n|---|---|---|")
     for name, row in train.items():
         print(f"| {name} | {row['ms']:.1f} | {row['ratio']:.2f} |")
     print("\n| Muon update (mesh=fsdp) | width | ms | × compiler |\n|---|---|---|---|")
     for width, rows in muon.items():
         for name, row in rows.items():
             print(f"| {name} | {width} | {row['ms']:.1f} | {row['ratio']:.2f} |")
+    result = {"command": shlex.join(["python", *sys.argv]), "devices": jax.device_count(),
+              "platform": jax.devices()[0].platform, "train_step": train,
+              "muon_update": {str(w): rows for w, rows in muon.items()}}
     if args.out is not None:
-        write_json_atomic(args.out, {
-            "command": shlex.join(["python", *sys.argv]), "devices": jax.device_count(),
-            "platform": jax.devices()[0].platform, "train_step": train,
-            "muon_update": {str(w): rows for w, rows in muon.items()}})
+        write_json_atomic(args.out, result)
+    return result
 
 
 if __name__ == "__main__":

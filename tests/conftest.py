@@ -37,6 +37,11 @@ TINY_RUN = [
     "train.log_every=3", "train.checkpoint_every=6", "optim.warmup_steps=2", "logging.wandb_mode=disabled",
     "logging.progress=false",
 ]
+# TINY_RUN cut to 3 steps with one evaluation and no indicators: for runs in fresh processes
+# (launchers, several hosts), whose start-up and compiles are most of their time.
+QUICK_JOB = [*TINY_RUN, "train.steps=3", "train.eval_every=3", "train.log_every=1",
+             "train.checkpoint_every=3", "train.eval_batches=1", "optim.warmup_steps=1",
+             "logging.spectral_every=0", "logging.indicators=false"]
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import QUICK_JOB, REPO
 
 from scaling.config import MeshConfig
 from scaling.distributed import cluster_in_environment, wanted
@@ -50,11 +50,7 @@ def test_two_processes_train_one_run(tmp_path):
     """Two processes of 2 CPU devices each, one fsdp mesh of 4: both finish the same run, only
     process 0 writes metrics and result.json, and the losses are the one-process run's."""
     out, port = tmp_path / "runs", _free_port()
-    run = ["model.width=64", "model.depth=2", "param.base_width=32", "train.steps=3",
-           "train.batch_size=4", "train.seq_len=32", "train.eval_every=3", "train.eval_batches=1",
-           "train.log_every=1", "train.checkpoint_every=3", "optim.warmup_steps=1",
-           "logging.progress=false", "logging.spectral_every=0", "logging.indicators=false",
-           "logging.wandb_mode=disabled"]
+    run = [*QUICK_JOB, "train.batch_size=4"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
            "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     processes = [subprocess.Popen(

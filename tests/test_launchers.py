@@ -9,7 +9,7 @@ import sys
 
 import jax
 import pytest
-from conftest import REPO, TINY_RUN
+from conftest import QUICK_JOB, REPO, TINY_RUN
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -145,7 +145,7 @@ def _sweep(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
            "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
     argv = [sys.executable, "-m", "experiments.train", "-m", *overrides, "train.seed=0,1",
-            *TINY_RUN, f"train.out_dir={tmp_path / 'runs'}"]
+            *QUICK_JOB, f"train.out_dir={tmp_path / 'runs'}"]
     proc = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=180, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -159,7 +159,7 @@ def test_joblib_sweep_trains_jobs_in_parallel_each_over_its_lr_grid(tmp_path):
     results = load_results(tmp_path / "runs")
     assert sorted((r["config"]["train"]["seed"], r["config"]["optim"]["lr"]) for r in results) \
         == [(0, 2**-8), (0, 2**-7), (1, 2**-8), (1, 2**-7)]
-    assert all(r["steps"] == 12 and r["lrs_trained_together"] == 2 for r in results)
+    assert all(r["steps"] == 3 and r["lrs_trained_together"] == 2 for r in results)
     [shape] = analyze(results)["shapes"]
     assert shape["seeds"] == [0, 1] and [p["n"] for p in shape["curve"]] == [2, 2]
 
