@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from experiments.cli import OneLineParser, fail
-from experiments.compose import compose, to_run_config
+from experiments.compose import compose, group_options, to_run_config
 from scaling.analysis import load_results
 from scaling.config import RunConfig, to_dict
 from scaling.training.files import atomic_open
@@ -23,7 +23,8 @@ from scaling.transfer import DATA_EXPONENT, DEPTH_EXPONENT, TransferResult, tran
 
 # Groups whose option is chosen by name; every other difference is a field override.
 GROUP_FIELDS = {"model": "kind", "param": "name", "optim": "name"}
-NOT_OVERRIDDEN = ("logging", "sweep")
+# the mesh is where the proxy ran, not what it trained: the target's is chosen with --mesh
+NOT_OVERRIDDEN = ("logging", "sweep", "mesh")
 # What the target may change, as (flag, model or train field): at least one must move.
 TARGET_FLAGS = (("--width", "model.width"), ("--depth", "model.depth"),
                 ("--steps", "train.steps"), ("--batch-size", "train.batch_size"))
@@ -56,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="overrides file (default: "
                         "SWEEP_DIR/analysis/transfer-PARAM-wW-dL.yaml)")
     parser.add_argument("--launch", action="store_true", help="train the target now")
+    parser.add_argument("--mesh", choices=group_options("mesh"), default="single",
+                        help="the target's mesh (docs/sharding.md), e.g. fsdp: sharded over "
+                        "every device (default: single)")
     return parser
 
 
@@ -140,9 +144,10 @@ def main(argv: list[str] | None = None) -> None:
     except (FileNotFoundError, ValueError) as error:  # ConfigError is a ValueError
         _fail(str(error))
     target = dataclasses.replace(result.config, train=dataclasses.replace(
-        result.config.train, out_dir=args.out_dir))
+        result.config.train, out_dir=args.out_dir),
+        mesh=to_run_config(compose([f"mesh={args.mesh}"])).mesh)
     _require_a_change(shape, target)
-    overrides = command_overrides(target)
+    overrides = command_overrides(target) + ([f"mesh={args.mesh}"] if args.mesh != "single" else [])
     model = target.model
     # the optimizer in the name only when chosen, so a one-optimizer sweep's file keeps its name
     recipe = shape["param"] + (f"-{re.sub(r'[^a-z0-9]+', '-', args.optim).strip('-')}"

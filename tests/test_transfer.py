@@ -216,7 +216,7 @@ def test_cli_writes_overrides_that_compose_to_the_target(sweep, tmp_path, capsys
     """Proxy w128 (m = 2) → w512 (m = 8), tokens ×2: η = 2**c · 2**-0.32, hidden ×1/2 → ×1/8."""
     out = tmp_path / "target.yaml"
 
-    main([str(sweep), "--width", "512", "--steps", "200", "--out", str(out)])
+    main([str(sweep), "--width", "512", "--steps", "200", "--out", str(out), "--mesh", "fsdp"])
 
     printed = capsys.readouterr().out
     assert "proxy: mup transformer w128 d2" in printed
@@ -235,6 +235,7 @@ def test_cli_writes_overrides_that_compose_to_the_target(sweep, tmp_path, capsys
     assert isinstance(overrides, list) and all(isinstance(o, str) for o in overrides)
     assert f"run it: scaling-train {shlex.join(overrides)}" in printed
     target = to_run_config(compose(overrides))
+    assert target.mesh.fsdp == -1  # the target's own mesh, not the proxy's
     assert (target.param.name, target.param.base_width) == ("mup", BASE_WIDTH)
     assert (target.model.width, target.model.depth) == (512, DEPTH)
     assert (target.train.steps, target.train.batch_size, target.train.seq_len) == (200, BATCH,
