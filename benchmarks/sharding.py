@@ -69,8 +69,10 @@ def train_program(overrides: list[str]):
     """(step, state, batch) of the run `overrides` describe, placed on its mesh."""
     cfg = to_run_config(compose(overrides))
     model, parametrization = build_model(cfg.model, cfg.param, VOCAB, 0)
-    graphdef, params = nnx.split(model)
     layout = layout_of(cfg.mesh)
+    if layout is not None:
+        model.activation_sharding = layout.activations
+    graphdef, params = nnx.split(model)
     setup = _optimizer_setup(cfg, parametrization, layout)
     state = _init_state(cfg, setup, params.to_pure_dict(), cfg.optim.lr)
     shardings = None if layout is None else layout.state(state, parametrization.specs)

@@ -11,6 +11,14 @@ import jax.numpy as jnp
 LayerTransform = Callable[[dict, jax.Array], dict]
 
 
+def constrain(x: jax.Array, sharding: jax.sharding.Sharding | None) -> jax.Array:
+    """x kept where `sharding` says (a mesh's batch split), or left to the compiler (None).
+
+    Without it, a residual stream born from an embedding table split along its width would
+    follow the table, and every matmul after it would split its contraction across devices."""
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+
 def rms_norm(x_BxTxD: jax.Array, gain_D: jax.Array, eps: float = 1e-6) -> jax.Array:
     """In float32 whatever the compute dtype (a bf16 mean of squares loses the small ones)."""
     x32_BxTxD = x_BxTxD.astype(jnp.float32)

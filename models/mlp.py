@@ -7,7 +7,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import ModelConfig, compute_dtype
-from models.layers import LayerTransform, float32_logits, outlier_percent, rms, scan_layers
+from models.layers import (
+    LayerTransform,
+    constrain,
+    float32_logits,
+    outlier_percent,
+    rms,
+    scan_layers,
+)
 from models.tagged import tagged_param
 
 
@@ -27,6 +34,7 @@ class ByteMLP(nnx.Module):
         K, D, L, V = cfg.context, cfg.width, cfg.depth, vocab_size
         self.logit_multiplier = logit_multiplier
         self.scan_unroll, self.compute_dtype = cfg.scan_unroll, compute_dtype(cfg.compute_dtype)
+        self.activation_sharding = None  # as the Transformer's
         self.embed = tagged_param(rngs.params(), (K, V, D), role="input", fan_in_axes=(-2,),
                                   fan_out_axes=(-1,), logical_axes=("context", "vocab", "embed"),
                                   init_scale=cfg.embed_std)
@@ -51,11 +59,13 @@ class ByteMLP(nnx.Module):
         T = tokens_BxT.shape[1]
         h_BxTxD = sum(jnp.take(embed_KxVxD[k], padded_BxT[:, K - 1 - k:K - 1 - k + T], axis=0)
                       for k in range(K))
-        h_BxTxD = jax.nn.gelu(h_BxTxD + self.embed_bias[...].astype(dtype))
+        h_BxTxD = constrain(jax.nn.gelu(h_BxTxD + self.embed_bias[...].astype(dtype)),
+                            self.activation_sharding)
         embed_rms = rms(h_BxTxD)
 
         def layer(h, p):
-            h = jax.nn.gelu(h @ p["w"].astype(dtype) + p["b"].astype(dtype))
+            h = constrain(jax.nn.gelu(h @ p["w"].astype(dtype) + p["b"].astype(dtype)),
+                          self.activation_sharding)
             return h, {"block_out": rms(h), "outliers": outlier_percent(h)}
 
         stacked = {name: param[...] for name, param in self.layers.items()}

@@ -12,6 +12,7 @@ from models.layers import (
     attention_log_z,
     cast_matrices,
     causal_attention,
+    constrain,
     float32_logits,
     outlier_percent,
     rms,
@@ -40,6 +41,9 @@ class Transformer(nnx.Module):
         self.logit_multiplier, self.attention_scale = logit_multiplier, attention_scale
         self.branch_multiplier = branch_multiplier
         self.scan_unroll, self.compute_dtype = cfg.scan_unroll, compute_dtype(cfg.compute_dtype)
+        # on a device mesh, where the residual stream lives (sequences split over the batch
+        # axes); None: wherever the compiler puts it (models/layers.py, constrain)
+        self.activation_sharding = None
 
         def block_matrix(shape, axes):
             return tagged_param(rngs.params(), (L, *shape), role="hidden", fan_in_axes=(-2,),
@@ -88,7 +92,7 @@ class Transformer(nnx.Module):
         x_BxTxD = x_BxTxD + attn_BxTxD
         h_BxTxD = rms_norm(x_BxTxD, p["mlp_norm"])
         mlp_BxTxD = self._branch(jax.nn.gelu(h_BxTxD @ p["w_up"]) @ p["w_down"])
-        x_BxTxD = x_BxTxD + mlp_BxTxD
+        x_BxTxD = constrain(x_BxTxD + mlp_BxTxD, self.activation_sharding)
         n = max(1, B // ATTENTION_Z_SHARE)
         log_z_nxTxN = attention_log_z(q_BxTxNxH[:n], k_BxTxNxH[:n], self.attention_scale)
         stats = {"attn_out": rms(attn_BxTxD), "mlp_out": rms(mlp_BxTxD), "block_out": rms(x_BxTxD),
@@ -100,7 +104,8 @@ class Transformer(nnx.Module):
         outputs and residual stream, and of the logits; per block also `attn_z`, the mean squared
         log-partition of its attention logits (ATTENTION_Z_SHARE), and `outliers`, the percent of residual-stream
         features beyond 5 std of their token's mean (models.layers.outlier_percent)."""
-        embed_BxTxD = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(self.compute_dtype)
+        embed_BxTxD = constrain(jnp.take(self.embed[...], tokens_BxT, axis=0).astype(
+            self.compute_dtype), self.activation_sharding)
         stacked = {name: param[...] for name, param in self.blocks.items()}
         x_BxTxD, layer_stats = scan_layers(self._block, embed_BxTxD, stacked, layer_transform,
                                            self.scan_unroll)

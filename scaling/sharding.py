@@ -89,6 +89,11 @@ class Layout:
         return self.named(PartitionSpec(BATCH_AXES))
 
     @property
+    def activations(self) -> NamedSharding:
+        """The residual stream (batch × positions × width): split like the batch."""
+        return self.named(PartitionSpec(BATCH_AXES, None, None))
+
+    @property
     def batch_shards(self) -> int:
         return math.prod(self.mesh.shape[axis] for axis in BATCH_AXES)
 

@@ -170,13 +170,14 @@ def pretrained_params(cfg: RunConfig, vocab_size: int, like):
 def _train_together(members: list[_Member], splits) -> list[dict]:
     cfg, t, k = members[0].cfg, members[0].cfg.train, len(members)
     model, parametrization = build_model(cfg.model, cfg.param, splits.vocab_size, t.seed)
+    layout = layout_of(cfg.mesh)
+    if layout is not None:
+        layout.check_batch(t.batch_size)
+        model.activation_sharding = layout.activations  # static: part of the graphdef
     graphdef, params = nnx.split(model)
     params = params.to_pure_dict()
     if cfg.init.from_run is not None:  # fine-tuning, before anything is written
         params = pretrained_params(cfg, splits.vocab_size, params)
-    layout = layout_of(cfg.mesh)
-    if layout is not None:
-        layout.check_batch(t.batch_size)
     setup = _optimizer_setup(cfg, parametrization, layout)
     init_state = lambda lr: _init_state(cfg, setup, params, lr)
     template = init_state(0.0)
