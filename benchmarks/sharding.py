@@ -4,8 +4,8 @@ optimizer step with stacked matrices against letting the compiler split the NS m
     python benchmarks/sharding.py --devices 8 --repeats 5 --out sharding.json
 
 On CPU the devices are simulated (XLA_FLAGS=--xla_force_host_platform_device_count, set here
-before JAX starts) and share the machine's cores, so a mesh cannot be faster: the ratio is the
-price of splitting one step's work into per-device programs plus their collectives. On a GPU
+before JAX starts) and share the machine's cores: the ratio is the price of splitting one
+step's work into per-device programs plus their collectives, not a speed-up to expect. On a GPU
 or TPU machine the devices are the real ones (--devices is then ignored).
 
 Rows (the default run: `scaling-train`'s model, μP, AdamW, batch 32 × 128 tokens):
