@@ -168,6 +168,8 @@ def test_submitit_local_sweep_writes_its_logs_beside_the_runs(tmp_path):
     _sweep(tmp_path, "hydra/launcher=submitit_local")
     results = load_results(tmp_path / "runs")
     assert sorted(r["config"]["train"]["seed"] for r in results) == [0, 1]
+    [shape] = analyze(results)["shapes"]
+    assert shape["seeds"] == [0, 1]
     logs = list((tmp_path / "runs" / ".submitit").rglob("*_log.out"))
     assert len(logs) == 2 and all("completed successfully" in p.read_text() for p in logs)
     assert not (REPO / ".submitit").exists()
