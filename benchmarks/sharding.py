@@ -52,14 +52,12 @@ if __name__ == "__main__" and "device_count" not in os.environ.get("XLA_FLAGS", 
 import jax
 import numpy as np
 import optax
-from flax import nnx
 
 from experiments.compose import compose, to_run_config
-from scaling.parametrization import build_model
-from scaling.sharding import layout_of, place
+from scaling.sharding import place
 from scaling.training import data
 from scaling.training.files import write_json_atomic
-from scaling.training.loop import _init_state, _optimizer_setup
+from scaling.training.loop import _init_state, _optimizer_setup, model_on_mesh
 from scaling.training.step import make_train_step
 
 VOCAB = 256
@@ -68,13 +66,9 @@ VOCAB = 256
 def train_program(overrides: list[str]):
     """(step, state, batch) of the run `overrides` describe, placed on its mesh."""
     cfg = to_run_config(compose(overrides))
-    model, parametrization = build_model(cfg.model, cfg.param, VOCAB, 0)
-    layout = layout_of(cfg.mesh)
-    if layout is not None:
-        model.activation_sharding = layout.activations
-    graphdef, params = nnx.split(model)
+    _, graphdef, params, parametrization, layout = model_on_mesh(cfg, VOCAB)
     setup = _optimizer_setup(cfg, parametrization, layout)
-    state = _init_state(cfg, setup, params.to_pure_dict(), cfg.optim.lr)
+    state = _init_state(cfg, setup, params, cfg.optim.lr)
     shardings = None if layout is None else layout.state(state, parametrization.specs)
     step = make_train_step(graphdef, setup, 1, None, shardings)
     tokens = np.random.default_rng(0).integers(0, VOCAB, 1 << 16).astype(np.uint16)
@@ -87,9 +81,7 @@ def train_program(overrides: list[str]):
 def muon_program(overrides: list[str]):
     """(update, state) of Muon's step alone: tx.update + apply on fixed random gradients."""
     cfg = to_run_config(compose(["optim=muon", "optim.clip_norm=0", *overrides]))
-    model, parametrization = build_model(cfg.model, cfg.param, VOCAB, 0)
-    params = nnx.split(model)[1].to_pure_dict()
-    layout = layout_of(cfg.mesh)
+    _, _, params, parametrization, layout = model_on_mesh(cfg, VOCAB)
     tx = _optimizer_setup(cfg, parametrization, layout)(cfg.optim.lr)
     state = {"params": params, "opt_state": tx.init(params)}
     grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(1), p.shape), params)

@@ -21,7 +21,7 @@ from scaling.parametrization import build_model
 from scaling.sharding import Layout, layout_of, mesh_shape, place
 from scaling.training import data
 from scaling.training.checkpoint import Checkpointer
-from scaling.training.loop import _init_state, _optimizer_setup
+from scaling.training.loop import _init_state, _optimizer_setup, model_on_mesh
 from scaling.training.step import make_train_step
 from scaling.training.zo_step import make_zo_step
 
@@ -41,13 +41,9 @@ def _config(optim: str, mesh: tuple[str, ...]):
 def _trained(optim: str, mesh: tuple[str, ...], steps: int = STEPS):
     """(state after `steps` steps, layout) of the tiny Transformer under `optim` on `mesh`."""
     cfg = _config(optim, mesh)
-    model, parametrization = build_model(cfg.model, cfg.param, 256, cfg.train.seed)
-    layout = layout_of(cfg.mesh)
-    if layout is not None:
-        model.activation_sharding = layout.activations
-    graphdef, params = nnx.split(model)
+    _, graphdef, params, parametrization, layout = model_on_mesh(cfg, 256)
     setup = _optimizer_setup(cfg, parametrization, layout)
-    state = _init_state(cfg, setup, params.to_pure_dict(), cfg.optim.lr)
+    state = _init_state(cfg, setup, params, cfg.optim.lr)
     shardings = None if layout is None else layout.state(state, parametrization.specs)
     if cfg.optim.family == "zeroth_order":
         step = make_zo_step(graphdef, setup, 1, None if layout is None else shardings["params"])

@@ -138,6 +138,18 @@ class _Member:
                 getattr(self, log).close()
 
 
+def model_on_mesh(cfg: RunConfig, vocab_size: int):
+    """(model, graphdef, parameters as a pure dict, parametrization, layout) of cfg's model at
+    its seed, laid out for cfg's mesh (layout None without one); parameters not placed yet."""
+    model, parametrization = build_model(cfg.model, cfg.param, vocab_size, cfg.train.seed)
+    layout = layout_of(cfg.mesh)
+    if layout is not None:
+        layout.check_batch(cfg.train.batch_size)
+        model.activation_sharding = layout.activations  # static: part of the graphdef
+    graphdef, params = nnx.split(model)
+    return model, graphdef, params.to_pure_dict(), parametrization, layout
+
+
 def _optimizer_setup(cfg: RunConfig, parametrization, layout: Layout | None = None):
     """What the train state and step of cfg's optimizer are built from: MeZO's probe setup, or
     the optimizer at any LR (on `layout`'s mesh, if any)."""
@@ -169,13 +181,7 @@ def pretrained_params(cfg: RunConfig, vocab_size: int, like):
 
 def _train_together(members: list[_Member], splits) -> list[dict]:
     cfg, t, k = members[0].cfg, members[0].cfg.train, len(members)
-    model, parametrization = build_model(cfg.model, cfg.param, splits.vocab_size, t.seed)
-    layout = layout_of(cfg.mesh)
-    if layout is not None:
-        layout.check_batch(t.batch_size)
-        model.activation_sharding = layout.activations  # static: part of the graphdef
-    graphdef, params = nnx.split(model)
-    params = params.to_pure_dict()
+    model, graphdef, params, parametrization, layout = model_on_mesh(cfg, splits.vocab_size)
     if cfg.init.from_run is not None:  # fine-tuning, before anything is written
         params = pretrained_params(cfg, splits.vocab_size, params)
     setup = _optimizer_setup(cfg, parametrization, layout)
