@@ -61,9 +61,10 @@ class StackSharding:
         return x_SxMxN
 
     def release(self, x_SxMxN: jax.Array) -> jax.Array:
-        """The way back, one mesh axis at a time, for the compiler to take to the parameters'
+        """x kept split over every axis (the NS loop's output stays where it was computed),
+        then unsplit one mesh axis at a time, for the compiler to take to the parameters'
         layout (over two axes at once it falls back to replicating the whole stack)."""
-        for count in range(len(self.axes) - 1, 0, -1):
+        for count in range(len(self.axes), 0, -1):
             x_SxMxN = self._split_over(x_SxMxN, self.axes[:count])
         return x_SxMxN
 
@@ -146,8 +147,7 @@ def _directions(tree, axes_of: dict, direction_fn, scale_fn, stack: StackShardin
             directions = direction_fn(stacked_SxMxN)
         else:  # the NS loop runs on each device's own matrices, then gathered back
             count = stacked_SxMxN.shape[0]
-            directions = stack.release(stack.constrain(direction_fn(stack.constrain(
-                stacked_SxMxN))))[:count]
+            directions = stack.release(direction_fn(stack.constrain(stacked_SxMxN)))[:count]
         ends = np.cumsum([views[i][0].shape[0] for i in members])[:-1]
         for i, direction in zip(members, jnp.split(directions, ends), strict=True):
             _, restore, scale = views[i]

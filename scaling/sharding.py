@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from models.tagged import ParamSpec, tree_from_paths
+from models.tagged import ParamSpec
 from optim.muon import StackSharding, path_key
 from scaling.config import MESH_AXES, ConfigError, MeshConfig, ShardingRules
 
@@ -102,25 +102,18 @@ class Layout:
         """Muon's stacks of same-shape matrices, split over every device."""
         return StackSharding(self.mesh, tuple(a for a in MESH_AXES if self.mesh.shape[a] > 1))
 
-    def params(self, specs: dict[tuple, ParamSpec]) -> dict:
-        """A NamedSharding per parameter, as a tree like the parameters."""
-        return tree_from_paths({path: self.named(self.spec(s.logical_axes, s.shape))
-                                for path, s in specs.items()})
-
-    def state(self, state: Any, specs: dict[tuple, ParamSpec], runs: int = 1) -> Any:
-        """A NamedSharding per leaf of a train state (a tree, arrays or shapes): a leaf whose
-        path ends with a parameter's path and has its rank (optimizer moments, momentum, the
-        parameter itself) is placed like the parameter; every other leaf is replicated.
-        `runs` > 1: every leaf has a leading axis of runs trained together, kept whole."""
-        lead = 1 if runs > 1 else 0
+    def state(self, state: Any, specs: dict[tuple, ParamSpec]) -> Any:
+        """A NamedSharding per leaf of one run's train state, or of its parameters alone (a
+        tree of arrays or shapes): a leaf whose path ends with a parameter's path and has its
+        rank (optimizer moments, momentum, the parameter itself) is placed like the parameter;
+        every other leaf is replicated. Runs trained together: `lead`."""
         by_length = sorted(specs.items(), key=lambda item: -len(item[0]))
 
         def one(path, leaf):
             key, shape = path_key(path), tuple(np.shape(leaf))
             for param_path, s in by_length:
-                if key[-len(param_path):] == param_path and len(shape) == lead + len(s.shape):
-                    return self.named(PartitionSpec(*(None,) * lead,
-                                                    *self.spec(s.logical_axes, shape[lead:])))
+                if key[-len(param_path):] == param_path and len(shape) == len(s.shape):
+                    return self.named(self.spec(s.logical_axes, shape))
             return self.replicated
 
         return jax.tree_util.tree_map_with_path(one, state)

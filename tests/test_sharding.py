@@ -233,7 +233,8 @@ def test_fsdp_forward_gathers_weights_and_keeps_activations_split():
         if constrained:
             model.activation_sharding = layout.activations
         graphdef, params = nnx.split(model)
-        params = place(params.to_pure_dict(), layout.params(parametrization.specs))
+        params = params.to_pure_dict()
+        params = place(params, layout.state(params, parametrization.specs))
         tokens = place(np.zeros((8, 32), np.int32), layout.batch)
         forward = jax.jit(lambda p, t, g=graphdef: nnx.merge(g, p).forward(t)[0])
         hlo = forward.lower(params, tokens).compile().as_text()

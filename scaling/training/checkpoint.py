@@ -36,6 +36,6 @@ class Checkpointer:
 
     def close(self) -> None:
         if self.manager is not None:  # closing twice is harmless
-            self.manager.wait_until_finished()
+            self.wait()
             self.manager.close()
             self.manager = None
