@@ -15,10 +15,10 @@ from typing import NoReturn
 
 from experiments.cli import OneLineParser, fail
 from scaling.analysis import METRICS, analyze, format_table, load_results, unfinished_runs
-from scaling.analysis_run import log_analysis
 from scaling.config import LoggingConfig
+from scaling.files import atomic_open, write_json_atomic
 from scaling.plots import plot_analysis
-from scaling.training.files import atomic_open, write_json_atomic
+from scaling.training.analysis_run import log_analysis
 from scaling.training.tracking import wandb_mode
 
 

@@ -185,8 +185,8 @@ def run_check(cfg: RunConfig, coord: CoordConfig) -> tuple[Path, list[Slope]]:
     output folder and every slope."""
     from scaling.coord_check import coordinate_check, depth_check, slope_rows
     from scaling.coord_plots import save_png, step_figure
+    from scaling.files import atomic_open, write_json_atomic
     from scaling.training import data
-    from scaling.training.files import atomic_open, write_json_atomic
 
     splits = data.load(cfg.data, coord.seq_len)
     batch = data.train_batch(splits.train, cfg.train.seed, 0, coord.batch_size, coord.seq_len)

@@ -31,7 +31,8 @@ from experiments.compose import (
     to_run_config,
 )
 from experiments.transfer import command_overrides, explain, plan, write_overrides
-from scaling.analysis import DRIFT_KEYS, PARAM_LABELS
+from scaling import schemes
+from scaling.analysis import DRIFT_KEYS
 from scaling.config import RunConfig
 
 
@@ -163,7 +164,7 @@ def verdict(analysis: dict, targets: dict[str, dict], story: Story = STORIES["wi
         lines.append(f"{param:>{pad}}: target {letter}{run['config']['model'][axis]} at the "
                      f"transferred LR {run['config']['optim']['lr']:.4g}: {loss}")
     if story.scaled in drift and story.baseline in drift:
-        scaled, baseline = PARAM_LABELS[story.scaled], PARAM_LABELS[story.baseline]
+        scaled, baseline = schemes.label(story.scaled), schemes.label(story.baseline)
         per_doubling = f"octave per {axis} doubling"
         transfers = abs(drift[story.scaled]["slope"]) <= STAYS_PUT
         moves = (abs(drift[story.baseline]["slope"]) >= MOVES
@@ -236,7 +237,7 @@ def train_targets(sweep_dir: Path, out_dir: Path, story: Story, size: int) -> di
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    from scaling.training.files import write_json_atomic
+    from scaling.files import write_json_atomic
 
     story = STORIES[args.axis]
     other = "depth" if args.axis == "width" else "width"

@@ -34,7 +34,7 @@ from experiments.compose import (
     to_run_config,
 )
 from scaling.config import RunConfig, from_dict, to_dict
-from scaling.training.files import atomic_open, read_jsonl
+from scaling.files import atomic_open, read_jsonl
 from scaling.training.pretrained import SOURCE_GROUPS, check_compatible, source_result
 from scaling.training.rundir import run_name
 

@@ -17,6 +17,7 @@ from typing import NoReturn
 from experiments.analyze import write_csv_atomic
 from experiments.cli import OneLineParser, fail
 from scaling.config import ConfigError
+from scaling.files import write_json_atomic
 from scaling.spectral_report import (
     compare_runs,
     format_comparison,
@@ -27,7 +28,6 @@ from scaling.spectral_report import (
     sweep_report,
     sweep_rows,
 )
-from scaling.training.files import write_json_atomic
 
 PROG = "scaling-spectral"
 

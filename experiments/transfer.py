@@ -18,7 +18,7 @@ from experiments.cli import OneLineParser, fail
 from experiments.compose import compose, group_options, to_run_config
 from scaling.analysis import load_results
 from scaling.config import RunConfig, to_dict
-from scaling.training.files import atomic_open
+from scaling.files import atomic_open
 from scaling.transfer import DATA_EXPONENT, DEPTH_EXPONENT, TransferResult, transfer_from_sweep
 
 # Groups whose option is chosen by name; every other difference is a field override.

@@ -1,30 +1,48 @@
-"""The models' own config: shapes and numerics, with no scaling rule in it."""
+"""The models' own config: shapes and numerics, with no scaling rule in it; and what a model is
+told at construction besides its config (multipliers, activation placement)."""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
 
-COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+ModelKind = Literal["transformer", "mlp"]  # models.MODELS
+ReadoutInit = Literal["normal", "zero"]
+ComputeDtype = Literal["auto", "float32", "bfloat16"]  # auto: bfloat16 on GPU/TPU, float32 on CPU
+COMPUTE_DTYPES = get_args(ComputeDtype)
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    kind: str = "transformer"  # transformer | mlp
+    kind: ModelKind = "transformer"
     width: int = 128
     depth: int = 4
     head_dim: int = 32
     mlp_ratio: int = 4
     context: int = 8  # mlp only: bytes of context seen by the byte MLP
-    readout_init: str = "normal"  # normal | zero
+    readout_init: ReadoutInit = "normal"
     embed_std: float = 1.0
     rope_base: float = 10000.0
     # jax.lax.scan's unroll over the layers: true unrolls all (fastest on CPU, measured in
     # docs/performance.md), 1 keeps a rolled loop (compile time flat in depth), k unrolls by k
     scan_unroll: int | bool = True
-    compute_dtype: str = "auto"  # auto (bfloat16 on GPU/TPU, float32 on CPU) | float32 | bfloat16
+    compute_dtype: ComputeDtype = "auto"
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """What a model is built with besides its config: the forward multipliers its
+    parametrization decides, and where its activations live on a device mesh."""
+
+    logit_multiplier: float = 1.0
+    attention_scale: float = 1.0  # the attention logits' scale (1/√d_head under SP)
+    branch_multiplier: float = 1.0  # × every residual branch's output (depth rules)
+    # on a device mesh, where the residual stream lives (sequences split over the batch axes);
+    # None: wherever the compiler puts it (models/layers.py, constrain)
+    activation_sharding: jax.sharding.Sharding | None = None
 
 
 def compute_dtype(name: str) -> jnp.dtype:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -43,9 +44,27 @@ def rope(x_BxTxNxH: jax.Array, base: float) -> jax.Array:
                             x2 * cos_1xTx1xF + x1 * sin_1xTx1xF], axis=-1)
 
 
+# 16-bit operands are what cuDNN's fused (flash) attention takes
+FUSED_ATTENTION_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def fused_attention_available(dtype) -> bool:
+    """Whether the platform has a fused attention kernel for operands of `dtype`: cuDNN's on
+    an NVIDIA GPU, in 16 bits. Elsewhere XLA's attention, which materializes the T×T scores."""
+    return jax.default_backend() == "gpu" and jnp.dtype(dtype) in FUSED_ATTENTION_DTYPES
+
+
 def causal_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, scale: float) -> jax.Array:
-    return jax.nn.dot_product_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, scale=scale,
-                                        is_causal=True)
+    """Causal softmax attention through jax.nn.dot_product_attention: the fused cuDNN kernel
+    where the platform has one, XLA's otherwise, and XLA's when cuDNN refuses the shapes."""
+    attend = functools.partial(jax.nn.dot_product_attention, q_BxTxNxH, k_BxTxNxH, v_BxTxNxH,
+                               scale=scale, is_causal=True)
+    if fused_attention_available(q_BxTxNxH.dtype):
+        try:
+            return attend(implementation="cudnn")
+        except (NotImplementedError, RuntimeError, ValueError):  # raised while tracing
+            pass
+    return attend(implementation="xla")
 
 
 def attention_log_z(q_BxTxNxH: jax.Array, k_BxTxNxH: jax.Array, scale: float) -> jax.Array:
@@ -90,8 +109,13 @@ def scan_layers(body: Callable, x, stacked_params: dict,
 
     `unroll` is jax.lax.scan's: 1 keeps one rolled loop (compile time flat in depth), k puts k
     layers in each iteration, True unrolls every layer (fastest step on CPU at small depth).
+    With a `layer_transform` the loop stays rolled: unrolled, XLA computes the transformed
+    weights of many layers ahead of the layers reading them, and the memory that a per-layer
+    transform exists to save (MeZO's lazy probes) grows with depth (docs/performance.md).
     """
     depth = jax.tree.leaves(stacked_params)[0].shape[0]
+    if layer_transform is not None:
+        unroll = 1
 
     def step(carry, inputs):
         layer_params, index = inputs

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.config import ModelConfig, compute_dtype
+from models.config import ModelConfig, Runtime, compute_dtype
 from models.layers import (
     LayerTransform,
     constrain,
@@ -25,31 +25,28 @@ class ByteMLP(nnx.Module):
     construction and trains with the same next-token loop as the Transformer.
     """
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, *, logit_multiplier: float,
-                 attention_scale: float, branch_multiplier: float = 1.0, rngs: nnx.Rngs):
-        del attention_scale  # no attention in this model
-        if branch_multiplier != 1.0:
-            raise ValueError(f"branch_multiplier={branch_multiplier}: expected 1.0 for the byte "
-                             "MLP, which has no residual branches")
+    def __init__(self, cfg: ModelConfig, vocab_size: int, runtime: Runtime, *, rngs: nnx.Rngs):
+        if runtime.branch_multiplier != 1.0:
+            raise ValueError(f"branch_multiplier={runtime.branch_multiplier}: expected 1.0 for "
+                             "the byte MLP, which has no residual branches")
         K, D, L, V = cfg.context, cfg.width, cfg.depth, vocab_size
-        self.logit_multiplier = logit_multiplier
+        self.logit_multiplier = runtime.logit_multiplier
+        self.activation_sharding = runtime.activation_sharding
         self.scan_unroll, self.compute_dtype = cfg.scan_unroll, compute_dtype(cfg.compute_dtype)
-        self.activation_sharding = None  # as the Transformer's
         self.embed = tagged_param(rngs.params(), (K, V, D), role="input", fan_in_axes=(-2,),
                                   fan_out_axes=(-1,), logical_axes=("context", "vocab", "embed"),
                                   init_scale=cfg.embed_std)
         self.embed_bias = tagged_param(None, (D,), role="vector", fan_in_axes=(),
-                                       fan_out_axes=(-1,), logical_axes=("embed",), init="zeros")
+                                       fan_out_axes=(-1,), logical_axes=("embed",), init="zero")
         self.layers = nnx.Dict(
             w=tagged_param(rngs.params(), (L, D, D), role="hidden", fan_in_axes=(-2,),
                            fan_out_axes=(-1,), logical_axes=("layers", "embed", "mlp")),
             b=tagged_param(None, (L, D), role="vector", fan_in_axes=(), fan_out_axes=(-1,),
-                           logical_axes=("layers", "mlp"), init="zeros"),
+                           logical_axes=("layers", "mlp"), init="zero"),
         )
-        readout_init = "zeros" if cfg.readout_init == "zero" else "normal"
         self.readout = tagged_param(rngs.params(), (D, V), role="output", fan_in_axes=(-2,),
                                     fan_out_axes=(-1,), logical_axes=("embed", "vocab"),
-                                    init=readout_init)
+                                    init=cfg.readout_init)
 
     def forward(self, tokens_BxT: jax.Array, layer_transform: LayerTransform | None = None):
         dtype = self.compute_dtype

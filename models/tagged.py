@@ -4,29 +4,31 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal, get_args
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-ROLES = ("input", "hidden", "output", "vector")
-INITS = ("normal", "zeros", "ones")
+Role = Literal["input", "hidden", "output", "vector"]
+Init = Literal["normal", "zero", "one"]  # a unit normal (scaled by the parametrization), 0 or 1
+ROLES, INITS = get_args(Role), get_args(Init)
+LAYER_AXIS = "layers"  # the logical axis of a stacked leaf: the models scan over it
 
 
 def tagged_param(
     key: jax.Array | None,
     shape: tuple[int, ...],
     *,
-    role: str,
+    role: Role,
     fan_in_axes: tuple[int, ...],
     fan_out_axes: tuple[int, ...],
     logical_axes: tuple[str, ...],
     residual: bool = False,
-    init: str = "normal",
+    init: Init = "normal",
     init_scale: float = 1.0,
 ) -> nnx.Param:
-    """A Param drawn unscaled (unit normal, zeros or ones); the parametrization sets its std.
+    """A Param drawn unscaled (unit normal, zero or one); the parametrization sets its std.
 
     Fan axes are negative so that a leading stacked-layer axis never shifts them.
     """
@@ -35,7 +37,7 @@ def tagged_param(
     assert len(logical_axes) == len(shape), (logical_axes, shape)
     if init == "normal":
         value = jax.random.normal(key, shape, jnp.float32)
-    elif init == "zeros":
+    elif init == "zero":
         value = jnp.zeros(shape, jnp.float32)
     else:
         value = jnp.ones(shape, jnp.float32)
@@ -50,12 +52,12 @@ class ParamSpec:
 
     path: tuple[Any, ...]
     shape: tuple[int, ...]
-    role: str
+    role: Role
     fan_in_axes: tuple[int, ...]
     fan_out_axes: tuple[int, ...]
     logical_axes: tuple[str, ...]
     residual: bool
-    init: str
+    init: Init
     init_scale: float
 
     @property

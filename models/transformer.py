@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.config import ModelConfig, compute_dtype
+from models.config import ModelConfig, Runtime, compute_dtype
 from models.layers import (
     LayerTransform,
     attention_log_z,
@@ -34,16 +34,14 @@ class Transformer(nnx.Module):
     on its own by matrix optimizers.
     """
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, *, logit_multiplier: float,
-                 attention_scale: float, branch_multiplier: float = 1.0, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, runtime: Runtime, *, rngs: nnx.Rngs):
         D, L, F, V = cfg.width, cfg.depth, cfg.mlp_ratio * cfg.width, vocab_size
         self.head_dim, self.rope_base = cfg.head_dim, cfg.rope_base
-        self.logit_multiplier, self.attention_scale = logit_multiplier, attention_scale
-        self.branch_multiplier = branch_multiplier
+        self.logit_multiplier = runtime.logit_multiplier
+        self.attention_scale = runtime.attention_scale
+        self.branch_multiplier = runtime.branch_multiplier
+        self.activation_sharding = runtime.activation_sharding
         self.scan_unroll, self.compute_dtype = cfg.scan_unroll, compute_dtype(cfg.compute_dtype)
-        # on a device mesh, where the residual stream lives (sequences split over the batch
-        # axes); None: wherever the compiler puts it (models/layers.py, constrain)
-        self.activation_sharding = None
 
         def block_matrix(shape, axes):
             return tagged_param(rngs.params(), (L, *shape), role="hidden", fan_in_axes=(-2,),
@@ -51,7 +49,7 @@ class Transformer(nnx.Module):
 
         def block_gain():
             return tagged_param(None, (L, D), role="vector", fan_in_axes=(), fan_out_axes=(-1,),
-                                logical_axes=("layers", "embed"), residual=True, init="ones")
+                                logical_axes=("layers", "embed"), residual=True, init="one")
 
         self.embed = tagged_param(rngs.params(), (V, D), role="input", fan_in_axes=(-2,),
                                   fan_out_axes=(-1,), logical_axes=("vocab", "embed"),
@@ -67,11 +65,10 @@ class Transformer(nnx.Module):
             w_down=block_matrix((F, D), ("mlp", "embed")),
         )
         self.final_norm = tagged_param(None, (D,), role="vector", fan_in_axes=(),
-                                       fan_out_axes=(-1,), logical_axes=("embed",), init="ones")
-        readout_init = "zeros" if cfg.readout_init == "zero" else "normal"
+                                       fan_out_axes=(-1,), logical_axes=("embed",), init="one")
         self.readout = tagged_param(rngs.params(), (D, V), role="output", fan_in_axes=(-2,),
                                     fan_out_axes=(-1,), logical_axes=("embed", "vocab"),
-                                    init=readout_init)
+                                    init=cfg.readout_init)
 
     def _branch(self, out_BxTxD):
         # skipped at 1 so that depth rules at their base depth are μP bit for bit

@@ -1,88 +1,258 @@
-"""One config per optimizer family; each family's fields and defaults are defined here only.
+"""One config per optimizer family; each family's fields, defaults and allowed values are
+declared here only, and each family knows which parameter roles it treats how.
 
-`configs/optim/<name>.yaml` must compose to exactly `OPTIMIZERS[name]()` (a test checks it), so
-`optim=muon` on the command line and `MuonConfig()` in Python train the same thing.
+A family is its config class: it says which column of a parametrization's rule table each role
+reads (`rule_for`), which roles it steps as matrices or keeps on spheres, and builds its own
+per-role optax transform (`role_transform`); `build_optimizer` composes them and nothing asks
+which family was chosen. `configs/optim/<name>.yaml` must compose to exactly
+`OPTIMIZERS[name]()` (a test checks it), so `optim=muon` on the command line and `MuonConfig()`
+in Python train the same thing.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+import math
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
+
+from optim import role_transforms as parts
+from optim.kernels.ns_math import NSNormalization
+from optim.muon import UpdateScale, scale_by_muon
+from optim.objectives import Objective
+from optim.orthogonalize import NSBackend, NSMethod, NSScheme
+from optim.schedules import Schedule
+
+if TYPE_CHECKING:
+    import optax
+
+    from optim.build import RoleMultipliers
+    from optim.stack import StackSharding
+
+ClipScope = Literal["global", "role"]
+Dtype = Literal["float32", "bfloat16"]
+NSDtype = Literal["auto", "float32", "bfloat16"]  # auto: bfloat16 on GPU/TPU, float32 on CPU
+NSSharding = Literal["stack", "compiler"]
+ProbeScaling = Literal["isotropic", "matched"]  # matched: √(the group's SGD LR multiplier)
+EpsScaling = Literal["constant", "fan_in"]
+# One bad field: (its dotted name, its value, what was expected). The caller reports the first.
+Problem = tuple[str, Any, str]
+
+
+class RuleColumns(Protocol):
+    """What a parametrization offers an optimizer: one column of its rule table per kind of
+    step, each giving a role's scaling rule (scaling.schemes.Scheme is one)."""
+
+    def adam(self, role: str) -> Any: ...
+    def sgd(self, role: str) -> Any: ...
+    def muon(self, role: str, update_scale: str) -> Any: ...
+    def sphere(self, role: str) -> Any: ...
+
+
+def _fraction(field: str, value: float, low_open: bool, high_open: bool) -> Iterator[Problem]:
+    above = value > 0 if low_open else value >= 0
+    below = value < 1 if high_open else value <= 1
+    if not (above and below):
+        interval = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
+        yield field, value, f"a value in {interval}"
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
     """Fields every optimizer has: the base LR, its schedule, clipping and weight decay."""
 
-    # Which column of the parametrization's rule table the optimizer reads: adam | sgd | muon |
-    # sphere (MuonH, AdamH: relative steps on the matrices, Adam's column on the rest) |
-    # zeroth_order (MeZO: SGD's column for its probe and update scales).
-    family: ClassVar[str]
+    # roles whose matrices take a matrix direction (Muon's), and roles kept on their init
+    # spheres (MuonH, AdamH); both need each matrix's fan axes
+    matrix_roles: ClassVar[tuple[str, ...]] = ()
+    sphere_roles: ClassVar[tuple[str, ...]] = ()
+    # False for a zeroth-order optimizer: it steps from loss values, not gradients
+    needs_gradient: ClassVar[bool] = True
 
     name: str
     lr: float
     weight_decay: float = 0.0  # LR-coupled: p -= lr * (u + weight_decay * p)
     wd_width_exponent: float | None = None  # hidden λ ∝ width_mult**γ; None: the table's rule
-    schedule: str = "cosine"  # cosine | wsd | constant
+    schedule: Schedule = "cosine"
     warmup_steps: int = 20
     decay_fraction: float = 0.2  # wsd: fraction of steps spent decaying
     final_lr_fraction: float = 0.1
     clip_norm: float = 1.0  # 0 disables gradient clipping
     # global: one norm over every gradient; role: each parameter group clipped by its own norm
-    clip_scope: str = "global"
+    clip_scope: ClipScope = "global"
     # threshold × width_mult**κ; None: each group's gradient-norm growth from the rule table
     # (clip_scope=role only)
     clip_width_exponent: float | None = 0.0
 
+    def rule_for(self, role: str, columns: RuleColumns) -> Any:
+        """The rule-table column this optimizer reads for a role's LR, ε and weight decay."""
+        raise NotImplementedError
+
+    def role_transform(self, role: str, mult: RoleMultipliers, total_steps: int, *,
+                       matrix_axes=None, stack: StackSharding | None = None
+                       ) -> list[optax.GradientTransformation]:
+        """The chain one parameter group of `role` takes, with its multipliers; `matrix_axes`
+        (a MatrixAxes tree) for the roles it steps as matrices; `stack`: Muon's placement on a
+        device mesh."""
+        raise NotImplementedError
+
+    def step_lr_multiplier(self, lr_multiplier: float) -> float:
+        """The LR factor of a group's expected step, given its table multiplier."""
+        return lr_multiplier
+
+    def problems(self, steps: int) -> Iterator[Problem]:
+        """Each bad value among the fields every optimizer has (the allowed values of choice
+        fields are their Literal types, checked by the caller); `steps`: the run's length."""
+        if type(self) is not OPTIMIZERS.get(self.name):
+            yield ("optim.name", self.name, (f"the name of its config class "
+                   f"{type(self).__name__}, one of {_class_names()}"))
+        if not self.lr > 0:
+            yield "optim.lr", self.lr, "a positive learning rate"
+        if not self.weight_decay >= 0:
+            yield "optim.weight_decay", self.weight_decay, "a non-negative number"
+        if not 0 <= self.warmup_steps < steps:
+            yield ("optim.warmup_steps", self.warmup_steps,
+                   f"a non-negative integer below train.steps={steps}")
+        yield from _fraction("optim.decay_fraction", self.decay_fraction, True, False)
+        yield from _fraction("optim.final_lr_fraction", self.final_lr_fraction, False, False)
+        if not self.clip_norm >= 0:
+            yield "optim.clip_norm", self.clip_norm, "a non-negative number (0: off)"
+        if self.clip_width_exponent is None:
+            if self.clip_scope != "role":
+                yield ("optim.clip_width_exponent", None, ("a number with "
+                       "optim.clip_scope=global (null, each group's gradient-norm growth from "
+                       "the rule table, needs optim.clip_scope=role)"))
+        elif not math.isfinite(self.clip_width_exponent):
+            yield ("optim.clip_width_exponent", self.clip_width_exponent,
+                   "a finite exponent κ (threshold × width_mult**κ), or null")
+
 
 @dataclasses.dataclass(frozen=True)
 class AdamWConfig(OptimizerConfig):
-    family: ClassVar[str] = "adam"
-
     name: str = "adamw"
     lr: float = 1e-2
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
 
+    def rule_for(self, role, columns):
+        return columns.adam(role)
+
+    def role_transform(self, role, mult, total_steps, *, matrix_axes=None, stack=None):
+        return [parts.adam_direction(self, mult), *parts.decay_and_step(self, mult, total_steps)]
+
+    def problems(self, steps):
+        yield from super().problems(steps)
+        yield from _fraction("optim.b1", self.b1, False, True)
+        yield from _fraction("optim.b2", self.b2, False, True)
+        if not self.eps >= 0:
+            yield "optim.eps", self.eps, "a non-negative number"
+
 
 @dataclasses.dataclass(frozen=True)
 class SGDConfig(OptimizerConfig):
-    family: ClassVar[str] = "sgd"
-
     name: str = "sgd"
     lr: float = 0.3
     momentum: float = 0.9  # 0: plain SGD
     nesterov: bool = False
 
+    def rule_for(self, role, columns):
+        return columns.sgd(role)
+
+    def role_transform(self, role, mult, total_steps, *, matrix_axes=None, stack=None):
+        return [*parts.momentum_direction(self), *parts.decay_and_step(self, mult, total_steps)]
+
+    def problems(self, steps):
+        yield from super().problems(steps)
+        yield from _fraction("optim.momentum", self.momentum, False, True)
+
 
 @dataclasses.dataclass(frozen=True)
-class MatrixOptimizerConfig(AdamWConfig):
-    """Hidden matrices take a matrix direction; every other role AdamW at lr * adam_lr_ratio."""
+class WithAdamGroups(AdamWConfig):
+    """A family that steps some roles its own way and the rest with AdamW at
+    lr * adam_lr_ratio (a field each such family declares in its own place), under the
+    table's Adam column."""
 
-    family: ClassVar[str] = "muon"
+    def role_transform(self, role, mult, total_steps, *, matrix_axes=None, stack=None):
+        adam_mult = dataclasses.replace(mult, lr=mult.lr * self.adam_lr_ratio)
+        return super().role_transform(role, adam_mult, total_steps)
+
+    def problems(self, steps):
+        yield from super().problems(steps)
+        if not self.adam_lr_ratio > 0:
+            yield "optim.adam_lr_ratio", self.adam_lr_ratio, "a positive number"
+
+
+@dataclasses.dataclass(frozen=True)
+class MatrixOptimizerConfig(WithAdamGroups):
+    """Hidden matrices take a matrix direction (`direction`); every other role AdamW."""
+
+    matrix_roles: ClassVar[tuple[str, ...]] = ("hidden",)
 
     lr: float = 0.02
     momentum: float = 0.95
     nesterov: bool = True
     adam_lr_ratio: float = 0.5
-    update_scale: str = "keller"  # keller | spectral | moonlight
-    momentum_dtype: str = "float32"  # float32 | bfloat16
+    update_scale: UpdateScale = "keller"
+    momentum_dtype: Dtype = "float32"
     bias_correction: bool = False  # divide the momentum terms by (1 - β^t), as optax does
-    ns_backend: str = "auto"  # auto | xla | pallas (auto: pallas only where verified compiled)
+    ns_backend: NSBackend = "auto"  # auto: pallas only where verified compiled
     # on a device mesh: stack (whole matrices per device) | compiler (NS matmuls split as the
     # compiler propagates the parameters' sharding; the benchmark's baseline)
-    ns_sharding: str = "stack"
+    ns_sharding: NSSharding = "stack"
+
+    def direction(self, matrix_axes, stack: StackSharding | None = None
+                  ) -> optax.GradientTransformation:
+        """The direction transform of the matrices in `matrix_axes` (Muon's, AuON's)."""
+        raise NotImplementedError
+
+    def _momentum(self, stack: StackSharding | None) -> dict:
+        """What every matrix direction shares: momentum, scale convention, placement."""
+        return {"momentum": self.momentum, "nesterov": self.nesterov,
+                "update_scale": self.update_scale, "momentum_dtype": self.momentum_dtype,
+                "bias_correction": self.bias_correction, "ns_backend": self.ns_backend,
+                "stack": stack if self.ns_sharding == "stack" else None}
+
+    def rule_for(self, role, columns):
+        if role in self.matrix_roles:
+            return columns.muon(role, self.update_scale)
+        return columns.adam(role)
+
+    def role_transform(self, role, mult, total_steps, *, matrix_axes=None, stack=None):
+        if role not in self.matrix_roles:
+            return super().role_transform(role, mult, total_steps)
+        parts.need_axes(self.name, matrix_axes)
+        return [self.direction(matrix_axes, stack), *parts.decay_and_step(self, mult,
+                                                                          total_steps)]
+
+    def problems(self, steps):
+        yield from super().problems(steps)
+        yield from _fraction("optim.momentum", self.momentum, False, True)
 
 
 @dataclasses.dataclass(frozen=True)
 class MuonConfig(MatrixOptimizerConfig):
     name: str = "muon"
-    ns_scheme: str = "polar_express"  # jordan | polar_express | classical
+    ns_scheme: NSScheme = "polar_express"
     ns_steps: int | None = None  # None: the scheme's default (5, 5, 30)
-    ns_normalization: str = "schatten4"  # frobenius | schatten4
-    ns_method: str = "auto"  # auto | direct | gram (auto: Gram for float32 at aspect >= 2)
-    ns_dtype: str = "auto"  # auto (bfloat16 on GPU/TPU, float32 on CPU) | float32 | bfloat16
+    ns_normalization: NSNormalization = "schatten4"
+    ns_method: NSMethod = "auto"  # auto: Gram for float32 at aspect >= 2
+    ns_dtype: NSDtype = "auto"
+
+    def direction(self, matrix_axes, stack=None):
+        return scale_by_muon(
+            matrix_axes, direction="newton_schulz", ns_scheme=self.ns_scheme,
+            ns_steps=self.ns_steps, ns_normalization=self.ns_normalization,
+            ns_method=self.ns_method, ns_dtype=parts.ns_compute_dtype(self.ns_dtype),
+            **self._momentum(stack))
+
+    def problems(self, steps):
+        yield from super().problems(steps)
+        if self.ns_steps is not None and not self.ns_steps >= 1:
+            yield ("optim.ns_steps", self.ns_steps,
+                   "a positive integer, or null for the scheme's default")
+        if self.ns_backend == "pallas" and self.ns_method == "gram":
+            yield ("optim.ns_method", self.ns_method, ("'auto' or 'direct' with "
+                   "optim.ns_backend=pallas (its kernels run the direct form)"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,14 +260,34 @@ class AuONConfig(MatrixOptimizerConfig):
     name: str = "auon"
     auon_hybrid: bool = False  # one Newton–Schulz step after the AuON normalization
 
+    def direction(self, matrix_axes, stack=None):
+        return scale_by_muon(matrix_axes, direction="auon_hybrid" if self.auon_hybrid else "auon",
+                             **self._momentum(stack))
+
+
+class OnSphere:
+    """MuonH and AdamH: hidden and output matrices take a relative step along a direction and
+    stay on their init spheres (Adam's direction unless the family steps the role as a
+    matrix); embeddings and vectors AdamW at lr * adam_lr_ratio. weight_decay > 0 is applied,
+    with a warning."""
+
+    sphere_roles: ClassVar[tuple[str, ...]] = ("hidden", "output")
+
+    def rule_for(self, role, columns):
+        return columns.sphere(role) if role in self.sphere_roles else columns.adam(role)
+
+    def role_transform(self, role, mult, total_steps, *, matrix_axes=None, stack=None):
+        if role not in self.sphere_roles:
+            return WithAdamGroups.role_transform(self, role, mult, total_steps)
+        parts.need_axes(self.name, matrix_axes)
+        direction = (self.direction(matrix_axes, stack) if role in self.matrix_roles
+                     else parts.adam_direction(self, mult))
+        return parts.on_sphere(self, direction, mult, total_steps, matrix_axes)
+
 
 @dataclasses.dataclass(frozen=True)
-class MuonHConfig(MuonConfig):
-    """MuonH (HyperP): hidden matrices take a relative step of size lr along Muon's direction and
-    stay on their init sphere; the readout likewise along Adam's (AdamH); embeddings and vectors
-    AdamW at lr * adam_lr_ratio. weight_decay > 0 is applied, with a warning."""
-
-    family: ClassVar[str] = "sphere"
+class MuonHConfig(OnSphere, MuonConfig):
+    """MuonH (HyperP): hidden matrices along Muon's direction, the readout along Adam's."""
 
     name: str = "muonh"
     # the default run's optimum: val 1.408, 1.338, 1.339, 1.403 at 2^-6 … 2^-3 (docs/optimizers.md)
@@ -105,11 +295,8 @@ class MuonHConfig(MuonConfig):
 
 
 @dataclasses.dataclass(frozen=True)
-class AdamHConfig(AdamWConfig):
-    """AdamH: every hidden and output matrix takes a relative step of size lr along Adam's
-    direction and stays on its init sphere; embeddings and vectors AdamW at lr * adam_lr_ratio."""
-
-    family: ClassVar[str] = "sphere"
+class AdamHConfig(OnSphere, WithAdamGroups):
+    """AdamH: every hidden and output matrix along Adam's direction."""
 
     name: str = "adamh"
     lr: float = 0.02
@@ -122,31 +309,76 @@ class MeZOConfig(OptimizerConfig):
     (optim/mezo.py). Expected step: SGD with per-group LR lr·D·U; the parametrization's SGD
     column gives D² or U² under `matched` and the weight-decay multipliers (vectors: none)."""
 
-    family: ClassVar[str] = "zeroth_order"
+    needs_gradient: ClassVar[bool] = False
 
     name: str = "mezo"
     lr: float = 1.4e-3  # the fine-tuning optimum measured at the default shape (docs/finetuning.md)
-    schedule: str = "constant"  # the paper's; cosine and wsd work too
+    schedule: Schedule = "constant"  # the paper's; cosine and wsd work too
     warmup_steps: int = 0
     clip_norm: float = 0.0  # clips the projected gradient |g|; 0 disables
     eps: float = 1e-3  # perturbation scale ε
     n_probes: int = 1  # probes averaged per step (2 forward passes each)
     sparsity: float = 0.0  # Sparse MeZO: fraction of each matrix left untouched (0.8 in the paper)
-    probe_scaling: str = "isotropic"  # isotropic | matched (D² = the SGD LR multiplier)
-    update_scaling: str = "isotropic"  # isotropic | matched (U² = the SGD LR multiplier)
-    eps_scaling: str = "constant"  # constant | fan_in (ε·(fan_in/base_fan_in)^-1/2 per group)
-    param_dtype: str = "float32"  # float32 | bfloat16 (stored weights, stochastic rounding)
-    objective: str = "cross_entropy"  # cross_entropy | accuracy (the loss MeZO minimizes)
+    probe_scaling: ProbeScaling = "isotropic"  # the probe scale D
+    update_scaling: ProbeScaling = "isotropic"  # the update scale U
+    eps_scaling: EpsScaling = "constant"  # fan_in: ε·(fan_in/base_fan_in)^-1/2 per group
+    param_dtype: Dtype = "float32"  # stored weights (bfloat16: stochastic rounding)
+    objective: Objective = "cross_entropy"  # the loss MeZO minimizes
     curvature: bool = False  # one more forward per step: (L⁺ + L⁻ − 2L⁰)/ε², the Hessian trace
     curvature_decay: float = 0.9  # its moving average's decay
     safe_lr: float | None = None  # c: the LR is capped at c / (that moving average)
+
+    def rule_for(self, role, columns):
+        return columns.sgd(role)  # MeZO's expected step is SGD's
+
+    def role_transform(self, role, mult, total_steps, *, matrix_axes=None, stack=None):
+        raise ValueError(f"optim.name={self.name!r} is zeroth-order, not a gradient "
+                         "transformation: train it with scaling's MeZO step, or compose "
+                         "optim.zo_gradient with optax")
+
+    def probe_factor(self, lr_multiplier: float) -> float:
+        """D of a group with the table's SGD LR multiplier `lr_multiplier`."""
+        return math.sqrt(lr_multiplier) if self.probe_scaling == "matched" else 1.0
+
+    def update_factor(self, lr_multiplier: float) -> float:
+        """U of a group, likewise."""
+        return math.sqrt(lr_multiplier) if self.update_scaling == "matched" else 1.0
+
+    def step_lr_multiplier(self, lr_multiplier):
+        return self.probe_factor(lr_multiplier) * self.update_factor(lr_multiplier)
+
+    def problems(self, steps):
+        yield from super().problems(steps)
+        if self.clip_scope != "global":  # its clip_norm bounds the projected gradient
+            yield ("optim.clip_scope", self.clip_scope,
+                   "global with optim=mezo (it clips the projected gradient, a scalar)")
+        if self.clip_width_exponent != 0:
+            yield ("optim.clip_width_exponent", self.clip_width_exponent,
+                   "0 with optim=mezo (its clip is not width-aware)")
+        if not self.eps > 0:
+            yield "optim.eps", self.eps, "a positive perturbation scale"
+        if not self.n_probes >= 1:
+            yield "optim.n_probes", self.n_probes, "a positive integer"
+        if not 0 <= self.sparsity < 1:
+            yield ("optim.sparsity", self.sparsity,
+                   "a fraction in [0, 1) of each matrix left unperturbed (0: dense MeZO)")
+        yield from _fraction("optim.curvature_decay", self.curvature_decay, False, True)
+        if self.safe_lr is not None:
+            if not self.safe_lr > 0:
+                yield "optim.safe_lr", self.safe_lr, "a positive constant c, or null"
+            elif not self.curvature:
+                yield ("optim.safe_lr", self.safe_lr,
+                       ("null unless optim.curvature=true (the cap c/trace needs the trace "
+                       "estimate)"))
 
 
 OPTIMIZERS: dict[str, type[OptimizerConfig]] = {
     "adamw": AdamWConfig, "sgd": SGDConfig, "muon": MuonConfig, "auon": AuONConfig,
     "muonh": MuonHConfig, "adamh": AdamHConfig, "mezo": MeZOConfig}
-# Families whose matrices live on spheres: a zero-initialized matrix has no sphere.
-SPHERE_OPTIMIZERS = tuple(name for name, cls in OPTIMIZERS.items() if cls.family == "sphere")
+
+
+def _class_names() -> dict[str, str]:
+    return {n: c.__name__ for n, c in OPTIMIZERS.items()}
 
 
 def optimizer_fields(name: str) -> list[str]:

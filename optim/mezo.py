@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from optim.muon import path_key
+from optim.trees import path_key
 
 # a fold_in stream apart from every probe index: the keys of stochastic rounding
 ROUNDING_STREAM = 2**31 - 1

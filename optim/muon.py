@@ -1,4 +1,4 @@
-"""Muon and AuON as optax transformations for hidden matrices (SCALING_RULES.md §4).
+"""Muon and AuON as optax transformations for hidden matrices (docs/rules.md, "Muon").
 
 `scale_by_muon` keeps the momentum, turns it into a direction (Newton–Schulz orthogonalization,
 or AuON's linear-time normalization) and multiplies each matrix by its update-scale convention.
@@ -8,9 +8,8 @@ through one batched orthogonalization call. Learning rate and weight decay are c
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,9 +17,12 @@ import numpy as np
 import optax
 
 from optim.orthogonalize import orthogonalize
+from optim.stack import StackSharding
+from optim.trees import MatrixAxes, axes_by_path, path_key
 
+UpdateScale = Literal["keller", "spectral", "moonlight"]  # optim.update_scale
 # s(fan_out, fan_in): the factor on an orthogonal direction (A = fan_out, B = fan_in).
-UPDATE_SCALES = {
+UPDATE_SCALES: dict[UpdateScale, Any] = {
     "keller": lambda a, b: math.sqrt(max(1.0, a / b)),  # RMS 1/√B
     "spectral": lambda a, b: math.sqrt(a / b),  # spectral norm √(A/B), the μP condition
     "moonlight": lambda a, b: 0.2 * math.sqrt(max(a, b)),  # RMS ≈ 0.2, like AdamW
@@ -28,65 +30,9 @@ UPDATE_SCALES = {
 DIRECTIONS = ("newton_schulz", "auon", "auon_hybrid")
 
 
-@dataclasses.dataclass(frozen=True)
-class MatrixAxes:
-    """Which axes of a parameter are its fan-in and fan-out; every other axis is a batch."""
-
-    fan_in_axes: tuple[int, ...]
-    fan_out_axes: tuple[int, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class StackSharding:
-    """Where same-shape matrices are orthogonalized on a device mesh: stacked, the stack split
-    over `axes`, so that each device runs Newton–Schulz on whole matrices and no NS matmul is
-    split across devices (the compiler moves the matrices there and back)."""
-
-    mesh: jax.sharding.Mesh
-    axes: tuple[str, ...]
-
-    @property
-    def shards(self) -> int:
-        return math.prod(self.mesh.shape[a] for a in self.axes)
-
-    def constrain(self, x_SxMxN: jax.Array) -> jax.Array:
-        """x with its stack axis split over the mesh, padded with zero matrices to a multiple
-        of the shard count (their directions are zero and dropped by the caller)."""
-        pad = -x_SxMxN.shape[0] % self.shards
-        if pad:
-            x_SxMxN = jnp.concatenate(
-                [x_SxMxN, jnp.zeros((pad, *x_SxMxN.shape[1:]), x_SxMxN.dtype)])
-        for count in range(1, len(self.axes) + 1):  # one mesh axis at a time: each an all-to-all
-            x_SxMxN = self._split_over(x_SxMxN, self.axes[:count])
-        return x_SxMxN
-
-    def release(self, x_SxMxN: jax.Array) -> jax.Array:
-        """x kept split over every axis (the NS loop's output stays where it was computed),
-        then unsplit one mesh axis at a time, for the compiler to take to the parameters'
-        layout (over two axes at once it falls back to replicating the whole stack)."""
-        for count in range(len(self.axes), 0, -1):
-            x_SxMxN = self._split_over(x_SxMxN, self.axes[:count])
-        return x_SxMxN
-
-    def _split_over(self, x_SxMxN: jax.Array, axes: tuple[str, ...]) -> jax.Array:
-        spec = jax.sharding.PartitionSpec(axes, None, None)
-        return jax.lax.with_sharding_constraint(
-            x_SxMxN, jax.sharding.NamedSharding(self.mesh, spec))
-
-
 class MuonState(NamedTuple):
     count: jax.Array
     mu: Any
-
-
-def path_key(path) -> tuple:
-    return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
-
-
-def axes_by_path(matrix_axes) -> dict[tuple, MatrixAxes]:
-    flat, _ = jax.tree_util.tree_flatten_with_path(
-        matrix_axes, is_leaf=lambda x: isinstance(x, MatrixAxes))
-    return {path_key(path): axes for path, axes in flat if isinstance(axes, MatrixAxes)}
 
 
 def _as_matrices(x: jax.Array, axes: MatrixAxes):

@@ -2,14 +2,15 @@
 
 Each step maps the singular values of X by an odd quintic p(σ) = aσ + bσ³ + cσ⁵ (computed as
 A = XXᵀ, X ← aX + (bA + cA²)X on the short side), after X is scaled by its Frobenius norm (or
-the tighter Schatten-4 norm) so that every σ ≤ 1. Coefficient schemes are data (see
-SCALING_RULES.md §4); backends register in BACKENDS (`xla`: the pure-jnp direct and Gram forms;
+the tighter Schatten-4 norm) so that every σ ≤ 1. Coefficient schemes are data (docs/rules.md,
+"Muon"); backends register in BACKENDS (`xla`: the pure-jnp direct and Gram forms;
 `pallas`: the kernels in optim/kernels).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +33,8 @@ POLAR_EXPRESS: tuple[Coefficients, ...] = (
 )
 POLAR_EXPRESS_SAFETY = 1.01  # room for the float error of the norm estimate
 CLASSICAL: Coefficients = (15 / 8, -10 / 8, 3 / 8)  # converges to exactly 1, slowly from small σ
-PRESET_NAMES = ("jordan", "polar_express", "classical")
+NSScheme = Literal["jordan", "polar_express", "classical"]  # optim.ns_scheme
+PRESET_NAMES = get_args(NSScheme)
 
 
 def preset(name: str, steps: int | None = None) -> tuple[tuple[Coefficients, ...], float]:
@@ -52,7 +54,8 @@ def preset(name: str, steps: int | None = None) -> tuple[tuple[Coefficients, ...
     raise ValueError(f"orthogonalize.preset={name!r}: expected one of {sorted(PRESET_NAMES)}")
 
 
-METHODS = ("auto", "direct", "gram")
+NSMethod = Literal["auto", "direct", "gram"]  # optim.ns_method
+METHODS = get_args(NSMethod)
 GRAM_MIN_ASPECT = 2.0  # long/short side at which the Gram iteration needs fewer FLOPs (5 steps)
 
 
@@ -124,7 +127,8 @@ def _pallas_newton_schulz(g: jax.Array, coefficients: Sequence[Coefficients], **
 
 BACKENDS: dict[str, Callable[..., jax.Array]] = {"xla": xla_newton_schulz,
                                                  "pallas": _pallas_newton_schulz}
-BACKEND_CHOICES = ("auto", *BACKENDS)
+NSBackend = Literal["auto", "xla", "pallas"]  # optim.ns_backend: auto, or one of BACKENDS
+BACKEND_CHOICES = get_args(NSBackend)
 
 
 def resolve_backend(name: str) -> str:

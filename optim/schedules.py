@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Literal
+
 import optax
 
-from optim.config import OptimizerConfig
+if TYPE_CHECKING:
+    from optim.config import OptimizerConfig
+
+Schedule = Literal["cosine", "wsd", "constant"]  # optim.schedule
 
 
 def relative_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:

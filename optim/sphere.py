@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optim.muon import MatrixAxes, axes_by_path, path_key
+from optim.trees import MatrixAxes, axes_by_path, path_key
 
 
 class SphereState(NamedTuple):

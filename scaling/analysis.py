@@ -3,37 +3,36 @@ tokens/compute."""
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import itertools
 import json
 import math
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from scaling.config import ConfigError
-from scaling.rules import TUNABLE
-from scaling.training.files import read_jsonl
+from scaling.files import read_jsonl
+from scaling.fits import Optimum, fit_optimum, fit_power_law
+from scaling.shapes import (
+    NOT_SHAPE,
+    config_id,
+    family_of,
+    multipliers,
+    optim_label,
+    probes,
+    shape_id,
+    tuned_label,
+)
+from scaling.tuning import multiplier_drift, tune_lines, tunes
 
 METRICS = ("val_loss", "train_loss")
-# What a sweep varies within one shape (LR, seed) and bookkeeping that does not change training.
-NOT_SHAPE = ("optim.lr", "train.seed", "logging", "sweep", "train.out_dir", "train.eval_every",
-             "train.log_every", "train.checkpoint_every")
-# How tables, plots and transfer explanations name each parametrization.
-PARAM_LABELS = {"sp": "SP", "mup": "μP", "depth_mup": "Depth-μP", "completep": "CompleteP",
-                "hyperp": "HyperP"}
 # Two points fit any power law exactly: a third is the least that can disagree with the law.
 MIN_POWER_LAW_POINTS = 3
 # Nats per token above which a finite loss has blown up (a uniform guess over 100k tokens costs
 # 11.5): counted as diverged, since one such point would swamp the quadratic fit. A run only
 # flags a non-finite loss, and a blown-up MeZO run can stay finite (1e7 and more).
 DIVERGED_LOSS = 100.0
-# MeZO's probe and update scalings, part of a MeZO family's identity: they set how its optimum
-# moves with width, so isotropic and matched runs are never one family.
-PROBE_FIELDS = ("probe_scaling", "update_scaling")
 
 
 def _outside_analysis(root: Path, path: Path) -> bool:
@@ -81,76 +80,6 @@ def unfinished_runs(sweep_dir: str | Path) -> list[dict]:
     return runs
 
 
-@dataclass(frozen=True)
-class Optimum:
-    log2_lr: float  # the parabola's vertex when fitted, else the grid argmin
-    argmin_log2_lr: float
-    loss: float
-    on_edge: bool  # the argmin is the grid's smallest or largest finite LR
-    fitted: bool
-
-
-def fit_optimum(log2_lr, loss, half_window: int = 2) -> Optimum:
-    """Vertex of a quadratic in log2 LR through the points around the argmin; non-finite dropped."""
-    x, y = np.asarray(log2_lr, float), np.asarray(loss, float)
-    order = np.argsort(x)
-    x, y = x[order], y[order]
-    x, y = x[np.isfinite(y)], y[np.isfinite(y)]
-    if x.size == 0:
-        raise ValueError("fit_optimum: no finite loss (every run diverged); expected at least one")
-    best = int(np.argmin(y))
-    on_edge = best in (0, x.size - 1)
-    window = slice(max(0, best - half_window), best + half_window + 1)
-    x_fit, y_fit = x[window], y[window]
-    if x_fit.size >= 3:
-        quadratic = np.polyfit(x_fit, y_fit, 2)
-        if quadratic[0] > 0:  # a concave or flat fit has no minimum to trust
-            vertex = float(np.clip(-quadratic[1] / (2 * quadratic[0]), x_fit[0], x_fit[-1]))
-            loss_at_vertex = float(np.polyval(quadratic, vertex))
-            return Optimum(vertex, float(x[best]), loss_at_vertex, on_edge, fitted=True)
-    return Optimum(float(x[best]), float(x[best]), float(y[best]), on_edge, fitted=False)
-
-
-@dataclass(frozen=True)
-class PowerLaw:
-    coefficient: float
-    exponent: float
-    exponent_stderr: float  # nan with exactly 2 points: no residual degrees of freedom
-
-
-def fit_power_law(x, y) -> PowerLaw:
-    """y = coefficient · x^exponent by least squares of log y on log x."""
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    if np.unique(x).size < 2:
-        raise ValueError(f"fit_power_law: x={x.tolist()}: expected at least 2 distinct values")
-    if (x <= 0).any() or (y <= 0).any():
-        raise ValueError(f"fit_power_law: x={x.tolist()}, y={y.tolist()}: expected positive values")
-    log_x, log_y = np.log(x), np.log(y)
-    exponent, intercept = np.polyfit(log_x, log_y, 1)
-    residuals = log_y - (exponent * log_x + intercept)
-    dof = x.size - 2
-    spread = float(np.sum((log_x - log_x.mean()) ** 2))
-    stderr = math.sqrt(residuals @ residuals / dof / spread) if dof > 0 else math.nan
-    return PowerLaw(float(math.exp(intercept)), float(exponent), stderr)
-
-
-def _config_id(config: dict, drop: tuple[str, ...]) -> str:
-    """Short hash of a run config without the dotted fields in `drop`."""
-    kept = copy.deepcopy(config)
-    for field in drop:
-        *parents, leaf = field.split(".")
-        node = kept
-        for parent in parents:
-            node = node.get(parent, {})
-        node.pop(leaf, None)
-    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:8]
-
-
-def shape_id(config: dict) -> str:
-    """The id of the shape a run belongs to: its config without LR, seed and bookkeeping."""
-    return _config_id(config, NOT_SHAPE)
-
-
 def _number(value) -> float | None:
     """A plain float for JSON, None for missing or non-finite."""
     return None if value is None or not math.isfinite(value) else float(value)
@@ -162,38 +91,6 @@ def _metric(result: dict, metric: str) -> float:
     if result["diverged"] or value is None or value > DIVERGED_LOSS:
         return math.nan
     return float(value)
-
-
-def probes(optim: dict) -> str | None:
-    """A MeZO config's probe scaling ('matched'; 'D=matched,U=isotropic' where probe and update
-    differ), None for every other optimizer."""
-    if optim["name"] != "mezo":
-        return None
-    probe, update = (optim[field] for field in PROBE_FIELDS)
-    return probe if probe == update else f"D={probe},U={update}"
-
-
-def optim_label(entry: dict) -> str:
-    """A shape's or family's optimizer as tables print it: 'adamw', 'mezo[matched]'."""
-    return entry["optim"] + (f"[{entry['probes']}]" if entry.get("probes") else "")
-
-
-def _family_of(shape: dict, fields: tuple[str, ...]) -> dict:
-    """The shape's values of `fields`, and its MeZO probe scaling where it has one."""
-    family = {k: shape[k] for k in fields}
-    if "probes" in shape:
-        family["probes"] = shape["probes"]
-    return family
-
-
-def multipliers(config: dict) -> dict[str, float]:
-    """A run config's tunable multipliers; 1 for a config written before they existed."""
-    return {field: float(config["param"].get(field, 1.0)) for field in TUNABLE}
-
-
-def tuned_label(values: dict[str, float]) -> str:
-    """The multipliers that are not 1, as `output_mult=2 attn_mult=0.5`; '' when none."""
-    return " ".join(f"{field}={value:g}" for field, value in values.items() if value != 1.0)
 
 
 def _run_row(result: dict) -> dict:
@@ -258,7 +155,7 @@ def _families(shapes: list[tuple[dict, dict]], vary: tuple[str, ...]) -> list[li
     groups = defaultdict(list)
     for shape, config in shapes:
         if shape["optimum"] is not None:
-            groups[_config_id(config, NOT_SHAPE + vary)].append(shape)
+            groups[config_id(config, NOT_SHAPE + vary)].append(shape)
     return list(groups.values())
 
 
@@ -281,7 +178,7 @@ def _drift(family: list[dict], axis: str) -> dict:
     sems = [_sem(family[i]["log2_lr_std"], len(family[i]["seed_optima"])) for i in (hi, lo)]
     sizes = [s[axis] for s in family]
     first = family[0]
-    return {"family": _family_of(first, DRIFT_AXES[axis]),
+    return {"family": family_of(first, DRIFT_AXES[axis]),
             f"{axis}s": sizes, "log2_lr": log2_lr,
             "log2_lr_std": [s["log2_lr_std"] for s in family],
             "n_seeds": [len(s["seed_optima"]) for s in family],  # behind each std; 1: no spread
@@ -364,7 +261,7 @@ def analyze(results: list[dict], metric: str = "val_loss",
         tokens = [s["tokens"] for s in family]
         if len(set(tokens)) >= 2:
             log2_lr = [s["optimum"]["log2_lr"] for s in family]
-            lr_vs_tokens.append({"family": _family_of(family[0], ("param", "optim", "kind",
+            lr_vs_tokens.append({"family": family_of(family[0], ("param", "optim", "kind",
                                                                    "width", "depth")),
                                  "tokens": tokens, "log2_lr": log2_lr,
                                  **_power_law(tokens, [2.0 ** v for v in log2_lr])})
@@ -378,12 +275,10 @@ def analyze(results: list[dict], metric: str = "val_loss",
         family.sort(key=lambda s: s["compute"])
         compute, loss = [s["compute"] for s in family], [s["best_loss"] for s in family]
         if len(set(compute)) >= 2:
-            loss_vs_compute.append({**_family_of(family[0], ("param", "optim")),
+            loss_vs_compute.append({**family_of(family[0], ("param", "optim")),
                                     **({"tuned": tuned} if tuned else {}),
                                     "compute": compute, "loss": loss,
                                     **_power_law(compute, loss)})
-    from scaling.tuning import multiplier_drift, tunes  # it builds on this module's fits
-
     multiplier_tunes = tunes(shapes)
     return {"metric": metric, "group": groups.pop() if len(groups) == 1 else None,
             "runs": sorted((_run_row(r) for r in results), key=lambda row: row["name"]),
@@ -443,8 +338,6 @@ def format_table(analysis: dict) -> str:
                      + (f"  {tuned}" if tuned else ""))
     lines.append("(* optimum at the edge of the LR grid: the true optimum may lie outside it)")
     lines += [line for axis in DRIFT_KEYS for line in _drift_lines(analysis, axis)]
-    from scaling.tuning import tune_lines  # it builds on this module's fits
-
     lines += tune_lines(analysis)
     for p in analysis["lr_vs_tokens"]:
         f = p["family"]

@@ -5,21 +5,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import Any, Literal, get_args
 
-from models.config import COMPUTE_DTYPES, ModelConfig
-from optim.config import (
-    OPTIMIZERS,
-    SPHERE_OPTIMIZERS,
-    AdamWConfig,
-    MatrixOptimizerConfig,
-    MeZOConfig,
-    MuonConfig,
-    OptimizerConfig,
-    expected_field,
-)
+from models.config import ModelConfig
+from optim.config import OPTIMIZERS, AdamWConfig, OptimizerConfig, Problem, expected_field
 from scaling.rules import TUNABLE
+from scaling.schemes import SCHEMES, Scheme
 
 
 class ConfigError(ValueError):
@@ -30,15 +22,12 @@ class ConfigError(ValueError):
         super().__init__(f"{field}={value!r}: expected {expected}")
 
 
-PACKAGES = ("all", "half_a", "half_b")  # data.packages
-PARAMETRIZATIONS = ("sp", "mup", "depth_mup", "completep", "hyperp")
-# Rules that scale residual branches: the model must have them (the byte MLP has none).
-DEPTH_PARAMETRIZATIONS = ("depth_mup", "completep", "hyperp")
+BYTE_VOCAB = 256  # text sources are read as bytes
 
 
 @dataclasses.dataclass(frozen=True)
 class ParamConfig:
-    name: str = "mup"  # sp | mup | depth_mup | completep | hyperp
+    name: str = "mup"  # a scheme of scaling/schemes.py SCHEMES
     base_width: int = 64
     base_depth: int = 4  # depth_mup and completep equal μP at this depth
     # Per-role multipliers tuned on the proxy and carried to any width (scaling/rules.py TUNABLE;
@@ -50,15 +39,26 @@ class ParamConfig:
     input_init_mult: float = 1.0  # × the embedding's init std (model.embed_std)
     attn_mult: float = 1.0  # × the attention logits' scale
 
+    @property
+    def scheme(self) -> Scheme:
+        return SCHEMES[self.name]
+
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     path: str | None = None  # None: the interpreter's standard library
-    dtype: str = "uint16"  # .bin token files only: uint16 | uint32
+    dtype: Literal["uint16", "uint32"] = "uint16"  # .bin token files only
     vocab_size: int = 256  # bytes give 256; set it for .bin token files
     # the standard library's top-level packages and modules: all, or one of two halves (by the
     # CRC-32 of the name), e.g. pretrain on one and fine-tune on the other; data.path=null only
-    packages: str = "all"
+    packages: Literal["all", "half_a", "half_b"] = "all"
+
+    @property
+    def source_vocab_size(self) -> int:
+        """The vocabulary the source has, without reading it: bytes, or a .bin file's
+        data.vocab_size."""
+        return self.vocab_size if self.path is not None and self.path.endswith(".bin") else \
+            BYTE_VOCAB
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,14 +81,15 @@ class InitConfig:
     from_run: str | None = None  # a run directory (result.json, checkpoints/): fine-tuning
 
 
-WANDB_MODES = ("offline", "online", "disabled")
+WandbMode = Literal["offline", "online", "disabled"]
+WANDB_MODES = get_args(WandbMode)
 
 
 @dataclasses.dataclass(frozen=True)
 class LoggingConfig:
     # None defers to the user's WANDB_MODE / WANDB_PROJECT / WANDB_ENTITY, then to offline and
     # "scaling"; a value set here wins over the environment (scaling/training/tracking.py)
-    wandb_mode: str | None = None  # offline | online | disabled
+    wandb_mode: WandbMode | None = None
     project: str | None = None
     entity: str | None = None
     group: str | None = None
@@ -112,8 +113,8 @@ class SweepConfig:
     multiplier: float = 1.0
 
 
-MESH_AXES = ("data", "fsdp", "tensor")
-DISTRIBUTED = ("auto", "on", "off")
+MeshAxis = Literal["data", "fsdp", "tensor"]
+MESH_AXES = get_args(MeshAxis)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,12 +122,12 @@ class ShardingRules:
     """The mesh axis each logical parameter axis (models/tagged.py) is split over; null keeps it
     whole. The batch is always split over data and fsdp (scaling/sharding.py)."""
 
-    vocab: str | None = "tensor"
-    embed: str | None = "fsdp"
-    heads: str | None = "tensor"
-    mlp: str | None = "tensor"
-    layers: str | None = None
-    context: str | None = None
+    vocab: MeshAxis | None = "tensor"
+    embed: MeshAxis | None = "fsdp"
+    heads: MeshAxis | None = "tensor"
+    mlp: MeshAxis | None = "tensor"
+    layers: MeshAxis | None = None
+    context: MeshAxis | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +144,7 @@ class MeshConfig:
     fsdp: int = 1
     tensor: int = 1
     rules: ShardingRules = ShardingRules()
-    distributed: str = "auto"  # auto | on | off
+    distributed: Literal["auto", "on", "off"] = "auto"
     coordinator_address: str | None = None  # host:port of process 0
     num_processes: int | None = None
     process_id: int | None = None
@@ -163,12 +164,18 @@ class RunConfig:
 
 
 def _coerce(field: str, value: Any, annotation: Any) -> Any:
-    """Checks one leaf against its annotation; ints are accepted where floats are expected."""
+    """Checks one leaf against its annotation (a Literal: one of its values); ints are accepted
+    where floats are expected."""
     options = typing.get_args(annotation)
     if type(None) in options:  # an optional field
         if value is None:
             return None
-        annotation = next(t for t in options if t is not type(None))
+        (annotation,) = (t for t in options if t is not type(None))
+        options = typing.get_args(annotation)
+    if typing.get_origin(annotation) is Literal:
+        if isinstance(value, str) and value in options:
+            return value
+        raise ConfigError(field, value, f"one of {list(options)}")
     if set(options) == {int, bool}:  # jax's `unroll`: a count, or true for all
         if isinstance(value, int):
             return value
@@ -224,37 +231,48 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def _check_fields(cfg: Any, prefix: str) -> None:
+    """Every leaf of a config (built from a dict or in Python) against its annotation."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_fields(value, f"{prefix}{f.name}.")
+        else:
+            _coerce(f"{prefix}{f.name}", value, hints[f.name])
+
+
 def _require(ok: bool, field: str, value: Any, expected: str) -> None:
     if not ok:
         raise ConfigError(field, value, expected)
 
 
-def _choice(field: str, value: str, options: tuple[str, ...]) -> None:
-    _require(value in options, field, value, f"one of {list(options)}")
+def _raise_first(problems: Iterator[Problem]) -> None:
+    problem = next(problems, None)
+    if problem is not None:
+        raise ConfigError(*problem)
 
 
 def validate(cfg: RunConfig) -> RunConfig:
     """Raises ConfigError on the first bad field; returns cfg unchanged otherwise."""
+    _check_fields(cfg, "")
     m, p, o, d, t, lg = cfg.model, cfg.param, cfg.optim, cfg.data, cfg.train, cfg.logging
-    _choice("model.kind", m.kind, ("transformer", "mlp"))
     for name in ("width", "depth", "head_dim", "mlp_ratio", "context"):
         _require(getattr(m, name) > 0, f"model.{name}", getattr(m, name), "a positive integer")
     if m.kind == "transformer":
         _require(m.width % m.head_dim == 0, "model.width", m.width,
                  f"a multiple of model.head_dim={m.head_dim}")
-    _choice("model.readout_init", m.readout_init, ("normal", "zero"))
     _require(m.embed_std > 0, "model.embed_std", m.embed_std, "a positive number")
     _require(m.scan_unroll is True or (m.scan_unroll is not False and m.scan_unroll >= 1),
              "model.scan_unroll", m.scan_unroll,
              "true (unroll every layer) or a positive integer (layers per scan iteration)")
-    _choice("model.compute_dtype", m.compute_dtype, COMPUTE_DTYPES)
-    _choice("param.name", p.name, PARAMETRIZATIONS)
-    if p.name in DEPTH_PARAMETRIZATIONS:
+    _require(p.name in SCHEMES, "param.name", p.name, f"one of {list(SCHEMES)}")
+    if p.scheme.depth.scales_branches:
         _require(m.kind == "transformer", "model.kind", m.kind,
                  f"transformer with param.name={p.name} (its depth rule scales residual "
                  "branches, which the byte MLP does not have)")
-    if p.name == "hyperp" or o.name in SPHERE_OPTIMIZERS:
-        why = "param.name=hyperp" if p.name == "hyperp" else f"optim.name={o.name}"
+    if p.scheme.readout_on_sphere or "output" in o.sphere_roles:
+        why = f"param.name={p.name}" if p.scheme.readout_on_sphere else f"optim.name={o.name}"
         _require(m.readout_init == "normal", "model.readout_init", m.readout_init,
                  f"normal with {why} (the readout lives on a sphere, and a zero matrix has "
                  "none)")
@@ -269,10 +287,8 @@ def validate(cfg: RunConfig) -> RunConfig:
                  f"a multiple of model.head_dim={m.head_dim}")
     # a bad train.steps is reported as itself, not as a warmup that is too long for it
     _require(t.steps > 0, "train.steps", t.steps, "a positive integer")
-    validate_optimizer(o, t.steps)
-    _choice("data.dtype", d.dtype, ("uint16", "uint32"))
+    _raise_first(o.problems(t.steps))
     _require(d.vocab_size > 1, "data.vocab_size", d.vocab_size, "an integer above 1")
-    _choice("data.packages", d.packages, PACKAGES)
     if d.path is not None:
         _require(d.packages == "all", "data.packages", d.packages,
                  "'all' when data.path is set (the halves split the standard library, "
@@ -281,8 +297,6 @@ def validate(cfg: RunConfig) -> RunConfig:
                  "checkpoint_every"):
         _require(getattr(t, name) > 0, f"train.{name}", getattr(t, name), "a positive integer")
     _require(t.seed >= 0, "train.seed", t.seed, "a non-negative integer")
-    if lg.wandb_mode is not None:
-        _choice("logging.wandb_mode", lg.wandb_mode, WANDB_MODES)
     _require(lg.spectral_every >= 0, "logging.spectral_every", lg.spectral_every,
              "a non-negative integer (steps between spectral logs; 0: off)")
     _validate_sweep(cfg.sweep)
@@ -293,95 +307,6 @@ def validate(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-def validate_optimizer(o: OptimizerConfig, steps: int) -> None:
-    """The fields every optimizer shares, then its own family's fields."""
-    _require(type(o) is OPTIMIZERS.get(o.name), "optim.name", o.name,
-             f"the name of its config class {type(o).__name__}, one of "
-             f"{ {n: c.__name__ for n, c in OPTIMIZERS.items()} }")
-    _require(o.lr > 0, "optim.lr", o.lr, "a positive learning rate")
-    _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a non-negative number")
-    _choice("optim.schedule", o.schedule, ("cosine", "wsd", "constant"))
-    _require(0 <= o.warmup_steps < steps, "optim.warmup_steps", o.warmup_steps,
-             f"a non-negative integer below train.steps={steps}")
-    _require(0 < o.decay_fraction <= 1, "optim.decay_fraction", o.decay_fraction,
-             "a fraction in (0, 1]")
-    _require(0 <= o.final_lr_fraction <= 1, "optim.final_lr_fraction", o.final_lr_fraction,
-             "a fraction in [0, 1]")
-    _require(o.clip_norm >= 0, "optim.clip_norm", o.clip_norm, "a non-negative number (0: off)")
-    _validate_clipping(o)
-    for name in ("b1", "b2", "momentum"):
-        if hasattr(o, name):
-            _require(0 <= getattr(o, name) < 1, f"optim.{name}", getattr(o, name),
-                     "a value in [0, 1)")
-    if isinstance(o, AdamWConfig):
-        _require(o.eps >= 0, "optim.eps", o.eps, "a non-negative number")
-    if hasattr(o, "adam_lr_ratio"):
-        _require(o.adam_lr_ratio > 0, "optim.adam_lr_ratio", o.adam_lr_ratio, "a positive number")
-    if isinstance(o, MatrixOptimizerConfig):
-        _validate_matrix_optimizer(o)
-    if isinstance(o, MuonConfig):
-        _validate_newton_schulz(o)
-    if isinstance(o, MeZOConfig):
-        _validate_mezo(o)
-
-
-def _validate_clipping(o: OptimizerConfig) -> None:
-    _choice("optim.clip_scope", o.clip_scope, ("global", "role"))
-    if o.clip_width_exponent is None:
-        _require(o.clip_scope == "role", "optim.clip_width_exponent", None,
-                 "a number with optim.clip_scope=global (null, each group's gradient-norm "
-                 "growth from the rule table, needs optim.clip_scope=role)")
-    else:
-        _require(math.isfinite(o.clip_width_exponent), "optim.clip_width_exponent",
-                 o.clip_width_exponent, "a finite exponent κ (threshold × width_mult**κ), or null")
-    if isinstance(o, MeZOConfig):  # its clip_norm bounds the projected gradient, one number
-        _require(o.clip_scope == "global", "optim.clip_scope", o.clip_scope,
-                 "global with optim=mezo (it clips the projected gradient, a scalar)")
-        _require(o.clip_width_exponent == 0, "optim.clip_width_exponent",
-                 o.clip_width_exponent, "0 with optim=mezo (its clip is not width-aware)")
-
-
-def _validate_mezo(o: MeZOConfig) -> None:
-    from scaling.objectives import OBJECTIVES  # no jax at import
-
-    _require(o.eps > 0, "optim.eps", o.eps, "a positive perturbation scale")
-    _require(o.n_probes >= 1, "optim.n_probes", o.n_probes, "a positive integer")
-    _require(0 <= o.sparsity < 1, "optim.sparsity", o.sparsity,
-             "a fraction in [0, 1) of each matrix left unperturbed (0: dense MeZO)")
-    _choice("optim.probe_scaling", o.probe_scaling, ("isotropic", "matched"))
-    _choice("optim.update_scaling", o.update_scaling, ("isotropic", "matched"))
-    _choice("optim.eps_scaling", o.eps_scaling, ("constant", "fan_in"))
-    _choice("optim.param_dtype", o.param_dtype, ("float32", "bfloat16"))
-    _choice("optim.objective", o.objective, tuple(OBJECTIVES))
-    _require(0 <= o.curvature_decay < 1, "optim.curvature_decay", o.curvature_decay,
-             "a value in [0, 1)")
-    if o.safe_lr is not None:
-        _require(o.safe_lr > 0, "optim.safe_lr", o.safe_lr, "a positive constant c, or null")
-        _require(o.curvature, "optim.safe_lr", o.safe_lr,
-                 "null unless optim.curvature=true (the cap c/trace needs the trace estimate)")
-
-
-def _validate_matrix_optimizer(o: MatrixOptimizerConfig) -> None:
-    _choice("optim.update_scale", o.update_scale, ("keller", "spectral", "moonlight"))
-    _choice("optim.ns_backend", o.ns_backend, ("auto", "xla", "pallas"))
-    _choice("optim.momentum_dtype", o.momentum_dtype, ("float32", "bfloat16"))
-    _choice("optim.ns_sharding", o.ns_sharding, ("stack", "compiler"))
-
-
-def _validate_newton_schulz(o: MuonConfig) -> None:
-    _choice("optim.ns_scheme", o.ns_scheme, ("jordan", "polar_express", "classical"))
-    if o.ns_steps is not None:
-        _require(o.ns_steps >= 1, "optim.ns_steps", o.ns_steps,
-                 "a positive integer, or null for the scheme's default")
-    _choice("optim.ns_normalization", o.ns_normalization, ("frobenius", "schatten4"))
-    _choice("optim.ns_method", o.ns_method, ("auto", "direct", "gram"))
-    _choice("optim.ns_dtype", o.ns_dtype, ("auto", "float32", "bfloat16"))
-    if o.ns_backend == "pallas":
-        _require(o.ns_method != "gram", "optim.ns_method", o.ns_method,
-                 "'auto' or 'direct' with optim.ns_backend=pallas (its kernels run the direct "
-                 "form)")
-
-
 def _validate_mesh(m: MeshConfig) -> None:
     """What can be checked without the devices (scaling/sharding.py checks the rest)."""
     for axis in MESH_AXES:
@@ -390,11 +315,6 @@ def _validate_mesh(m: MeshConfig) -> None:
                  "a positive number of devices, or -1 for every device the other axes leave")
     _require([getattr(m, axis) for axis in MESH_AXES].count(-1) <= 1, "mesh",
              {axis: getattr(m, axis) for axis in MESH_AXES}, "at most one axis of size -1")
-    for field in dataclasses.fields(m.rules):
-        target = getattr(m.rules, field.name)
-        if target is not None:
-            _choice(f"mesh.rules.{field.name}", target, MESH_AXES)
-    _choice("mesh.distributed", m.distributed, DISTRIBUTED)
     if m.num_processes is not None:
         _require(m.num_processes >= 1, "mesh.num_processes", m.num_processes,
                  "a positive integer, or null (from the environment)")

@@ -12,7 +12,8 @@ vanishing terms, which otherwise dominate at small widths.
 
 Flatness is judged by slopes: the least-squares slope of log2 RMS against log2 width (or depth)
 of every quantity at every step (`slope_rows`), required within a tolerance for the quantities
-and parametrizations `is_checked` and FLAT_IN name (`failures`).
+and parametrizations `is_checked` and `flat_in` name (`failures`): by default each scheme is
+held to the axes its own record claims (scaling/schemes.py).
 """
 
 from __future__ import annotations
@@ -30,19 +31,18 @@ from flax import nnx
 
 from models.config import ModelConfig
 from models.layers import rms
-from models.tagged import ParamSpec, leaf_at
+from models.tagged import LAYER_AXIS, ParamSpec, leaf_at
 from optim import OptimizerConfig
-from scaling.config import PARAMETRIZATIONS, ConfigError, ParamConfig
+from scaling.config import ConfigError, ParamConfig
 from scaling.parametrization import build_model
-from scaling.training.step import init_train_state, make_train_step, optimizer_at
-from scaling.training.zo_step import init_zo_state, make_zo_step, zo_setup
+from scaling.schemes import DEPTH, SCHEMES, WIDTH
+from scaling.steps import make_step
 
 # width (depth for depth_check) -> step (0 = init) -> quantity -> RMS. Quantities are module
 # outputs ("logits", "attn_out/0", ...) and, from step 1, parameter updates
 # ("update/blocks.wq/0": layer 0 of the stacked leaf at path ("blocks", "wq")).
 CoordStats = dict[int, dict[int, dict[str, float]]]
 UPDATE = "update"
-LAYER_AXIS = "layers"  # the logical axis of a stacked leaf (models/tagged.py)
 # Forward stats the models report that are not the RMS of an output: stability indicators (the
 # mean squared log-partition of the attention logits, a percentage of outlying features), whose
 # log-log slope against width says nothing about scale.
@@ -87,30 +87,20 @@ def update_rms(before, after, specs: dict[tuple, ParamSpec]) -> dict[str, jax.Ar
     return out
 
 
-def _train_step(graphdef, parametrization, optim_cfg: OptimizerConfig, steps: int, seed: int):
-    """(train step, params -> its initial state) for any optimizer, MeZO's included (its probes
-    drawn from `seed`)."""
-    if optim_cfg.family == "zeroth_order":
-        setup = zo_setup(optim_cfg, parametrization, total_steps=steps, seed=seed)
-        return make_zo_step(graphdef, setup), lambda p: init_zo_state(p, setup, optim_cfg.lr)
-    tx = optimizer_at(optim_cfg, parametrization, total_steps=steps)
-    return make_train_step(graphdef, tx), lambda p: init_train_state(p, tx, optim_cfg.lr)
-
-
 def _trajectory(forward, train_step, updates, state: dict, steps: int, inputs_BxT: jax.Array,
                 targets_BxT: jax.Array) -> dict[int, dict[str, float]]:
     """Every quantity at init and after each of `steps` steps on the one batch."""
-    logits0_BxTxV = forward(state["params"], inputs_BxT)[0]
+    logits0_BxTxV = forward(state.params, inputs_BxT)[0]
 
     def measure(p) -> dict[str, float]:
         logits_BxTxV, stats = forward(p, inputs_BxT)
         return _flatten(stats) | {"logits_delta": float(rms(logits_BxTxV - logits0_BxTxV))}
 
-    out = {0: measure(state["params"])}
+    out = {0: measure(state.params)}
     for step in range(1, steps + 1):
-        before = jax.tree.map(jnp.copy, state["params"])  # the step donates the state
-        state = train_step(state, inputs_BxT, targets_BxT)
-        out[step] = measure(state["params"]) | _flatten(updates(before, state["params"]))
+        before = jax.tree.map(jnp.copy, state.params)  # the step donates the state
+        state, _ = train_step(state, inputs_BxT, targets_BxT)
+        out[step] = measure(state.params) | _flatten(updates(before, state.params))
     return out
 
 
@@ -124,14 +114,16 @@ def _one_shape(model_cfg: ModelConfig, param_cfg: ParamConfig, optim_cfg: Optimi
     # the tokens are an argument, not a constant of the program: one program per shape whatever
     # the batch, which the persistent compilation cache then serves
     forward = jax.jit(lambda p, tokens_BxT: nnx.merge(graphdef, p).forward(tokens_BxT))
-    train_step, init_state = _train_step(graphdef, parametrization, optim_cfg, max(steps, 1),
-                                         seeds[0])
+    # the step measures nothing it logs: the check measures the forward itself
+    train_step = make_step(optim_cfg, parametrization, graphdef, total_steps=max(steps, 1),
+                           indicators=False, seed=seeds[0])
     updates = jax.jit(lambda before, after: update_rms(before, after, parametrization.specs))
     runs = []
     for seed in seeds:
         if seed != seeds[0]:
             params = nnx.split(build_model(model_cfg, param_cfg, vocab_size, seed)[0])[1]
-        runs.append(_trajectory(forward, train_step, updates, init_state(params.to_pure_dict()),
+        runs.append(_trajectory(forward, train_step, updates,
+                                train_step.init_state(params.to_pure_dict(), optim_cfg.lr),
                                 steps, inputs_BxT, targets_BxT))
     return {step: {name: float(np.mean([run[step][name] for run in runs]))
                    for name in runs[0][step]}
@@ -160,11 +152,13 @@ def depth_check(model_cfg: ModelConfig, param_cfg: ParamConfig, optim_cfg: Optim
             for depth in depths}
 
 
-# The two axes a check sweeps, and the parametrizations that must be flat along each: every
-# μP-family table in width (all but SP), the depth rules in depth.
-WIDTH, DEPTH = "width", "depth"
-FLAT_IN = {WIDTH: tuple(p for p in PARAMETRIZATIONS if p != "sp"),
-           DEPTH: ("depth_mup", "completep")}
+
+
+def claimed_flat(axis: str) -> tuple[str, ...]:
+    """The schemes whose record claims Θ(1) coordinates along `axis` (WIDTH or DEPTH)."""
+    return tuple(name for name, scheme in SCHEMES.items() if axis in scheme.flat_in)
+
+
 # A depth rule scales each residual branch by r^(−α): what stays flat is their sum, the stream.
 BRANCH_OUTPUTS = ("attn_out", "mlp_out")
 # With a normal readout μP's logits shrink like 1/√m at init by design (constant readout std,
@@ -188,12 +182,12 @@ class CoordConfig:
     seq_len: int = 32
     check: bool = False  # exit non-zero when a slope that must be flat is beyond tolerance
     out_dir: str = "runs/coord_check"
-    # the parametrizations that must be flat; None: those whose rule claims it (FLAT_IN), so SP
-    # is the contrast. [sp, mup] holds SP to μP's claim, and SP then fails the check.
+    # the parametrizations that must be flat; None: those whose rule claims it, so SP is the
+    # contrast. [sp, mup] holds SP to μP's claim, and SP then fails the check.
     require_flat: tuple[str, ...] | None = None
 
     def flat_in(self, axis: str) -> tuple[str, ...]:
-        return FLAT_IN[axis] if self.require_flat is None else self.require_flat
+        return claimed_flat(axis) if self.require_flat is None else self.require_flat
 
 
 def _axis_values(field: str, values: Any) -> tuple[int, ...] | None:
@@ -223,9 +217,9 @@ def coord_config(values: Mapping[str, Any]) -> CoordConfig:
                                                 "(a check needs an axis)")
     params = v["params"]
     if (not isinstance(params, (list, tuple)) or not params or len(set(params)) != len(params)
-            or not all(p in PARAMETRIZATIONS for p in params)):
+            or not all(p in SCHEMES for p in params)):
         raise ConfigError("coord.params", params,
-                          f"a list of distinct parametrizations from {list(PARAMETRIZATIONS)}")
+                          f"a list of distinct parametrizations from {list(SCHEMES)}")
     for name in ("steps", "seeds", "batch_size", "seq_len"):
         if not (isinstance(v[name], int) and not isinstance(v[name], bool) and v[name] > 0):
             raise ConfigError(f"coord.{name}", v[name], "a positive integer")
@@ -241,9 +235,9 @@ def coord_config(values: Mapping[str, Any]) -> CoordConfig:
         raise ConfigError("coord.out_dir", v["out_dir"], "a folder for the check's outputs")
     flat = v["require_flat"]
     if flat is not None and (not isinstance(flat, (list, tuple)) or not flat
-                             or not all(p in PARAMETRIZATIONS for p in flat)):
+                             or not all(p in SCHEMES for p in flat)):
         raise ConfigError("coord.require_flat", flat, "null (the parametrizations whose rule "
-                          f"claims flatness), or a list from {list(PARAMETRIZATIONS)}")
+                          f"claims flatness), or a list from {list(SCHEMES)}")
     return CoordConfig(widths=widths, depths=depths, params=tuple(params), steps=v["steps"],
                        seeds=v["seeds"], tolerance=float(tolerance), batch_size=v["batch_size"],
                        seq_len=v["seq_len"], check=v["check"], out_dir=v["out_dir"],
@@ -312,8 +306,9 @@ def is_checked(quantity: str, axis: str, readout_init: str) -> bool:
 
 def what_is_checked(axis: str, readout_init: str, tolerance: float,
                     flat_params: tuple[str, ...] | None = None) -> str:
-    """One sentence on what the check covers along `axis` (for `flat_params`, else FLAT_IN)."""
-    flat = ", ".join(FLAT_IN[axis] if flat_params is None else flat_params)
+    """One sentence on what the check covers along `axis` (for `flat_params`, else the schemes
+    that claim it)."""
+    flat = ", ".join(claimed_flat(axis) if flat_params is None else flat_params)
     if axis == WIDTH:
         left_out = ("; logits and logits_delta are reported, not checked: with "
                     "model.readout_init=normal they shrink with width by design"
@@ -350,8 +345,8 @@ class Slope:
 def slope_rows(stats_by_param: dict[str, CoordStats], axis: str, readout_init: str,
                flat_params: tuple[str, ...] | None = None) -> list[Slope]:
     """Every fitted slope of every parametrization along one axis; `flat_params` must be flat
-    (None: FLAT_IN, those whose rule claims it)."""
-    flat = FLAT_IN[axis] if flat_params is None else flat_params
+    (None: those whose rule claims it)."""
+    flat = claimed_flat(axis) if flat_params is None else flat_params
     return [Slope(axis, param, step, name, slope, is_checked(name, axis, readout_init),
                   param in flat)
             for param, stats in stats_by_param.items()

@@ -22,7 +22,7 @@ from scaling.coord_check import (
     comparable,
     is_update,
 )
-from scaling.training.files import atomic_open
+from scaling.files import atomic_open
 
 DPI = 100
 FIGURE_WIDTH, FIGURE_HEIGHT, LEGEND = 5.4, 3.6, 1.7  # inches per column and row; legend width

@@ -3,38 +3,31 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 from flax import nnx
 
 import models
 import optim
-from models.config import ModelConfig
+from models.config import ModelConfig, Runtime
 from models.tagged import ParamSpec, iter_params, param_specs, tree_from_paths
-from optim import MATRIX_ROLES, SPHERE_ROLES, MatrixAxes, OptimizerConfig, RoleMultipliers
+from optim import MatrixAxes, OptimizerConfig, RoleMultipliers
 from scaling.config import ParamConfig
 from scaling.rules import (
-    ATTENTION_EXPONENT,
     ATTENTION_MULTIPLIER,
     BASE_STD,
-    DEPTH_RULES,
     FORWARD_MULTIPLIERS,
     INIT_MULTIPLIERS,
     LR_MULTIPLIERS,
-    MUON_DEPTH_LR,
-    MUON_LR,
-    MUON_WD,
-    ONE,
-    SPHERE_LR,
-    TABLES,
     TUNABLE,
     Depth,
     RoleRule,
     W,
 )
-
-FAMILIES = ("adam", "sgd", "muon", "sphere", "zeroth_order")
+from scaling.schemes import Scheme
 
 
 def group_label(spec: ParamSpec) -> str:
@@ -44,21 +37,19 @@ def group_label(spec: ParamSpec) -> str:
 
 
 class Parametrization:
-    """A rule table bound to one model's shapes and depth, and its base shapes and depth, with
-    the tuned per-role multipliers (`tuned`: a TUNABLE field -> value, missing ones 1)."""
+    """A scheme bound to one model's shapes and depth, and its base shapes and depth, with the
+    tuned per-role multipliers (`tuned`: a TUNABLE field -> value, missing ones 1)."""
 
-    def __init__(self, name: str, specs: dict[tuple, ParamSpec],
+    def __init__(self, scheme: Scheme, specs: dict[tuple, ParamSpec],
                  base_specs: dict[tuple, ParamSpec], head_dim: int, base_head_dim: int,
                  depth: int = 1, base_depth: int = 1, tuned: Mapping[str, float] | None = None):
-        if name not in TABLES:
-            raise ValueError(f"param.name={name!r}: expected one of {sorted(TABLES)}")
         unknown = set(tuned or {}) - set(TUNABLE)
         if unknown:
             raise ValueError(f"tuned multipliers {sorted(unknown)}: expected some of {TUNABLE}")
         self.tuned = dict(tuned or {})
         if set(specs) != set(base_specs):
             raise ValueError("the base model has different parameters from the model")
-        self.name, self.table, self.depth_rule = name, TABLES[name], DEPTH_RULES[name]
+        self.scheme, self.table, self.depth_rule = scheme, scheme.width, scheme.depth
         self.specs, self.base_specs = specs, base_specs
         self.head_dim, self.base_head_dim = head_dim, base_head_dim
         self.depth, self.base_depth = depth, base_depth
@@ -115,58 +106,41 @@ class Parametrization:
     @property
     def attention_scale(self) -> float:
         head_dim_mult = self.head_dim / self.base_head_dim
-        return (self.base_head_dim**-0.5 * head_dim_mult ** ATTENTION_EXPONENT[self.name]
+        return (self.base_head_dim**-0.5 * head_dim_mult**self.scheme.attention_exponent
                 * self.tuned_value(ATTENTION_MULTIPLIER))
 
-    def optimizer_multipliers(self, family: str, *, update_scale: str | None = None,
-                              wd_width_exponent: float | None = None
-                              ) -> dict[str, RoleMultipliers]:
-        """Group label -> multipliers for `family` 'adam' (Adam-like), 'sgd', 'muon' or 'sphere'.
+    def runtime(self, activation_sharding: jax.sharding.Sharding | None = None) -> Runtime:
+        """What the model is built with: this parametrization's forward multipliers, and
+        where its activations live on a device mesh (None: no mesh)."""
+        return Runtime(logit_multiplier=self.logit_multiplier,
+                       attention_scale=self.attention_scale,
+                       branch_multiplier=self.branch_multiplier,
+                       activation_sharding=activation_sharding)
 
-        'muon' reads MUON_LR[update_scale] for hidden matrices and 'sphere' SPHERE_LR for hidden
-        and output matrices; both the Adam column for the other roles. Block parameters take the
-        depth rule on top. `wd_width_exponent` γ replaces the hidden weight-decay rule by λ ∝ m^γ.
-        A tuned per-role LR multiplier (LR_MULTIPLIERS) multiplies its role's LR in every family.
-        """
-        if family not in FAMILIES:
-            raise ValueError(f"optimizer family {family!r}: expected one of {list(FAMILIES)}")
-        if family == "muon" and update_scale not in MUON_LR[self.name]:
-            raise ValueError(f"optim.update_scale={update_scale!r}: expected one of "
-                             f"{sorted(MUON_LR[self.name])}")
-        depth = self.depth_rule
+    def optimizer_multipliers(self, cfg: OptimizerConfig) -> dict[str, RoleMultipliers]:
+        """Group label -> the multipliers the optimizer `cfg` trains with: the table column it
+        reads for each role (`cfg.rule_for`), with the depth rule on top inside residual blocks.
+        `optim.wd_width_exponent` γ replaces the hidden weight-decay rule by λ ∝ m^γ; a tuned
+        per-role LR multiplier (LR_MULTIPLIERS) multiplies its role's LR in every family."""
 
         def of(path):
-            rule, mults, role = self.rule(path), self.fan_mults(path), self.specs[path].role
-            if family in ("sgd", "zeroth_order"):  # MeZO's expected step is SGD's
-                lr, eps, wd = rule.sgd_lr, ONE, rule.sgd_wd
-                lr_depth, eps_depth = depth.sgd_lr, Depth()
-            elif family == "muon" and role in MATRIX_ROLES:
-                lr, eps, wd = MUON_LR[self.name][update_scale], ONE, MUON_WD[self.name]
-                lr_depth, eps_depth = MUON_DEPTH_LR[self.name][update_scale], Depth()
-            elif family == "sphere" and role in SPHERE_ROLES:
-                lr, eps, wd = SPHERE_LR[role], rule.adam_eps, ONE
-                lr_depth, eps_depth = depth.sphere_lr, depth.adam_eps
-            else:
-                lr, eps, wd = rule.adam_lr, rule.adam_eps, rule.adam_wd
-                lr_depth, eps_depth = depth.adam_lr, depth.adam_eps
-            if role == "hidden" and wd_width_exponent is not None:
-                wd = W(a=wd_width_exponent)
-            return RoleMultipliers(lr(*mults) * self.depth_factor(path, lr_depth)
+            role, mults = self.specs[path].role, self.fan_mults(path)
+            rule = cfg.rule_for(role, self.scheme)
+            wd = rule.weight_decay
+            if role == "hidden" and cfg.wd_width_exponent is not None:
+                wd = W(a=cfg.wd_width_exponent)
+            return RoleMultipliers(rule.lr(*mults) * self.depth_factor(path, rule.lr_depth)
                                    * self.tuned_value(LR_MULTIPLIERS, role),
-                                   eps(*mults) * self.depth_factor(path, eps_depth), wd(*mults))
+                                   rule.eps(*mults) * self.depth_factor(path, rule.eps_depth),
+                                   wd(*mults))
         return self._per_group(of)
 
-    def optimizer_multipliers_for(self, cfg: OptimizerConfig) -> dict[str, RoleMultipliers]:
-        """The per-role multipliers the optimizer `cfg` trains with under this table."""
-        return self.optimizer_multipliers(
-            cfg.family, update_scale=getattr(cfg, "update_scale", None),
-            wd_width_exponent=cfg.wd_width_exponent)
-
-    def matrix_axes(self) -> dict:
-        """Fan axes of every matrix a matrix or sphere optimizer owns, as a parameter-like tree."""
+    def matrix_axes(self, cfg: OptimizerConfig) -> dict:
+        """Fan axes of every matrix `cfg` steps as a matrix or keeps on a sphere, as a
+        parameter-like tree."""
+        owned = cfg.matrix_roles + cfg.sphere_roles
         return tree_from_paths({path: MatrixAxes(spec.fan_in_axes, spec.fan_out_axes)
-                                for path, spec in self.specs.items()
-                                if spec.role in MATRIX_ROLES + SPHERE_ROLES})
+                                for path, spec in self.specs.items() if spec.role in owned})
 
     @property
     def width_mult(self) -> float:
@@ -203,11 +177,9 @@ class Parametrization:
         return self._per_group(lambda p: self.width_mult ** cfg.clip_width_exponent)
 
     def check_spheres(self, cfg: OptimizerConfig) -> None:
-        """A sphere optimizer needs every matrix it owns to start with a nonzero norm."""
-        if cfg.family != "sphere":
-            return
+        """A sphere optimizer needs every matrix it keeps on a sphere to start nonzero."""
         for path, spec in self.specs.items():
-            if spec.role in SPHERE_ROLES and spec.init == "zeros":
+            if spec.role in cfg.sphere_roles and spec.init == "zero":
                 field = "model.readout_init" if spec.role == "output" else "/".join(map(str, path))
                 raise ValueError(f"{field}=zero: expected a normal init with optim={cfg.name} "
                                  "(a zero matrix has no sphere to stay on)")
@@ -221,24 +193,56 @@ def make_parametrization(model_cfg: ModelConfig, param_cfg: ParamConfig,
                          vocab_size: int) -> Parametrization:
     base_cfg = dataclasses.replace(model_cfg, width=param_cfg.base_width,
                                    depth=param_cfg.base_depth)
-    return Parametrization(param_cfg.name, _abstract_specs(model_cfg, vocab_size),
+    return Parametrization(param_cfg.scheme, _abstract_specs(model_cfg, vocab_size),
                            _abstract_specs(base_cfg, vocab_size), model_cfg.head_dim,
                            base_cfg.head_dim, model_cfg.depth, param_cfg.base_depth,
                            {field: getattr(param_cfg, field) for field in TUNABLE})
 
 
-def build_model(model_cfg: ModelConfig, param_cfg: ParamConfig, vocab_size: int,
-                seed: int) -> tuple[nnx.Module, Parametrization]:
-    """The model with init scales and forward multipliers set by the parametrization."""
+@functools.cache
+def _initializer(model_cfg: ModelConfig, vocab_size: int, init_stds: tuple):
+    """seed -> the parameters (a pure dict), unit draws scaled by `init_stds` ((path, std)
+    of every normal parameter); one function per model shape and stds, so jit compiles it
+    once for every seed."""
+    stds = dict(init_stds)
+
+    def init(seed):
+        model = models.create(model_cfg, vocab_size, Runtime(), jax.random.key(seed))
+        for path, param in iter_params(model):
+            if path in stds:
+                param[...] = param[...] * stds[path]
+        return nnx.split(model)[1].to_pure_dict()
+
+    return init
+
+
+def init_params(model_cfg: ModelConfig, parametrization: Parametrization, vocab_size: int,
+                seed: int, *, shardings=None) -> dict:
+    """The parameters at `seed`, initialized inside one compiled program (every path that
+    starts a model gets the same numbers); with `shardings` (a tree like the parameters) each
+    is created where a device mesh keeps it, so no host ever holds the whole model."""
+    stds = tuple((path, parametrization.init_std(path))
+                 for path, spec in parametrization.specs.items() if spec.init == "normal")
+    return jax.jit(_initializer(model_cfg, vocab_size, stds), out_shardings=shardings)(seed)
+
+
+def build_model(model_cfg: ModelConfig, param_cfg: ParamConfig, vocab_size: int, seed: int, *,
+                activation_sharding: jax.sharding.Sharding | None = None
+                ) -> tuple[nnx.Module, Parametrization]:
+    """The model with init scales and forward multipliers set by the parametrization;
+    `activation_sharding`: where its residual stream lives on a device mesh."""
     parametrization = make_parametrization(model_cfg, param_cfg, vocab_size)
-    model = models.create(model_cfg, vocab_size,
-                          logit_multiplier=parametrization.logit_multiplier,
-                          attention_scale=parametrization.attention_scale,
-                          branch_multiplier=parametrization.branch_multiplier, seed=seed)
-    for path, param in iter_params(model):
-        if parametrization.specs[path].init == "normal":
-            param[...] = param[...] * parametrization.init_std(path)
-    return model, parametrization
+    graphdef, state = nnx.split(abstract_model(model_cfg, parametrization, vocab_size,
+                                               activation_sharding))
+    state.replace_by_pure_dict(init_params(model_cfg, parametrization, vocab_size, seed))
+    return nnx.merge(graphdef, state), parametrization
+
+
+def abstract_model(model_cfg: ModelConfig, parametrization: Parametrization, vocab_size: int,
+                   activation_sharding: jax.sharding.Sharding | None = None) -> nnx.Module:
+    """The model as shapes only, with its runtime settings: its graph and its specs."""
+    runtime = parametrization.runtime(activation_sharding)
+    return nnx.eval_shape(lambda: models.create(model_cfg, vocab_size, runtime))
 
 
 def build_optimizer(cfg: OptimizerConfig, parametrization: Parametrization, *, total_steps: int,
@@ -247,7 +251,7 @@ def build_optimizer(cfg: OptimizerConfig, parametrization: Parametrization, *, t
     this parametrization gives; `stack`: Muon's placement on a device mesh (scaling.sharding)."""
     parametrization.check_spheres(cfg)
     return optim.build_optimizer(cfg, parametrization.labels(),
-                                 parametrization.optimizer_multipliers_for(cfg),
+                                 parametrization.optimizer_multipliers(cfg),
                                  total_steps=total_steps,
-                                 matrix_axes=parametrization.matrix_axes(),
+                                 matrix_axes=parametrization.matrix_axes(cfg),
                                  clip_factors=parametrization.clip_factors(cfg), stack=stack)

@@ -18,13 +18,14 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
-from scaling.analysis import PARAM_LABELS, exponent_text, optim_label
-from scaling.training.files import atomic_open
+from scaling import schemes
+from scaling.analysis import exponent_text
+from scaling.files import atomic_open
+from scaling.shapes import optim_label
 from scaling.tuning_plots import tune_contours
 
 DPI = 120
 # baselines on the left, each scaled parametrization to the right of what it extends
-PARAM_ORDER = ["sp", "mup", "depth_mup", "completep", "hyperp"]
 MARKERS = "osD^v"  # hollow and distinct, so coinciding points of two fits stay visible
 # "probes" (MeZO's probe scaling) exists only in MeZO families, so others' names never show it
 FAMILY_FIELDS = ("param", "optim", "probes", "kind", "width", "depth", "tokens", "batch_size")
@@ -44,7 +45,7 @@ def family_names(families: list[dict], always: tuple[str, ...] = ("param", "dept
 
 def _family_order(family: dict) -> tuple:
     """SP before μP, then by the family's other fields (tokens numerically)."""
-    return (_param_rank(family["param"]), *(family.get(f, "") for f in FAMILY_FIELDS[1:]))
+    return (schemes.order(family["param"]), *(family.get(f, "") for f in FAMILY_FIELDS[1:]))
 
 
 def plot_analysis(analysis: dict, out_dir: Path) -> list[Path]:
@@ -72,17 +73,9 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def _param_label(param: str) -> str:
-    return PARAM_LABELS.get(param, param)
-
-
-def _param_rank(param: str) -> int:
-    return PARAM_ORDER.index(param) if param in PARAM_ORDER else len(PARAM_ORDER)
-
-
 def _labels(families: list[dict], always: tuple[str, ...] = ("param", "depth")) -> list[str]:
     """Legend labels such as 'μP d2', or 'μP adamw d2' where the optimizers differ."""
-    return [" ".join([_param_label(parts[0]), *parts[1:]])
+    return [" ".join([schemes.label(parts[0]), *parts[1:]])
             for parts in family_names(families, always)]
 
 
@@ -174,7 +167,7 @@ def _loss_vs_lr(analysis: dict, axis: str) -> Figure | None:
         shown = {key: family for key, family in shown.items() if len(family) >= 2}
     if not shown:
         return None
-    keys = sorted(shown, key=lambda k: (_param_rank(k[0]), k))
+    keys = sorted(shown, key=lambda k: (schemes.order(k[0]), k))
     colors = _size_colors(sorted({s[axis] for s in analysis["shapes"]}))
     fixed = _other_axis(axis)
     fig = Figure(figsize=(5.2 * len(keys), 4.2), layout="constrained")
@@ -184,7 +177,7 @@ def _loss_vs_lr(analysis: dict, axis: str) -> Figure | None:
             _plot_curve(ax, s, colors[s[axis]], axis)
         first = shown[key][0]
         probes = f" · {key[2]} probes" if key[2] else ""
-        ax.set_title(f"{_param_label(key[0])} · {key[1]}{probes}\n{first['kind']} "
+        ax.set_title(f"{schemes.label(key[0])} · {key[1]}{probes}\n{first['kind']} "
                      f"{fixed[0]}{first[fixed]}, {_tokens_label(first['tokens'])} tokens, "
                      f"batch {first['batch_size']}")
         ax.set_xlabel("log₂ learning rate")
@@ -265,11 +258,11 @@ def _plot_power_law(ax, x: list[float], fit: dict, color: str, name: str) -> Non
 def _loss_vs_compute(metric: str, fits: list[dict]) -> Figure | None:
     if not fits:
         return None
-    fits = sorted(fits, key=lambda f: (_param_rank(f["param"]), f["optim"], f.get("probes", "")))
+    fits = sorted(fits, key=lambda f: (schemes.order(f["param"]), f["optim"], f.get("probes", "")))
     fig = Figure(figsize=(8.8, 4.4), layout="constrained")
     ax = fig.subplots()
     for i, fit in enumerate(fits):
-        name = f"{_param_label(fit['param'])} · {optim_label(fit)}"
+        name = f"{schemes.label(fit['param'])} · {optim_label(fit)}"
         color = f"C{i}"
         ax.plot(fit["compute"], fit["loss"], MARKERS[i % len(MARKERS)], color=color, mfc="none",
                 mew=1.5, label=_points_label(f"{name}: best per shape", fit))

@@ -1,9 +1,10 @@
-"""The parametrization tables, one row per role (SCALING_RULES.md §1; Tensor Programs V, Table 3
-in the `mup` library's form). Every entry is a width scaling `fan_in_mult**a * fan_out_mult**b`
-(times `base`), where `fan_in_mult = fan_in / base_fan_in` and likewise for fan-out. Depth rules
-(SCALING_RULES.md §2, §5) are a second table, DEPTH_RULES, on parameters inside residual blocks.
+"""The building blocks of the parametrization tables (docs/rules.md derives each entry).
 
-Check these against the paper line by line; nothing else in the project decides a multiplier.
+A width rule is `base * fan_in_mult**a * fan_out_mult**b`, with `fan_in_mult = fan_in /
+base_fan_in` and likewise for fan-out; a role's row says how its init, forward multiplier and
+each optimizer column scale. A depth rule scales the parameters inside residual blocks on top of
+the width row. The schemes themselves (which rows and rules each uses) are one table in
+scaling/schemes.py; nothing else in the project decides a multiplier.
 """
 
 from __future__ import annotations
@@ -49,34 +50,40 @@ BASE_STD = {
 }
 
 # fmt: off
-TABLES: dict[str, dict[str, RoleRule]] = {
-    # Standard parametrization: fan-in init everywhere, no width multipliers.
-    "sp": {
-        #                 init_std     forward   adam_lr   adam_eps  adam_wd  sgd_lr  sgd_wd
-        "input":  RoleRule(ONE,        ONE,      ONE,      ONE,      ONE,     ONE,    ONE),
-        "hidden": RoleRule(W(a=-0.5),  ONE,      ONE,      ONE,      ONE,     ONE,    ONE),
-        "output": RoleRule(W(a=-0.5),  ONE,      ONE,      ONE,      ONE,     ONE,    ONE),
-        "vector": RoleRule(ONE,        ONE,      ONE,      ONE,      ZERO,    ONE,    ONE),
-    },
-    # μP (maximal update): hidden LR, ε ∝ 1/m and WD ∝ m for Adam; logits × 1/m.
-    "mup": {
-        #                 init_std     forward   adam_lr   adam_eps  adam_wd  sgd_lr        sgd_wd
-        "input":  RoleRule(ONE,        ONE,      ONE,      ONE,      ONE,     W(b=1),       ONE),
-        "hidden": RoleRule(W(a=-0.5),  ONE,      W(a=-1),  W(a=-1),  W(a=1),  W(a=-1, b=1), W(a=1, b=-1)),
-        "output": RoleRule(ONE,        W(a=-1),  ONE,      ONE,      ONE,     W(a=1),       ONE),
-        "vector": RoleRule(ONE,        ONE,      ONE,      ONE,      ZERO,    W(b=1),       W(b=-1)),
-    },
+# Standard parametrization: fan-in init everywhere, no width multipliers.
+SP_WIDTH: dict[str, RoleRule] = {
+    #                 init_std     forward   adam_lr   adam_eps  adam_wd  sgd_lr  sgd_wd
+    "input":  RoleRule(ONE,        ONE,      ONE,      ONE,      ONE,     ONE,    ONE),
+    "hidden": RoleRule(W(a=-0.5),  ONE,      ONE,      ONE,      ONE,     ONE,    ONE),
+    "output": RoleRule(W(a=-0.5),  ONE,      ONE,      ONE,      ONE,     ONE,    ONE),
+    "vector": RoleRule(ONE,        ONE,      ONE,      ONE,      ZERO,    ONE,    ONE),
 }
-
-# Depth-μP and CompleteP scale depth on top of μP's width table (SCALING_RULES.md §2).
-TABLES["depth_mup"] = TABLES["completep"] = TABLES["mup"]
-# HyperP (§5): μP's table with logit multiplier 1. μP's 1/m moves into the readout's init (std
+# μP (maximal update, Tensor Programs V in the `mup` library's form): hidden LR and ε ∝ 1/m and
+# WD ∝ m for Adam; logits × 1/m.
+MUP_WIDTH: dict[str, RoleRule] = {
+    #                 init_std     forward   adam_lr   adam_eps  adam_wd  sgd_lr        sgd_wd
+    "input":  RoleRule(ONE,        ONE,      ONE,      ONE,      ONE,     W(b=1),       ONE),
+    "hidden": RoleRule(W(a=-0.5),  ONE,      W(a=-1),  W(a=-1),  W(a=1),  W(a=-1, b=1), W(a=1, b=-1)),
+    "output": RoleRule(ONE,        W(a=-1),  ONE,      ONE,      ONE,     W(a=1),       ONE),
+    "vector": RoleRule(ONE,        ONE,      ONE,      ONE,      ZERO,    W(b=1),       W(b=-1)),
+}
+# HyperP: μP's table with logit multiplier 1. μP's 1/m moves into the readout's init (std
 # ∝ 1/fan_in): a relative step does not see a matrix's scale, so on the sphere this is μP's
 # readout exactly, where a fan-in readout (std ∝ 1/√fan_in) would move the logits like √m.
-TABLES["hyperp"] = {
-    **TABLES["mup"],
+HYPERP_WIDTH: dict[str, RoleRule] = {
+    **MUP_WIDTH,
     "output": RoleRule(W(a=-1),    ONE,      ONE,      ONE,      ONE,     W(a=1),       ONE),
 }
+
+# Muon on hidden matrices: the width factor μP needs on η with each update-scale convention
+# (optim/muon.py defines the scale s). keller and spectral already give μP's spectral condition,
+# so Adam's 1/m is never stacked on them; moonlight's Adam-like RMS needs m^(-1/2). Inputs,
+# outputs and vectors stay on the Adam column.
+NO_MUON_WIDTH_RULE: dict[str, W] = {"keller": ONE, "spectral": ONE, "moonlight": ONE}
+MUP_MUON_LR: dict[str, W] = {"keller": ONE, "spectral": ONE, "moonlight": W(a=-0.5)}
+# MuonH and AdamH take a relative step ‖ΔW‖/‖W‖ = η on every matrix they own, the same at every
+# width: no width factor (depth: DepthRule.sphere_lr).
+SPHERE_LR: dict[str, W] = {"hidden": ONE, "output": ONE}
 
 # The transferable per-role hyperparameters a proxy tunes (`param.*` fields; 1 leaves the table
 # alone). Each multiplies one entry of one role's rule at every width, so μP = SP at the base
@@ -84,7 +91,6 @@ TABLES["hyperp"] = {
 # (Tensor Programs V §5 and the `mup` library's input/output multipliers; Everett et al. 2024's
 # per-layer constants; Mlodozeniec et al. 2025's per-module multipliers). The hidden LR is the
 # reference: the base LR is its LR.
-# fmt: off
 LR_MULTIPLIERS: dict[str, str] = {"input": "input_lr_mult", "output": "output_lr_mult",
                                   "vector": "vector_lr_mult"}  # role -> field, × the role's LR
 INIT_MULTIPLIERS: dict[str, str] = {"input": "input_init_mult"}  # × the role's init std
@@ -92,13 +98,6 @@ FORWARD_MULTIPLIERS: dict[str, str] = {"output": "output_mult"}  # × the role's
 ATTENTION_MULTIPLIER = "attn_mult"  # × the attention logit scale (an inverse temperature)
 TUNABLE: tuple[str, ...] = (*LR_MULTIPLIERS.values(), *INIT_MULTIPLIERS.values(),
                             *FORWARD_MULTIPLIERS.values(), ATTENTION_MULTIPLIER)
-# fmt: on
-
-# Attention logit scale as a function of head_dim_mult = head_dim / base_head_dim, times
-# 1/sqrt(base_head_dim): SP keeps 1/sqrt(d_head), μP uses 1/d_head written as
-# sqrt(d_head_base)/d_head so the base is unchanged.
-ATTENTION_EXPONENT = {"sp": -0.5, "mup": -1.0, "depth_mup": -1.0, "completep": -1.0,
-                      "hyperp": -1.0}
 # fmt: on
 
 
@@ -117,13 +116,21 @@ class Depth:
 
 @dataclasses.dataclass(frozen=True)
 class DepthRule:
-    """How parameters inside residual blocks scale with depth, on top of the width table."""
+    """How parameters inside residual blocks scale with depth, on top of the width table.
+
+    Muon's direction is normalized like Adam's, whatever its update scale (which depends on a
+    matrix's shape, never on depth), so Muon's hidden matrices take `adam_lr` too."""
 
     branch: Depth  # forward multiplier on every residual branch's output
-    adam_lr: Depth  # hidden matrices and block vectors under Adam
+    adam_lr: Depth  # hidden matrices and block vectors under Adam (and Muon)
     adam_eps: Depth
     sgd_lr: Depth
     sphere_lr: Depth  # the relative step of MuonH/AdamH on block matrices
+
+    @property
+    def scales_branches(self) -> bool:
+        """Whether the rule needs residual branches to scale (a model without them can't)."""
+        return self.branch != Depth()
 
 
 def alpha_rule(alpha: float) -> DepthRule:
@@ -137,39 +144,18 @@ def alpha_rule(alpha: float) -> DepthRule:
 
 
 NO_DEPTH_RULE = DepthRule(Depth(), Depth(), Depth(), Depth(), Depth())
-DEPTH_RULES: dict[str, DepthRule] = {
-    "sp": NO_DEPTH_RULE,
-    "mup": NO_DEPTH_RULE,
-    "depth_mup": alpha_rule(0.5),
-    "completep": alpha_rule(1.0),
-    # HyperP: branches × 1/√(2L), absolute; its depth LR law is global (scaling/transfer.py)
-    "hyperp": dataclasses.replace(NO_DEPTH_RULE, branch=Depth(c=-0.5, base=2**-0.5,
-                                                              absolute=True)),
-}
+# HyperP: branches × 1/√(2L), absolute; its depth LR law is global (Scheme.depth_lr_law)
+HYPERP_DEPTH = dataclasses.replace(NO_DEPTH_RULE, branch=Depth(c=-0.5, base=2**-0.5,
+                                                               absolute=True))
 
-# Muon on hidden matrices (SCALING_RULES.md §4): the width factor μP needs on η with each
-# update-scale convention (optim/muon.py defines s). keller and spectral already give μP's
-# spectral condition, so Adam's 1/m is never stacked on them; moonlight's Adam-like RMS needs
-# m^(-1/2). Inputs, outputs and vectors stay on the Adam column above.
-# fmt: off
-MUON_LR: dict[str, dict[str, W]] = {
-    "sp":  {"keller": ONE, "spectral": ONE, "moonlight": ONE},
-    "mup": {"keller": ONE, "spectral": ONE, "moonlight": W(a=-0.5)},
-}
-MUON_LR["depth_mup"] = MUON_LR["completep"] = MUON_LR["hyperp"] = MUON_LR["mup"]
-# Under depth rules: Muon's direction is normalized like Adam's, whatever its update scale s
-# (s depends on the matrix's shape, never on depth), so every convention takes Adam's r^(α−1).
-MUON_DEPTH_LR: dict[str, dict[str, Depth]] = {
-    "sp":        {"keller": Depth(),     "spectral": Depth(),     "moonlight": Depth()},
-    "mup":       {"keller": Depth(),     "spectral": Depth(),     "moonlight": Depth()},
-    "depth_mup": {"keller": Depth(-0.5), "spectral": Depth(-0.5), "moonlight": Depth(-0.5)},
-    "completep": {"keller": Depth(0.0),  "spectral": Depth(0.0),  "moonlight": Depth(0.0)},
-    "hyperp":    {"keller": Depth(),     "spectral": Depth(),     "moonlight": Depth()},
-}
-# MuonH and AdamH take a relative step ‖ΔW‖/‖W‖ = η on every matrix they own, the same at every
-# width: no width factor (depth: DepthRule.sphere_lr).
-SPHERE_LR: dict[str, W] = {"hidden": ONE, "output": ONE}
-# LR-coupled decay on hidden Muon matrices: λ constant unless optim.wd_width_exponent sets
-# λ ∝ m^γ (γ = −1 is the "decay ∝ 1/width" rule of SCALING_RULES.md §3).
-MUON_WD: dict[str, W] = {"sp": ONE, "mup": ONE, "depth_mup": ONE, "completep": ONE, "hyperp": ONE}
-# fmt: on
+
+@dataclasses.dataclass(frozen=True)
+class StepRule:
+    """One parameter group's column of a table, for one optimizer: how its LR, ε and weight
+    decay scale with width, and (inside residual blocks) its LR and ε with depth."""
+
+    lr: W
+    eps: W
+    weight_decay: W
+    lr_depth: Depth = Depth()
+    eps_depth: Depth = Depth()

@@ -19,7 +19,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from models.tagged import ParamSpec
-from optim.muon import StackSharding, path_key
+from optim.stack import StackSharding
+from optim.trees import path_key
 from scaling.config import MESH_AXES, ConfigError, MeshConfig, ShardingRules
 
 BATCH_AXES = ("data", "fsdp")  # both split the batch; fsdp also splits the parameters

@@ -83,23 +83,18 @@ def sigma_names(path: tuple, spec: ParamSpec) -> list[str]:
 
 
 class SpectralLog:
-    """σ_max of every matrix, each call warm-started from the previous call's vectors.
-
-    `runs` > 1: parameters stacked along a leading axis, one run each (LRs trained together).
-    The first call runs START_CALLS calls' worth of iterations, since its vectors are random.
+    """σ_max of every matrix of runs stacked on a leading axis (LRs trained together; one run
+    is a stack of one), each call warm-started from the previous call's vectors. The first
+    call runs START_CALLS calls' worth of iterations, since its vectors are random.
     """
 
     START_CALLS = 4
 
-    def __init__(self, params, specs: dict[tuple, ParamSpec], runs: int = 1, seed: int = 0):
+    def __init__(self, params, specs: dict[tuple, ParamSpec], runs: int, seed: int = 0):
         self.specs, self.runs = specs, runs
-        one_run = params if runs == 1 else jax.tree.map(lambda x: x[0], params)
-        vectors = init_vectors(one_run, specs, seed)
-        if runs > 1:
-            vectors = jax.tree.map(lambda v: jnp.stack([v] * runs), vectors)
-        self.vectors, self.calls = vectors, 0
-        call = lambda p, v: top_singular_values(p, specs, v)
-        self._call = jax.jit(call if runs == 1 else jax.vmap(call))
+        vectors = init_vectors(jax.tree.map(lambda x: x[0], params), specs, seed)
+        self.vectors, self.calls = jax.tree.map(lambda v: jnp.stack([v] * runs), vectors), 0
+        self._call = jax.jit(jax.vmap(lambda p, v: top_singular_values(p, specs, v)))
 
     def __call__(self, params) -> list[dict[str, float]]:
         """Per run: matrix name (sigma_names) -> σ_max estimate."""
@@ -111,8 +106,7 @@ class SpectralLog:
         for run in range(self.runs):
             named = {}
             for path, sigma in sigmas.items():
-                values = sigma if self.runs == 1 else sigma[run]
-                named.update(zip(sigma_names(path, self.specs[path]), map(float, values),
+                named.update(zip(sigma_names(path, self.specs[path]), map(float, sigma[run]),
                                  strict=True))
             out.append(named)
         return out

@@ -33,10 +33,9 @@ from scaling.config import (
     RunConfig,
     from_dict,
 )
+from scaling.files import atomic_open
 from scaling.parametrization import make_parametrization
 from scaling.spectral import init_vectors, matrix_paths, sigma_names, top_singular_values
-from scaling.training import data
-from scaling.training.files import atomic_open
 
 SPECTRAL_LOG = "spectral.jsonl"
 # power iteration from the checkpoint: calls of ITERATIONS each until σ moves less than TOLERANCE
@@ -59,7 +58,7 @@ class RunSpectrum:
 @functools.cache
 def _parametrization(model: ModelConfig, param: ParamConfig, data_cfg: DataConfig):
     """A run's parametrization, built abstractly once per shape (a sweep repeats a few)."""
-    return make_parametrization(model, param, data.vocab_size(data_cfg))
+    return make_parametrization(model, param, data_cfg.source_vocab_size)
 
 
 def _finished_result(run_dir: Path, field: str) -> dict:
@@ -190,7 +189,7 @@ def _family_key(config: dict) -> str:
 def hidden_decay(cfg: RunConfig) -> dict[str, float]:
     """The hidden matrices' LR-coupled decay over the run: ηλ·steps at the peak LR, and Σ_t η_tλ
     over the schedule actually trained (the warmup and any decay phase lower it)."""
-    multipliers = _parametrization(cfg.model, cfg.param, cfg.data).optimizer_multipliers_for(
+    multipliers = _parametrization(cfg.model, cfg.param, cfg.data).optimizer_multipliers(
         cfg.optim)
     hidden = {label: m for label, m in multipliers.items() if optim.role_of(label) == "hidden"}
     mult = next(iter(hidden.values()))

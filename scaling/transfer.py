@@ -13,19 +13,18 @@ import dataclasses
 import math
 from collections.abc import Callable
 
-from scaling.analysis import PARAM_LABELS, analyze, optim_label, shape_id
+from scaling.analysis import analyze
 from scaling.config import ConfigError, RunConfig, SweepConfig, from_dict, validate
 from scaling.parametrization import make_parametrization
-from scaling.rules import DEPTH_RULES, NO_DEPTH_RULE
-from scaling.zeroth_order import step_multipliers
+from scaling.rules import NO_DEPTH_RULE
+from scaling.schemes import WIDTH
+from scaling.shapes import optim_label, shape_id
 
 DATA_EXPONENT = 0.32  # k in η ∝ T^(−k), fitted by HyperP (ArchScale)
 BATCH_EXPONENT = 0.5  # η ∝ √(B/B0), HyperP's batch rule
 # d in HyperP's η ∝ (L0/L)^d. ArchScale grew width with depth, so its √(L0/L) is not separable
-# from width: an assumption to measure (SCALING_RULES.md §5), hence configurable.
+# from width: an assumption to measure (docs/rules.md, HyperP), hence configurable.
 DEPTH_EXPONENT = 0.5
-# Parametrizations whose base LR itself follows a law in depth (and stays across width).
-LR_LAW_PARAMS = ("hyperp",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,18 +49,18 @@ Step = Callable[[RunConfig, RunConfig, Exponents], tuple[float, str | None]]
 
 def _width(proxy: RunConfig, target: RunConfig, laws: Exponents) -> tuple[float, str | None]:
     w0, w, base = proxy.model.width, target.model.width, proxy.param.base_width
-    name = proxy.param.name
+    scheme = proxy.param.scheme
     if w0 == w:
         return 1.0, None
-    if name == "sp":
-        return 1.0, (f"width {w0} → {w}: SP has no width rule, so the base LR is copied "
-                     "(its optimum is expected to move with width)")
-    if proxy.optim.family == "zeroth_order":
+    if WIDTH not in scheme.flat_in:
+        return 1.0, (f"width {w0} → {w}: {scheme.label} has no width rule, so the base LR is "
+                     "copied (its optimum is expected to move with width)")
+    if not proxy.optim.needs_gradient:
         return 1.0, _zeroth_order_width(proxy.optim, w0, w)
-    claim = (f"; {PARAM_LABELS[name]} claims its base LR transfers across width"
-             if name in LR_LAW_PARAMS else "")
+    claim = (f"; {scheme.label} claims its base LR transfers across width"
+             if scheme.depth_lr_law else "")
     return 1.0, (f"width {w0} → {w} (m = {w0 / base:g} → {w / base:g} over base width {base}): "
-                 f"the {name} table scales the per-group multipliers below, "
+                 f"the {scheme.name} table scales the per-group multipliers below, "
                  f"the base LR stays{claim}")
 
 
@@ -80,22 +79,21 @@ def _zeroth_order_width(optim, w0: int, w: int) -> str:
 
 def _depth(proxy: RunConfig, target: RunConfig, laws: Exponents) -> tuple[float, str | None]:
     l0, l, base = proxy.model.depth, target.model.depth, proxy.param.base_depth
-    name = proxy.param.name
+    scheme = proxy.param.scheme
     if l0 == l:
         return 1.0, None
-    if name in LR_LAW_PARAMS:
+    if scheme.depth_lr_law:
         factor = (l0 / l) ** laws.depth
-        return factor, (f"depth {l0} → {l} blocks: {PARAM_LABELS[name]}'s η × (L0/L)^"
+        return factor, (f"depth {l0} → {l} blocks: {scheme.label}'s η × (L0/L)^"
                         f"{laws.depth:g} = ×{factor:.4g} (the depth exponent is an assumption "
                         "to measure)")
-    rule = DEPTH_RULES[name]
-    if rule == NO_DEPTH_RULE:
-        return 1.0, (f"depth {l0} → {l} blocks: {PARAM_LABELS[name]} has no depth rule, so the "
+    if scheme.depth == NO_DEPTH_RULE:
+        return 1.0, (f"depth {l0} → {l} blocks: {scheme.label} has no depth rule, so the "
                      "base LR is copied (its optimum is expected to move with depth)")
-    alpha = -rule.branch.c
+    alpha = -scheme.depth.branch.c
     return 1.0, (f"depth {l0} → {l} blocks (r = {l0 / base:g} → {l / base:g} over base depth "
-                 f"{base}, α = {alpha:g}): the {name} table scales the per-group multipliers "
-                 f"below (branches × r^(−α), block LR × r^(α−1)), the base LR stays")
+                 f"{base}, α = {alpha:g}): the {scheme.name} table scales the per-group "
+                 f"multipliers below (branches × r^(−α), block LR × r^(α−1)), the base LR stays")
 
 
 def _tokens(proxy: RunConfig, target: RunConfig, laws: Exponents) -> tuple[float, str | None]:
@@ -153,11 +151,10 @@ def transfer(proxy: RunConfig, proxy_lr: float, *, width: int | None = None,
 
 def _role_multipliers(proxy: RunConfig, target: RunConfig) -> dict[str, tuple[float, float]]:
     def lr_multipliers(c: RunConfig) -> dict[str, float]:
+        """Each group's LR factor of its expected step (MeZO's: D·U)."""
         parametrization = make_parametrization(c.model, c.param, proxy.data.vocab_size)
-        if c.optim.family == "zeroth_order":  # the LR of MeZO's expected step: D·U
-            return step_multipliers(parametrization, c.optim)
-        return {group: m.lr for group, m in
-                parametrization.optimizer_multipliers_for(c.optim).items()}
+        return {group: c.optim.step_lr_multiplier(m.lr) for group, m in
+                parametrization.optimizer_multipliers(c.optim).items()}
 
     before, after = lr_multipliers(proxy), lr_multipliers(target)
     return {role: (before[role], after[role]) for role in before}

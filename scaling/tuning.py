@@ -14,8 +14,9 @@ from collections import defaultdict
 
 import numpy as np
 
-from scaling.analysis import NOT_SHAPE, _config_id, _family_of, fit_optimum, tuned_label
+from scaling.fits import fit_optimum
 from scaling.rules import TUNABLE
+from scaling.shapes import NOT_SHAPE, config_id, family_of, tuned_label
 
 # A tune needs a curve in the multiplier with an interior minimum to fit: three values at least.
 MIN_VALUES = 3
@@ -30,7 +31,7 @@ def tunes(shapes: list[tuple[dict, dict]]) -> list[dict]:
         groups = defaultdict(list)
         for shape, config in shapes:
             if shape["optimum"] is not None:
-                groups[_config_id(config, NOT_SHAPE + (f"param.{field}",))].append(shape)
+                groups[config_id(config, NOT_SHAPE + (f"param.{field}",))].append(shape)
         for members in groups.values():
             if len({m["multipliers"][field] for m in members}) >= MIN_VALUES:
                 out.append(_tune(field, sorted(members, key=lambda m: m["multipliers"][field])))
@@ -44,7 +45,7 @@ def _tune(field: str, members: list[dict]) -> dict:
     best = fit_optimum(log2_values, losses)
     joint_log2_lr = float(np.interp(best.log2_lr, log2_values, log2_lr))
     others = {f: v for f, v in members[0]["multipliers"].items() if f != field and v != 1.0}
-    return {"field": field, "family": _family_of(members[0], TUNE_FIELDS), "others": others,
+    return {"field": field, "family": family_of(members[0], TUNE_FIELDS), "others": others,
             "shape_ids": [m["id"] for m in members],
             "values": [m["multipliers"][field] for m in members], "log2_values": log2_values,
             "log2_lr": log2_lr, "loss": losses,

@@ -11,10 +11,11 @@ import pytest
 from synthetic import run_result, write_results
 
 from optim import MeZOConfig
-from scaling.analysis import analyze, fit_optimum, fit_power_law, format_table, load_results
-from scaling.analysis_run import _summary
+from scaling.analysis import analyze, format_table, load_results
 from scaling.config import RunConfig, to_dict
+from scaling.fits import fit_optimum, fit_power_law
 from scaling.plots import family_names
+from scaling.training.analysis_run import _summary
 
 GRID = np.arange(-14.0, -3.9, 0.5)  # log2 LR on a half-octave grid
 BATCH, SEQ_LEN = 16, 64

@@ -196,7 +196,7 @@ def test_width_by_depth_grid_gives_depth_drift_plots_and_summary(tmp_path, capsy
     printed = capsys.readouterr().out
     assert "mup adamw w64 51200 tokens d2→d4: drift 1.00" in printed
 
-    from scaling.analysis_run import _summary
+    from scaling.training.analysis_run import _summary
 
     summary = _summary(analysis)
     assert summary["depth_drift/mup/w64"] == pytest.approx(1.0, abs=1e-6)

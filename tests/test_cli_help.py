@@ -84,7 +84,7 @@ def test_rerunning_a_finished_run_says_it_was_not_retrained(tiny_run, run_main, 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run must not train again")
 
-    monkeypatch.setattr("scaling.training.loop.make_train_step", no_training)
+    monkeypatch.setattr("scaling.training.loop.make_step", no_training)
     code, out = run_main(tiny_run)
 
     assert code == 0

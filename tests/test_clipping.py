@@ -18,16 +18,15 @@ from models.config import ModelConfig
 from optim import MeZOConfig, RoleMultipliers, SGDConfig
 from scaling.config import ConfigError, ParamConfig, RunConfig, validate
 from scaling.parametrization import build_model, build_optimizer, make_parametrization
-from scaling.training.rundir import run_name
-from scaling.training.step import (
+from scaling.steps.backprop import (
     Measure,
-    clip_of,
     clip_scales,
     init_train_state,
     make_train_step,
-    next_token_loss,
     optimizer_at,
 )
+from scaling.steps.loss import next_token_loss
+from scaling.training.rundir import run_name
 
 # plain SGD at LR 1: the update is minus the clipped gradient
 PLAIN = SGDConfig(lr=1.0, momentum=0.0, schedule="constant", warmup_steps=0)
@@ -162,7 +161,7 @@ def test_the_parametrization_passes_its_factors_to_the_optimizer():
     tx = build_optimizer(cfg, parametrization, total_steps=1)
     updates = jax.jit(tx.update)(grads, tx.init(grads), grads)[0]
     growth = parametrization.gradient_growth()
-    lr = parametrization.optimizer_multipliers_for(cfg)
+    lr = parametrization.optimizer_multipliers(cfg)
     got: dict[str, list] = {}
     for leaf, label in zip(jax.tree.leaves(updates), jax.tree.leaves(labels), strict=True):
         got.setdefault(label, []).append(leaf)
@@ -214,7 +213,7 @@ def test_logged_clip_factor_is_the_one_each_group_gets_under_role_clipping():
                     schedule="constant", warmup_steps=0)
     model, parametrization = build_model(ModelConfig(width=64, depth=2, head_dim=16),
                                          ParamConfig("mup", base_width=32, base_depth=2), 256, 0)
-    clip = clip_of(cfg, parametrization)
+    clip = Measure.of(cfg, parametrization).clip
     assert isinstance(clip, dict) and set(clip) == set(jax.tree.leaves(parametrization.labels()))
     graphdef, params = nnx.split(model)
     params = params.to_pure_dict()
@@ -229,7 +228,7 @@ def test_logged_clip_factor_is_the_one_each_group_gets_under_role_clipping():
         np.testing.assert_allclose(float(value), expected, rtol=1e-5)
     assert float(scale) == min(float(v) for v in per_group.values()) < 1
     tx = optimizer_at(cfg, parametrization, total_steps=4)
-    step = make_train_step(graphdef, tx, measure=Measure(parametrization.labels(), clip))
-    state = init_train_state(params, tx, cfg.lr, measure=True)
+    step = make_train_step(graphdef, tx, Measure(parametrization.labels(), clip))
+    state = init_train_state(params, tx, cfg.lr)
     _, measured = step(state, *(jnp.zeros((2, 8), jnp.int32),) * 2)
     assert {k for k in measured if k.startswith("clip_scale/")} == set(per_group)

@@ -27,6 +27,7 @@ from synthetic import assert_one_line_cli_error
 import experiments.coord_check
 import models
 import scaling.rules
+import scaling.schemes
 from experiments.compose import compose
 from models.config import ModelConfig
 from models.tagged import param_specs
@@ -171,9 +172,10 @@ def test_a_broken_mup_table_fails_the_check(tmp_path, monkeypatch, capsys):
     """μP with the hidden Adam LR's 1/m removed (SP's hidden LR on μP's init), at the ends of the
     range: the hidden outputs grow with width once the hidden weights move, and coord.check=true
     exits 1 naming them."""
-    mup = scaling.rules.TABLES["mup"]
-    broken = dataclasses.replace(mup["hidden"], adam_lr=scaling.rules.ONE)
-    monkeypatch.setitem(scaling.rules.TABLES, "mup", {**mup, "hidden": broken})
+    mup = scaling.schemes.SCHEMES["mup"]
+    broken = dataclasses.replace(mup.width["hidden"], adam_lr=scaling.rules.ONE)
+    monkeypatch.setitem(scaling.schemes.SCHEMES, "mup",
+                        dataclasses.replace(mup, width={**mup.width, "hidden": broken}))
     check = run_check(["model=mlp", "coord.params=[mup]", "coord.widths=[64,512]",
                        "coord.check=true", "logging.wandb_mode=disabled"], tmp_path)
 

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from families import column
 from flax import nnx
 
 import experiments.train
@@ -20,7 +21,7 @@ from experiments.compose import compose, to_run_config
 from optim import AdamWConfig, MuonConfig, MuonHConfig, RoleMultipliers
 from scaling.config import ConfigError, ModelConfig, ParamConfig, RunConfig, from_dict, validate
 from scaling.parametrization import build_model, make_parametrization
-from scaling.training.step import init_train_state, make_train_step, optimizer_at
+from scaling.steps import make_step
 
 VOCAB = 256
 HEAD_DIM = 16
@@ -91,7 +92,7 @@ def test_depth_rule_multipliers_at_r_4(name, family, update_scale):
     multiplier is the hand-computed μP width factor times r^(α−1) (Adam, Muon, sphere), r^(2α−1)
     (SGD) or r^(−α) (ε) on block parameters only; the vector outside blocks, the input and the
     output take no depth factor, and hidden WD stays m = 4."""
-    got = _parametrization(name).optimizer_multipliers(family, update_scale=update_scale)
+    got = _parametrization(name).optimizer_multipliers(column(family, update_scale=update_scale))
     _assert_multipliers(got, expected_multipliers(family, ALPHA[name], update_scale))
 
 
@@ -100,15 +101,15 @@ def test_depth_rule_hand_values_spelled_out():
     Depth-μP hidden Adam LR 1/4·4^(−1/2) = 1/8, ε 1/8; CompleteP hidden LR 1/4, ε 1/16; CompleteP
     SGD hidden LR 4; moonlight under Depth-μP 1/2·1/2 = 1/4; block vector LR 1/2 and 1."""
     dmup, cp = _parametrization("depth_mup"), _parametrization("completep")
-    assert dmup.optimizer_multipliers("adam")["hidden.block"] == _mults(0.125, 0.125, 4)
-    assert dmup.optimizer_multipliers("adam")["vector.block"] == _mults(0.5, 0.5, 0)
-    assert cp.optimizer_multipliers("adam")["hidden.block"] == _mults(0.25, 0.0625, 4)
-    assert cp.optimizer_multipliers("adam")["vector.block"] == _mults(1, 0.25, 0)
-    assert cp.optimizer_multipliers("sgd")["hidden.block"] == _mults(4, 1, 1)
-    assert dmup.optimizer_multipliers("sgd")["hidden.block"] == _mults(1, 1, 1)
-    assert dmup.optimizer_multipliers("muon", update_scale="moonlight")["hidden.block"].lr == 0.25
-    assert dmup.optimizer_multipliers("sphere")["hidden.block"].lr == 0.5
-    assert cp.optimizer_multipliers("sphere")["hidden.block"].lr == 1.0
+    assert dmup.optimizer_multipliers(column("adam"))["hidden.block"] == _mults(0.125, 0.125, 4)
+    assert dmup.optimizer_multipliers(column("adam"))["vector.block"] == _mults(0.5, 0.5, 0)
+    assert cp.optimizer_multipliers(column("adam"))["hidden.block"] == _mults(0.25, 0.0625, 4)
+    assert cp.optimizer_multipliers(column("adam"))["vector.block"] == _mults(1, 0.25, 0)
+    assert cp.optimizer_multipliers(column("sgd"))["hidden.block"] == _mults(4, 1, 1)
+    assert dmup.optimizer_multipliers(column("sgd"))["hidden.block"] == _mults(1, 1, 1)
+    assert dmup.optimizer_multipliers(column("muon", update_scale="moonlight"))["hidden.block"].lr == 0.25
+    assert dmup.optimizer_multipliers(column("sphere"))["hidden.block"].lr == 0.5
+    assert cp.optimizer_multipliers(column("sphere"))["hidden.block"].lr == 1.0
 
 
 @pytest.mark.parametrize("name, expected", [("depth_mup", 0.5), ("completep", 0.25),
@@ -141,7 +142,7 @@ def test_hyperp_multipliers_have_no_depth_factor(family, update_scale):
     """HyperP's depth LR law is global (scaling-transfer), so its per-group multipliers at L = 8
     are those at L = 2 and μP's width-only numbers at m = 4."""
     at = {depth: _parametrization("hyperp", depth=depth).optimizer_multipliers(
-        family, update_scale=update_scale) for depth in (BASE_DEPTH, DEPTH)}
+        column(family, update_scale=update_scale)) for depth in (BASE_DEPTH, DEPTH)}
     assert at[BASE_DEPTH] == at[DEPTH]
     _assert_multipliers(at[DEPTH], expected_multipliers(family, None, update_scale))
 
@@ -168,8 +169,8 @@ def test_depth_rules_at_base_depth_multipliers_equal_mup(name):
     assert depth.logit_multiplier == mup.logit_multiplier
     assert depth.attention_scale == mup.attention_scale
     for family, update_scale in FAMILY_CASES:
-        assert (depth.optimizer_multipliers(family, update_scale=update_scale)
-                == mup.optimizer_multipliers(family, update_scale=update_scale)), family
+        assert (depth.optimizer_multipliers(column(family, update_scale=update_scale))
+                == mup.optimizer_multipliers(column(family, update_scale=update_scale))), family
 
 
 @pytest.mark.parametrize("name", sorted(ALPHA))
@@ -201,17 +202,16 @@ def _train(name: str, optim_name: str):
     """(init params, losses of each step, params after TRAIN_STEPS steps) on one fixed batch."""
     optim_cfg = EQ_OPTIMIZERS[optim_name]
     model, parametrization = build_model(*_eq_cfgs(name), VOCAB, seed=0)
-    tx = optimizer_at(optim_cfg, parametrization, total_steps=TRAIN_STEPS)
     graphdef, params = nnx.split(model)
     init = jax.device_get(params.to_pure_dict())
-    state = init_train_state(params.to_pure_dict(), tx, optim_cfg.lr)
-    train_step = make_train_step(graphdef, tx)
+    train_step = make_step(optim_cfg, parametrization, graphdef, total_steps=TRAIN_STEPS)
+    state = train_step.init_state(params.to_pure_dict(), optim_cfg.lr)
     losses = []
     for _ in range(TRAIN_STEPS):
-        before = float(state["loss_sum"])
-        state = train_step(state, *_batch())
-        losses.append(np.float32(state["loss_sum"]) - np.float32(before))
-    return init, np.array(losses), jax.device_get(state["params"])
+        before = float(state.loss_sum)
+        state, _ = train_step(state, *_batch())
+        losses.append(np.float32(state.loss_sum) - np.float32(before))
+    return init, np.array(losses), jax.device_get(state.params)
 
 
 @pytest.mark.parametrize("optim_name", sorted(EQ_OPTIMIZERS))

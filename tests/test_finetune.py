@@ -18,8 +18,8 @@ import experiments.finetune
 from experiments.compose import compose, to_run_config
 from experiments.finetune import plan
 from scaling.config import ConfigError
+from scaling.files import read_jsonl
 from scaling.training.checkpoint import Checkpointer
-from scaling.training.files import read_jsonl
 from scaling.training.loop import train
 from scaling.training.replay import replay_run
 from scaling.training.rundir import run_name
@@ -90,8 +90,7 @@ def test_pretrains_its_source_then_fine_tunes_and_reports_the_start(tmp_path, ru
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run must not train again")
 
-    monkeypatch.setattr("scaling.training.loop.make_train_step", no_training)
-    monkeypatch.setattr("scaling.training.loop.make_zo_step", no_training)
+    monkeypatch.setattr("scaling.training.loop.make_step", no_training)
     code, again = run_main(argv)
     assert code == 0
     source_again, report_again = again.splitlines()

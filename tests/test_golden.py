@@ -12,12 +12,8 @@ from flax import nnx
 from optim import AdamWConfig
 from scaling.config import ModelConfig, ParamConfig
 from scaling.parametrization import build_model
-from scaling.training.step import (
-    init_train_state,
-    make_train_step,
-    next_token_loss,
-    optimizer_at,
-)
+from scaling.steps import make_step
+from scaling.steps.loss import next_token_loss
 
 # Measured on CPU (float32) with jax 0.10.2 / Python 3.11 and jax 0.12.0.1 / Python 3.12: the losses
 # agree to the last bit, the gradient norm differs by 6e-8 relative (0.9642991423606873 on 0.12);
@@ -46,16 +42,15 @@ def measured() -> dict[str, float]:
                                          VOCAB, seed=0)
     cfg = AdamWConfig(lr=1e-2, weight_decay=0.1, schedule="constant",
                       warmup_steps=0, clip_norm=1.0)
-    tx = optimizer_at(cfg, parametrization, total_steps=1)
     graphdef, params = nnx.split(model)
     params = params.to_pure_dict()
     loss_and_grad = jax.jit(jax.value_and_grad(
         lambda p: next_token_loss(graphdef, p, inputs_BxT, targets_BxT)))
     loss, grads = loss_and_grad(params)
     out = {"loss_init": float(loss), "grad_norm_init": float(optax.global_norm(grads))}
-    state = init_train_state(params, tx, cfg.lr)
-    state = make_train_step(graphdef, tx)(state, inputs_BxT, targets_BxT)
-    out["loss_after_step"] = float(loss_and_grad(state["params"])[0])
+    step = make_step(cfg, parametrization, graphdef, total_steps=1)
+    state, _ = step(step.init_state(params, cfg.lr), inputs_BxT, targets_BxT)
+    out["loss_after_step"] = float(loss_and_grad(state.params)[0])
     return out
 
 

@@ -137,7 +137,7 @@ def test_optimizer_partition_routes_every_leaf(built, optim_name):
     grads = jax.tree.map(jnp.ones_like, params)
     updates, _ = tx.update(grads, tx.init(params), params)
     chex.assert_trees_all_equal_structs(updates, params)
-    mults = parametrization.optimizer_multipliers(cfg.family)
+    mults = parametrization.optimizer_multipliers(cfg)
     assert set(mults) == set(jax.tree.leaves(labels))
     for role, update in zip(jax.tree.leaves(labels), jax.tree.leaves(updates)):
         np.testing.assert_allclose(update, -lr * mults[role].lr, rtol=1e-6, err_msg=role)
@@ -150,5 +150,5 @@ def test_optimizer_rejects_unknown_role(built):
     labels["readout"] = "not-a-role"
     with pytest.raises(ValueError, match="no entry for the roles"):
         optim.build_optimizer(AdamWConfig(), labels,
-                              parametrization.optimizer_multipliers_for(AdamWConfig()),
+                              parametrization.optimizer_multipliers(AdamWConfig()),
                               total_steps=100)

@@ -44,19 +44,20 @@ from optim.mezo import (
     step_key,
     stochastic_round,
 )
+from optim.objectives import error_rate
 from scaling.config import ParamConfig
-from scaling.objectives import error_rate
 from scaling.parametrization import build_model, group_label, make_parametrization
-from scaling.training.zo_step import (
+from scaling.steps.zeroth_order import (
     ZOSetup,
     init_zo_state,
     make_estimate,
     make_zo_step,
+    probe_plan,
     replay,
+    stacked_names,
     step_record,
     zo_setup,
 )
-from scaling.zeroth_order import probe_plan, stacked_names
 
 # The programs of these tests run once, on tiny shapes: compiled without LLVM's optimizations
 # they compile in about half the time (each leaf's random draw is costly to compile), and their
@@ -515,7 +516,7 @@ def test_estimate_runs_forward_passes_only(curvature_on):
     forward = _count(jax.make_jaxpr(loss)(params).jaxpr, "dot_general")
     assert forward > 0
     estimate = make_estimate(graphdef, setup)
-    jaxpr = jax.make_jaxpr(estimate)(state["params"], state["opt_state"], state["lr"], inputs,
+    jaxpr = jax.make_jaxpr(estimate)(state.params, state.opt_state, state.lr, inputs,
                                      targets).jaxpr
     assert _count(jaxpr, "dot_general") == (2 if curvature_on else 1) * forward
     backward = _count(jax.make_jaxpr(jax.value_and_grad(loss))(params).jaxpr, "dot_general")
@@ -539,10 +540,10 @@ def test_mezo_lowers_a_non_differentiable_objective():
     step = make_zo_step(graphdef, setup)
     errors, records = [], []
     for i in range(60):
-        before = state["loss_sum"]
+        before = state.loss_sum
         state = step(state, inputs, targets)
-        errors.append(float(state["loss_sum"] - before))
-        records.append(step_record(i + 1, state["opt_state"]["g"], state["opt_state"]["lr_used"]))
+        errors.append(float(state.loss_sum - before))
+        records.append(step_record(i + 1, state.opt_state.g, state.opt_state.lr_used))
     assert np.mean(errors[:5]) > 0.95 and np.mean(errors[-10:]) < 0.2, np.round(errors, 2)
     assert all(len(r["g"]) == 2 for r in records) and any(r["g"][0] != r["g"][1] for r in records)
 
@@ -570,7 +571,7 @@ def test_matched_probe_scales_are_the_root_of_mup_sgd_multipliers():
     input, output and vectors, 1 for hidden matrices; isotropic is 1 everywhere."""
     cfg = MeZOConfig(probe_scaling="matched")
     parametrization, plan = _plan_at(cfg)
-    multipliers = parametrization.optimizer_multipliers_for(cfg)
+    multipliers = parametrization.optimizer_multipliers(cfg)
     for path, spec in parametrization.specs.items():
         probe = _leaf(plan, path)
         assert probe.probe_scale == pytest.approx(MUP_SGD_SCALE[spec.role]), path
@@ -593,7 +594,7 @@ def test_probe_plan_eps_decay_sparsity_and_stacking(kind):
     mask; a leaf is stacked iff its first logical axis is "layers"; ids are the paths' ids."""
     cfg = MeZOConfig(eps_scaling="fan_in", weight_decay=0.1)
     parametrization, plan = _plan_at(cfg, kind)
-    multipliers = parametrization.optimizer_multipliers_for(cfg)
+    multipliers = parametrization.optimizer_multipliers(cfg)
     roles = set()
     for path, spec in parametrization.specs.items():
         probe, roles = _leaf(plan, path), roles | {spec.role}

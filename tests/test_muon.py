@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from families import column
 from flax import nnx
 from optax.contrib import MuonDimensionNumbers
 from synthetic import assert_one_line_cli_error
@@ -20,13 +21,14 @@ from synthetic import assert_one_line_cli_error
 import experiments.train
 from experiments.compose import compose, to_run_config
 from models import label_tree
-from optim import OptimizerConfig, optimizer_config
-from optim.build import ns_compute_dtype
-from optim.muon import UPDATE_SCALES, MatrixAxes, auon_direction, scale_by_muon
+from optim import MuonConfig, OptimizerConfig, optimizer_config
+from optim.muon import UPDATE_SCALES, auon_direction, scale_by_muon
 from optim.orthogonalize import JORDAN, orthogonalize
+from optim.role_transforms import ns_compute_dtype
+from optim.trees import MatrixAxes
 from scaling.config import ConfigError, ModelConfig, ParamConfig
+from scaling.files import read_jsonl
 from scaling.parametrization import build_model, build_optimizer, make_parametrization
-from scaling.training.files import read_jsonl
 from scaling.training.loop import train
 
 VOCAB = 64
@@ -237,10 +239,10 @@ def test_muon_hidden_lr_factor_per_convention(param, expected):
     (moonlight), never Adam's 1/m; SP's is 1. Other roles keep the Adam column."""
     parametrization = make_parametrization(_model_cfg(4 * BASE_WIDTH),
                                            ParamConfig(param, BASE_WIDTH, 2), VOCAB)
-    adam = parametrization.optimizer_multipliers("adam")
+    adam = parametrization.optimizer_multipliers(column("adam"))
     assert adam["hidden.block"].lr == pytest.approx(0.25 if param == "mup" else 1.0)
     for convention, factor in expected.items():
-        muon = parametrization.optimizer_multipliers("muon", update_scale=convention)
+        muon = parametrization.optimizer_multipliers(column("muon", update_scale=convention))
         assert muon["hidden.block"].lr == pytest.approx(factor), convention
         assert muon["hidden.block"].eps == 1.0
         for role in ("input", "output", "vector"):
@@ -268,7 +270,7 @@ def test_mup_hidden_update_spectral_norm_is_width_independent(convention, proxy_
         tops[width] = {name: _spectral_norms(u).max() for name, u in _flat(updates).items()
                        if _flat(labels)[name] == "hidden"}
         if width > BASE_WIDTH:
-            assert parametrization.optimizer_multipliers("adam")["hidden.block"].lr == 0.25
+            assert parametrization.optimizer_multipliers(column("adam"))["hidden.block"].lr == 0.25
 
     assert len(tops[BASE_WIDTH]) == 6  # wq, wk, wv, wo, w_up, w_down
     for name, top in tops[BASE_WIDTH].items():
@@ -484,8 +486,8 @@ def test_wd_width_exponent_sets_the_hidden_decay_factor(family):
     parametrization = make_parametrization(_model_cfg(4 * BASE_WIDTH),
                                            ParamConfig("mup", BASE_WIDTH, 2), VOCAB)
     kwargs = {"update_scale": "keller"} if family == "muon" else {}
-    table = parametrization.optimizer_multipliers(family, **kwargs)
-    scaled = parametrization.optimizer_multipliers(family, wd_width_exponent=-1.0, **kwargs)
+    table = parametrization.optimizer_multipliers(column(family, **kwargs))
+    scaled = parametrization.optimizer_multipliers(column(family, wd_width_exponent=-1.0, **kwargs))
 
     assert scaled["hidden.block"].weight_decay == pytest.approx(0.25)
     assert table["hidden.block"].weight_decay == pytest.approx(4.0 if family == "adam" else 1.0)
@@ -612,7 +614,8 @@ def test_every_orthogonalization_field_reaches_the_hidden_update():
     updates = _flat(_step(tx)(grads, tx.init(params), params)[0])
     hidden = {"blocks": {k: v for k, v in grads["blocks"].items() if v.ndim == 3}}
     for dtype, agrees in [(jnp.bfloat16, True), (None, False)]:
-        hand = scale_by_muon(parametrization.matrix_axes(), ns_dtype=dtype, **fields)
+        hand = scale_by_muon(parametrization.matrix_axes(MuonConfig()), ns_dtype=dtype,
+                             **fields)
         expected = _flat(_step(hand)(hidden, hand.init(hidden))[0])
         gaps = [float(jnp.max(jnp.abs(updates[name] + 0.02 * value)))
                 for name, value in expected.items()]

@@ -19,12 +19,8 @@ from optim import AdamWConfig
 from scaling.config import ModelConfig, ParamConfig
 from scaling.coord_check import coordinate_check
 from scaling.parametrization import build_model
-from scaling.training.step import (
-    init_train_state,
-    make_train_step,
-    next_token_loss,
-    optimizer_at,
-)
+from scaling.steps import make_step
+from scaling.steps.loss import next_token_loss
 
 B, T, VOCAB = 4, 32, 256
 PARAM = ParamConfig("mup", base_width=32, base_depth=2)
@@ -59,17 +55,16 @@ def _one_step(compute_dtype: str):
     model, parametrization = build_model(
         ModelConfig(width=64, depth=2, head_dim=32, compute_dtype=compute_dtype), PARAM, VOCAB,
         seed=0)
-    tx = optimizer_at(OPTIM, parametrization, total_steps=1)
     graphdef, params = nnx.split(model)
     params = params.to_pure_dict()
     loss_and_grad = jax.jit(jax.value_and_grad(
         lambda p: next_token_loss(graphdef, p, *_batch())))
     loss, grads = loss_and_grad(params)
     # the step donates its state: keep `params` (the init) alive for the tests that read it
-    state = init_train_state(jax.tree.map(jnp.copy, params), tx, OPTIM.lr)
-    state = make_train_step(graphdef, tx)(state, *_batch())
+    step = make_step(OPTIM, parametrization, graphdef, total_steps=1)
+    state, _ = step(step.init_state(jax.tree.map(jnp.copy, params), OPTIM.lr), *_batch())
     measured = {"loss_init": float(loss), "grad_norm_init": float(optax.global_norm(grads)),
-                "loss_after_step": float(loss_and_grad(state["params"])[0])}
+                "loss_after_step": float(loss_and_grad(state.params)[0])}
     return graphdef, params, state, measured
 
 
@@ -93,7 +88,7 @@ def test_bf16_golden_value(bf16_step, name):
 
 def test_bf16_keeps_float32_master_weights_and_optimizer_state(bf16_step):
     _, params, state, _ = bf16_step
-    for tree in (params, state["params"], state["opt_state"]):
+    for tree in (params, state.params, state.opt_state):
         floats = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
         assert floats and all(x.dtype == jnp.float32 for x in floats)
 

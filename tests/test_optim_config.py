@@ -25,7 +25,7 @@ from scaling.config import (
     validate,
 )
 from scaling.parametrization import build_optimizer, make_parametrization
-from scaling.training.step import optimizer_at
+from scaling.steps.backprop import optimizer_at
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
@@ -143,7 +143,7 @@ def test_gradient_optimizer_builders_refuse_mezo():
     message = r"optim.name='mezo' is zeroth-order.*MeZO step.*optim.zo_gradient"
     with pytest.raises(ValueError, match=message):
         optim.build_optimizer(MeZOConfig(), parametrization.labels(),
-                              parametrization.optimizer_multipliers_for(MeZOConfig()),
+                              parametrization.optimizer_multipliers(MeZOConfig()),
                               total_steps=10)
     with pytest.raises(ValueError, match=message):
         build_optimizer(MeZOConfig(), parametrization, total_steps=10)

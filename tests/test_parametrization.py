@@ -11,18 +11,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from families import column
 from flax import nnx
 
 from models import label_tree
 from optim import AdamWConfig, RoleMultipliers, SGDConfig, optimizer_config, role_of
 from scaling.config import ModelConfig, ParamConfig
 from scaling.parametrization import build_model, build_optimizer
-from scaling.training.step import (
-    init_train_state,
-    make_train_step,
-    next_token_loss,
-    optimizer_at,
-)
+from scaling.steps import make_step
+from scaling.steps.loss import next_token_loss
 
 VOCAB = 256
 BASE_WIDTH, WIDTH, HEAD_DIM, DEPTH = 32, 128, 16, 2
@@ -47,14 +44,13 @@ def _params(model) -> dict:
 
 def _train(kind: str, name: str, optim_cfg, steps: int) -> dict:
     model, parametrization = _build(kind, name, BASE_WIDTH)
-    tx = optimizer_at(optim_cfg, parametrization, total_steps=steps)
     graphdef, params = nnx.split(model)
-    state = init_train_state(params.to_pure_dict(), tx, optim_cfg.lr)
-    train_step = make_train_step(graphdef, tx)
+    train_step = make_step(optim_cfg, parametrization, graphdef, total_steps=steps)
+    state = train_step.init_state(params.to_pure_dict(), optim_cfg.lr)
     inputs_BxT, targets_BxT = _batch()
     for _ in range(steps):
-        state = train_step(state, inputs_BxT, targets_BxT)
-    return jax.device_get(state["params"])
+        state, _ = train_step(state, inputs_BxT, targets_BxT)
+    return jax.device_get(state.params)
 
 
 # ---------------------------------------------------------------- (a) μP == SP at the base shape
@@ -70,7 +66,7 @@ def test_mup_equals_sp_at_base_width_init(kind, depth):
     assert mup_par.logit_multiplier == sp_par.logit_multiplier == 1.0
     assert mup_par.attention_scale == sp_par.attention_scale
     for family in ("adam", "sgd"):
-        assert mup_par.optimizer_multipliers(family) == sp_par.optimizer_multipliers(family)
+        assert mup_par.optimizer_multipliers(column(family)) == sp_par.optimizer_multipliers(column(family))
 
 
 @pytest.mark.parametrize("optim_cfg", [
@@ -109,7 +105,7 @@ def test_init_std_per_role_at_width_mult_4(kind, name):
         value = np.asarray(params[path[0]] if len(path) == 1 else params[path[0]][path[1]])
         if spec.init != "normal":
             assert spec.role == "vector", path
-            np.testing.assert_array_equal(value, 1.0 if spec.init == "ones" else 0.0)
+            np.testing.assert_array_equal(value, 1.0 if spec.init == "one" else 0.0)
             continue
         expected = _expected_std(name, spec.role, spec.fan_in)
         assert parametrization.init_std(path) == pytest.approx(expected, rel=1e-12), path
@@ -148,7 +144,7 @@ EXPECTED_MULTIPLIERS = {
 def test_optimizer_multipliers_at_width_mult_4(kind, name, family):
     """Parametrization.optimizer_multipliers matches the hand-computed §1 table per role."""
     _, parametrization = _build(kind, name, WIDTH)
-    by_label = parametrization.optimizer_multipliers(family)
+    by_label = parametrization.optimizer_multipliers(column(family))
     got = {role_of(label): mult for label, mult in by_label.items()}
     for label, mult in by_label.items():  # without a depth rule, block parameters are no apart
         assert mult == got[role_of(label)], label

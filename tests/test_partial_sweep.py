@@ -11,7 +11,7 @@ from synthetic import assert_one_line_cli_error, call_main, run_result, write_re
 
 from experiments.analyze import main
 from scaling.analysis import analyze, format_table, load_results, unfinished_runs
-from scaling.analysis_run import _summary
+from scaling.training.analysis_run import _summary
 
 KILLED = "transformer-w128-d2-mup-adamw-lr0.0078125-s0-0a1b2c3d"  # logged to 9, checkpoint at 6
 STARTED = "transformer-w128-d2-mup-adamw-lr0.015625-s0-4e5f6a7b"  # killed before its first log

@@ -19,9 +19,9 @@ from scaling.config import ParamConfig, RunConfig, TrainConfig, to_dict
 from scaling.parametrization import build_model
 from scaling.spectral import as_matrices, matrix_paths, sigma_names
 from scaling.spectral_report import SPECTRAL_LOG, load_run, sweep_report
+from scaling.steps import make_step
 from scaling.training.checkpoint import Checkpointer
 from scaling.training.rundir import run_name
-from scaling.training.step import init_train_state, optimizer_at
 
 VOCAB = 256
 
@@ -52,11 +52,12 @@ def checkpointed(tmp_path_factory):
     cfg = _config(tmp_path_factory.mktemp("runs"))
     model, parametrization = build_model(cfg.model, cfg.param, VOCAB, cfg.train.seed)
     params = nnx.split(model)[1].to_pure_dict()
-    state = init_train_state(params, optimizer_at(cfg.optim, parametrization, total_steps=10),
-                             cfg.optim.lr)
+    graphdef = nnx.split(model)[0]
+    state = make_step(cfg.optim, parametrization, graphdef, total_steps=10).init_state(
+        params, cfg.optim.lr)
     run_dir = _finish(cfg)
     checkpointer = Checkpointer(run_dir / "checkpoints")
-    checkpointer.save(10, state, {"wall_seconds": 0.0})
+    checkpointer.save(10, state.as_dict(), {"wall_seconds": 0.0})
     checkpointer.close()
     exact = {}
     for path in matrix_paths(parametrization.specs):

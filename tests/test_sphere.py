@@ -15,14 +15,14 @@ import pytest
 from conftest import TINY_RUN
 from flax import nnx
 
-import optim.build
+import optim.role_transforms
 from experiments.compose import compose, to_run_config
 from optim import MatrixAxes, optimizer_config, scale_to_sphere
 from scaling.config import ModelConfig, ParamConfig
 from scaling.parametrization import build_model, build_optimizer
+from scaling.steps import make_step
 from scaling.training.checkpoint import Checkpointer
 from scaling.training.loop import train
-from scaling.training.step import init_train_state, make_train_step, optimizer_at
 
 VOCAB, WIDTH, DEPTH = 64, 32, 3
 SPHERE_PATHS = {"hidden": [("blocks", n) for n in ("wq", "wk", "wv", "wo", "w_up", "w_down")],
@@ -60,13 +60,12 @@ def _train(optim_cfg, steps: int, params=None, param: str = "mup"):
     model, parametrization = _model(param)
     graphdef, state = nnx.split(model)
     params = state.to_pure_dict() if params is None else params
-    tx = optimizer_at(optim_cfg, parametrization, total_steps=steps)
-    train_state = init_train_state(jax.tree.map(jnp.copy, params), tx, optim_cfg.lr)
-    step = make_train_step(graphdef, tx)
+    step = make_step(optim_cfg, parametrization, graphdef, total_steps=steps)
+    train_state = step.init_state(jax.tree.map(jnp.copy, params), optim_cfg.lr)
     batch = _batch()
     for _ in range(steps):
-        train_state = step(train_state, *batch)
-    return params, jax.device_get(train_state["params"])
+        train_state, _ = step(train_state, *batch)
+    return params, jax.device_get(train_state.params)
 
 
 @pytest.mark.parametrize("name, roles", [("muonh", ("hidden", "output")),
@@ -162,7 +161,7 @@ def test_weight_decay_is_second_order_and_warns_once(monkeypatch):
     """One step with λ = 0.1 against λ = 0: the gap is second order in η (halving η quarters
     it; plain decay's ηλ‖W‖ would only halve) and far below plain decay's size, yet nonzero
     (λ is applied); one warning line however often the optimizer is rebuilt."""
-    monkeypatch.setattr(optim.build, "_warned", set())
+    monkeypatch.setattr(optim.role_transforms, "_warned", set())
     gaps, plain = {}, {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -19,8 +19,8 @@ from conftest import TINY_RUN
 import experiments.train
 import scaling.training.data
 from experiments.compose import compose, to_run_config
+from scaling.files import read_jsonl
 from scaling.training.checkpoint import Checkpointer
-from scaling.training.files import read_jsonl
 from scaling.training.loop import train
 from scaling.training.rundir import run_name
 
@@ -209,7 +209,7 @@ def test_rerunning_a_finished_run_reports_without_training(uninterrupted, monkey
         raise AssertionError("a finished run must not train again")
 
     monkeypatch.setattr(scaling.training.data, "train_batch", no_training)
-    monkeypatch.setattr("scaling.training.loop.make_train_step", no_training)
+    monkeypatch.setattr("scaling.training.loop.make_step", no_training)
     second = train(_config(overrides))
 
     assert second == first == json.loads(saved)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from families import column
 from flax import nnx
 from synthetic import run_result, write_results
 
@@ -54,9 +55,8 @@ def _outcome(name: str, width: int, field: str | None) -> dict:
             "labels": label_tree(model), "updates": updates,
             "logit_multiplier": parametrization.logit_multiplier,
             "attention_scale": parametrization.attention_scale,
-            "multipliers": {family: parametrization.optimizer_multipliers(
-                family, update_scale="keller" if family == "muon" else None)
-                for family in ("adam", "sgd", "muon", "sphere", "zeroth_order")}}
+            "multipliers": {family: parametrization.optimizer_multipliers(column(family))
+                            for family in ("adam", "sgd", "muon", "sphere", "zeroth_order")}}
 
 
 def _leaves_by_role(outcome: dict, tree: str) -> list[tuple[str, np.ndarray]]:

@@ -89,7 +89,7 @@ def test_a_grid_skips_finished_lrs_and_trains_the_rest(tiny_run, monkeypatch):
         raise AssertionError("a finished grid must not train again")
 
     monkeypatch.setattr(scaling.training.data, "train_batch", no_training)
-    monkeypatch.setattr("scaling.training.loop.make_train_step", no_training)
+    monkeypatch.setattr("scaling.training.loop.make_step", no_training)
     assert train_sweep(cfg) == results
 
 
@@ -116,7 +116,7 @@ def test_experiment_multirun_trains_the_grid_and_a_rerun_skips_it(tiny_run, tmp_
     def no_training(*args, **kwargs):
         raise AssertionError("a finished sweep must not train again")
 
-    monkeypatch.setattr("scaling.training.loop.make_train_step", no_training)
+    monkeypatch.setattr("scaling.training.loop.make_step", no_training)
     experiments.train.main(argv)
     assert [p.stat().st_mtime_ns for p in sorted((tmp_path / "runs").glob("*/result.json"))] \
         == stamps

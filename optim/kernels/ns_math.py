@@ -3,10 +3,13 @@ share: orientation, operand precision and the normalization read off the first G
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import jax
 import jax.numpy as jnp
 
-NORMALIZATIONS = ("frobenius", "schatten4")
+NSNormalization = Literal["frobenius", "schatten4"]  # optim.ns_normalization
+NORMALIZATIONS = get_args(NSNormalization)
 
 
 def short_side_first(g: jax.Array) -> tuple[jax.Array, bool]:

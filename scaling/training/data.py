@@ -16,12 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from scaling.config import ConfigError, DataConfig
+from scaling.config import BYTE_VOCAB, ConfigError, DataConfig
 
 EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test"})
 VAL_BLOCK = 1 << 16
 VAL_EVERY = 20
-BYTE_VOCAB = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,11 +53,6 @@ def stdlib_files(packages: str = "all") -> list[Path]:
     if packages != "all":
         files = [f for f in files if package_half(top_level_name(f.relative_to(root))) == packages]
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
-
-
-def vocab_size(cfg: DataConfig) -> int:
-    """The vocabulary a source has, without reading it: bytes, or a .bin file's vocab_size."""
-    return cfg.vocab_size if cfg.path is not None and cfg.path.endswith(".bin") else BYTE_VOCAB
 
 
 def _read_files(files: list[Path]) -> np.ndarray:

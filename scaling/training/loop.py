@@ -1,4 +1,9 @@
-"""The training loop: one run from a typed config to `result.json`, resumable bit for bit."""
+"""The training loop: one run from a typed config to `result.json`, resumable bit for bit.
+
+Runs that differ only in LR train together as a stack on a leading axis in one compiled step;
+one run is a stack of one. The loop knows no optimizer: its step kind (scaling.steps) makes the
+state, takes the step and says what to log.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
@@ -17,40 +21,29 @@ from tqdm.auto import tqdm
 import optim
 from scaling import distributed
 from scaling.config import RunConfig, SweepConfig, lr_grid, to_dict, validate
-from scaling.parametrization import build_model
+from scaling.files import write_json_atomic
+from scaling.parametrization import (
+    Parametrization,
+    abstract_model,
+    build_model,
+    init_params,
+    make_parametrization,
+)
 from scaling.sharding import Layout, layout_of, place
 from scaling.spectral import SpectralLog
+from scaling.steps import Step, TrainState, make_step
+from scaling.steps.loss import flops_per_token, make_eval
 from scaling.training import data, pretrained
 from scaling.training.checkpoint import Checkpointer
-from scaling.training.files import MetricsLog, write_json_atomic
+from scaling.training.metrics_log import MetricsLog
 from scaling.training.preemption import StopSignals
 from scaling.training.rundir import run_name
-from scaling.training.step import (
-    Measure,
-    clip_of,
-    flops_per_token,
-    init_train_state,
-    make_eval,
-    make_forward_stats,
-    make_train_step,
-    optimizer_at,
-)
 from scaling.training.tracking import Tracker
-from scaling.training.zo_step import (
-    curvature_estimate,
-    init_zo_state,
-    make_zo_step,
-    step_record,
-    zo_setup,
-)
 
-ZO_LOG = "zo_steps.jsonl"  # MeZO: (step, g, lr) of every step, for replay
 SPECTRAL_LOG = "spectral.jsonl"  # {"step": s, "sigma": {"<param path>[/<layer>]": σ_max}}
-# the clipping of the steps since the previous log: the state's sums -> the metric
-CLIP_SUMS = {"clipped_sum": "clipped_fraction", "clip_scale_sum": "mean_clip_scale"}
-# what the loop itself logs; every other metric is an indicator the step measured
-LOOP_METRICS = {"step", "tokens", "lr", "train_loss", "val_loss", "tokens_per_second",
-                "curvature", *CLIP_SUMS.values()}
+# what the loop itself logs; every other metric but a step kind's own is an indicator
+LOOP_METRICS = ("step", "tokens", "lr", "train_loss", "val_loss", "tokens_per_second",
+                "clipped_fraction", "mean_clip_scale")
 
 
 def _finished(run_dir: Path) -> dict | None:
@@ -113,58 +106,69 @@ class _Member:
         self.run_dir = out_dir / self.name
         self.step, self.diverged, self.result = 0, False, None
         self.primary = distributed.is_primary()
+        self.checkpointer: Checkpointer | None = None
+        self.tracker: Tracker | None = None
+        self.logs: dict[str, MetricsLog] = {}  # file name -> its log: metrics and the rest
 
     def open(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints")
 
-    def start_logs(self, step: int) -> None:
+    def start_logs(self, step: int, names: list[str]) -> None:
+        """The logs `names` (metrics.jsonl first), kept through `step`, and the W&B run."""
         self.step = step
-        log = lambda name: MetricsLog(self.run_dir / name, keep_through_step=step,
-                                      writes=self.primary)
-        self.metrics = log("metrics.jsonl")
-        if self.cfg.optim.family == "zeroth_order":
-            self.zo_log = log(ZO_LOG)
-        if self.cfg.logging.spectral_every > 0:
-            self.spectral_log = log(SPECTRAL_LOG)
+        self.logs = {name: MetricsLog(self.run_dir / name, keep_through_step=step,
+                                      writes=self.primary) for name in names}
         tracked = self.cfg if self.primary else dataclasses.replace(
             self.cfg, logging=dataclasses.replace(self.cfg.logging, wandb_mode="disabled"))
         self.tracker = Tracker(tracked, self.run_dir, self.name)
 
+    @property
+    def metrics(self) -> MetricsLog:
+        return self.logs["metrics.jsonl"]
+
     def close(self) -> None:
-        self.checkpointer.close()
-        for log in ("metrics", "zo_log", "spectral_log"):
-            if hasattr(self, log):
-                getattr(self, log).close()
+        if self.checkpointer is not None:
+            self.checkpointer.close()
+        for log in self.logs.values():
+            log.close()
 
 
-def model_on_mesh(cfg: RunConfig, vocab_size: int):
-    """(model, graphdef, parameters as a pure dict, parametrization, layout) of cfg's model at
-    its seed, laid out for cfg's mesh (layout None without one); parameters not placed yet."""
-    model, parametrization = build_model(cfg.model, cfg.param, vocab_size, cfg.train.seed)
+@dataclasses.dataclass(frozen=True)
+class RunModel:
+    """A run's model before training: the graph, the parameters of its seed (laid out for its
+    mesh), the parametrization, and the layout (None without a mesh)."""
+
+    model: nnx.Module  # abstract: shapes only
+    graphdef: nnx.GraphDef
+    params: dict
+    parametrization: Parametrization
+    layout: Layout | None
+
+
+def model_on_mesh(cfg: RunConfig, vocab_size: int) -> RunModel:
+    """cfg's model at its seed. The parameters are initialized inside one compiled program that
+    creates each where the mesh keeps it, so no host ever holds the whole model."""
     layout = layout_of(cfg.mesh)
     if layout is not None:
         layout.check_batch(cfg.train.batch_size)
-        model.activation_sharding = layout.activations  # static: part of the graphdef
-    graphdef, params = nnx.split(model)
-    return model, graphdef, params.to_pure_dict(), parametrization, layout
+    parametrization = make_parametrization(cfg.model, cfg.param, vocab_size)
+    model = abstract_model(cfg.model, parametrization, vocab_size,
+                           None if layout is None else layout.activations)
+    graphdef, abstract = nnx.split(model)
+    shardings = None if layout is None else layout.state(abstract.to_pure_dict(),
+                                                          parametrization.specs)
+    params = init_params(cfg.model, parametrization, vocab_size, cfg.train.seed,
+                         shardings=shardings)
+    return RunModel(model, graphdef, params, parametrization, layout)
 
 
-def _optimizer_setup(cfg: RunConfig, parametrization, layout: Layout | None = None):
-    """What the train state and step of cfg's optimizer are built from: MeZO's probe setup, or
-    the optimizer at any LR (on `layout`'s mesh, if any)."""
+def _step_of(cfg: RunConfig, parametrization: Parametrization, graphdef, *,
+             runs: int | None = None, shardings=None, layout: Layout | None = None) -> Step:
     t = cfg.train
-    if cfg.optim.family == "zeroth_order":
-        return zo_setup(cfg.optim, parametrization, total_steps=t.steps, seed=t.seed)
-    return optimizer_at(cfg.optim, parametrization, total_steps=t.steps,
-                        stack=None if layout is None else layout.stack)
-
-
-def _init_state(cfg: RunConfig, setup, params, lr: float) -> dict:
-    """The state the loop trains (and checkpoints): a measured step's, for backprop."""
-    if cfg.optim.family == "zeroth_order":
-        return init_zo_state(params, setup, lr)
-    return init_train_state(params, setup, lr, measure=True)
+    return make_step(cfg.optim, parametrization, graphdef, total_steps=t.steps, runs=runs,
+                     indicators=cfg.logging.indicators, shardings=shardings,
+                     stack=None if layout is None else layout.stack, seed=t.seed)
 
 
 def pretrained_params(cfg: RunConfig, vocab_size: int, like):
@@ -174,59 +178,51 @@ def pretrained_params(cfg: RunConfig, vocab_size: int, like):
     pretrained.check_compatible(cfg, source)
     model, parametrization = build_model(source.model, source.param, vocab_size,
                                          source.train.seed)
-    params = nnx.split(model)[1].to_pure_dict()
-    template = _init_state(source, _optimizer_setup(source, parametrization), params, 0.0)
-    return pretrained.restore_params(cfg.init.from_run, template, like)
+    graphdef, params = nnx.split(model)
+    template = _step_of(source, parametrization, graphdef).init_state(params.to_pure_dict(), 0.0)
+    return pretrained.restore_params(cfg.init.from_run, template.as_dict(), like)
 
 
 def _train_together(members: list[_Member], splits) -> list[dict]:
     cfg, t, k = members[0].cfg, members[0].cfg.train, len(members)
-    model, graphdef, params, parametrization, layout = model_on_mesh(cfg, splits.vocab_size)
+    run = model_on_mesh(cfg, splits.vocab_size)
+    params, layout = run.params, run.layout
     if cfg.init.from_run is not None:  # fine-tuning, before anything is written
         params = pretrained_params(cfg, splits.vocab_size, params)
-    setup = _optimizer_setup(cfg, parametrization, layout)
-    init_state = lambda lr: _init_state(cfg, setup, params, lr)
-    template = init_state(0.0)
+    template = _step_of(cfg, run.parametrization, run.graphdef).init_state(params, 0.0)
     # one run's state layout; runs trained together are stacked on a leading axis kept whole
-    shardings = None if layout is None else layout.state(template, parametrization.specs)
-    if cfg.optim.family == "zeroth_order":  # no gradient: the forward stats by another pass
-        zo_step = make_zo_step(graphdef, setup, k, None if shardings is None else shardings["params"])
-        forward_stats = make_forward_stats(graphdef, k)
-        train_step = lambda state, inputs, targets: (zo_step(state, inputs, targets), {})
-        measure_forward = forward_stats if cfg.logging.indicators else None
-    else:
-        measure = Measure(parametrization.labels(), clip_of(cfg.optim, parametrization),
-                          cfg.logging.indicators)
-        train_step = make_train_step(graphdef, setup, k, measure, shardings)
-        measure_forward = None
+    shardings = None if layout is None else layout.state(template, run.parametrization.specs)
+    step = _step_of(cfg, run.parametrization, run.graphdef, runs=k, shardings=shardings,
+                    layout=layout)
     cost = {"params": int(sum(x.size for x in jax.tree.leaves(params))),
-            "flops_per_token": flops_per_token(model, parametrization.specs, t.seq_len),
+            "flops_per_token": flops_per_token(run.model, run.parametrization.specs, t.seq_len),
             "data": splits.description, "lrs_trained_together": k}
     val_batches = data.val_batches(splits.val, t.eval_batches, t.batch_size, t.seq_len)
     if layout is not None:
-        cost["sharding"] = layout.describe(parametrization.specs)
+        cost["sharding"] = layout.describe(run.parametrization.specs)
         template = place(template, shardings)  # so a checkpoint restores onto this mesh
         val_batches = [place(batch, (layout.batch,) * 2) for batch in val_batches]
-    evaluate = make_eval(graphdef, val_batches, k)
     for m in members:
         m.open()
     try:
-        step, states, wall_before = _restore(members, template)
+        at, states, wall_before = _restore(members, template)
         if states is None:
-            states = [init_state(m.cfg.optim.lr) for m in members]
-        state = _stack(states) if k > 1 else states[0]
-        if layout is not None:
-            state = place(state, shardings if k == 1 else layout.lead(shardings))
+            states = [step.init_state(params, m.cfg.optim.lr) for m in members]
+        state = TrainState.stack(states)
+        # fresh or restored, the same placement: the step compiles once
+        state = (jax.device_put(state, _single_device()) if layout is None
+                 else place(state, layout.lead(shardings)))
         for m in members:
-            m.start_logs(step)
-        spectral = (SpectralLog(state["params"], parametrization.specs, k)
-                    if cfg.logging.spectral_every > 0 else None)
+            m.start_logs(at, ["metrics.jsonl", *([step.log_name] if step.log_name else []),
+                              *([SPECTRAL_LOG] if cfg.logging.spectral_every > 0 else [])])
+        loop = _Loop(members, step, splits, make_eval(run.graphdef, val_batches, k), cost,
+                     layout, SpectralLog(state.params, run.parametrization.specs, k)
+                     if cfg.logging.spectral_every > 0 else None)
         with StopSignals() as stop:
-            _loop(members, state, step, splits, (train_step, measure_forward, spectral),
-                  evaluate, cost, wall_before, layout, stop)
+            loop.run(state, at, wall_before, stop)
     except BaseException:
         for m in members:
-            if hasattr(m, "tracker"):  # so a later run in this process does not inherit it
+            if m.tracker is not None:  # so a later run in this process does not inherit it
                 m.tracker.abort()
         raise
     finally:
@@ -235,128 +231,132 @@ def _train_together(members: list[_Member], splits) -> list[dict]:
     return [m.result for m in members]
 
 
-def _stack(states: list[dict]) -> dict:
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+def _single_device() -> jax.sharding.Sharding:
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
-def _restore(members: list[_Member], template: dict) -> tuple[int, list | None, float]:
+def _restore(members: list[_Member], template: TrainState
+             ) -> tuple[int, list[TrainState] | None, float]:
     """(step, per-run states, wall seconds) from checkpoints all runs share, else a fresh start."""
     steps = {m.checkpointer.latest_step() for m in members}
     if len(steps) != 1 or None in steps:
         return 0, None, 0.0
-    restored = [m.checkpointer.restore_latest(template) for m in members]
-    return restored[0][0], [r[1] for r in restored], max(r[2]["wall_seconds"] for r in restored)
+    restored = [m.checkpointer.restore_latest(template.as_dict()) for m in members]
+    return (restored[0][0], [TrainState.from_dict(r[1]) for r in restored],
+            max(r[2]["wall_seconds"] for r in restored))
 
 
-def _loop(members: list[_Member], state, step: int, splits, programs, evaluate, cost: dict,
-          wall_before: float, layout: Layout | None = None, stop: StopSignals | None = None
-          ) -> None:
-    """Steps until every run is done or diverged; logs, evaluates, checkpoints, writes results.
+class _Loop:
+    """Steps until every run is done or diverged; logs a window of steps, evaluates,
+    checkpoints, writes results. On a stop signal the step just trained is checkpointed and
+    the signal goes on (preemption.py)."""
 
-    `programs`: the train step, state -> (state, measured); the forward stats of a step that
-    measures none itself (MeZO), or None; the spectral log, or None. On a stop signal (`stop`)
-    the step just trained is checkpointed and the signal goes on (preemption.py).
-    """
-    train_step, measure_forward, spectral = programs
-    cfg, t, k = members[0].cfg, members[0].cfg.train, len(members)
-    lr_at = [optim.learning_rate(m.cfg.optim, t.steps) for m in members]
-    tokens_per_step = t.batch_size * t.seq_len
-    started = time.perf_counter()
-    window = (started, step)  # wall time and step of the last record, for tokens/s
-    label = members[0].name if k == 1 else f"{members[0].name} (+{k - 1} LRs)"
-    bar = tqdm(total=t.steps, initial=step, desc=label,
-               disable=not (cfg.logging.progress and members[0].primary), dynamic_ncols=True)
-    wall = lambda: wall_before + time.perf_counter() - started
-    member_state = (lambda i: state) if k == 1 else (lambda i: jax.tree.map(lambda x: x[i], state))
-    zeroth_order = cfg.optim.family == "zeroth_order"
-    curvature = zeroth_order and cfg.optim.curvature
-    if step == 0 and cfg.init.from_run is not None:
-        _log_start(members, evaluate(state["params"]))
-    while step < t.steps and not all(m.diverged for m in members):
-        inputs, targets = data.train_batch(splits.train, t.seed, step, t.batch_size, t.seq_len)
-        if layout is not None:  # every process draws the whole batch and keeps its shards
-            inputs, targets = place((inputs, targets), (layout.batch,) * 2)
-        state, measured = train_step(state, inputs, targets)
-        step += 1
-        bar.update(1)
-        if zeroth_order:
-            gs, lrs_used = jax.device_get((state["opt_state"]["g"], state["opt_state"]["lr_used"]))
-            for i, m in enumerate(members):
+    def __init__(self, members: list[_Member], step: Step, splits, evaluate, cost: dict,
+                 layout: Layout | None, spectral: SpectralLog | None):
+        self.members, self.step, self.splits = members, step, splits
+        self.evaluate, self.cost, self.layout, self.spectral = evaluate, cost, layout, spectral
+        self.cfg = members[0].cfg
+        self.t = self.cfg.train
+        self.lr_at = [optim.learning_rate(m.cfg.optim, self.t.steps) for m in members]
+
+    def run(self, state: TrainState, step: int, wall_before: float, stop: StopSignals) -> None:
+        t, members = self.t, self.members
+        started = time.perf_counter()
+        self.window_start = (started, step)  # wall time and step of the last record, for tokens/s
+        self.wall = lambda: wall_before + time.perf_counter() - started
+        label = members[0].name + (f" (+{len(members) - 1} LRs)" if len(members) > 1 else "")
+        self.bar = tqdm(total=t.steps, initial=step, desc=label, dynamic_ncols=True,
+                        disable=not (self.cfg.logging.progress and members[0].primary))
+        if step == 0 and self.cfg.init.from_run is not None:
+            _log_start(members, self.evaluate(state.params))
+        while step < t.steps and not all(m.diverged for m in members):
+            inputs, targets = data.train_batch(self.splits.train, t.seed, step, t.batch_size,
+                                               t.seq_len)
+            if self.layout is not None:  # every process draws the whole batch, keeps its shards
+                inputs, targets = place((inputs, targets), (self.layout.batch,) * 2)
+            state, measured = self.step(state, inputs, targets)
+            step += 1
+            self.bar.update(1)
+            self._write_step_records(state, step)
+            last = step == t.steps
+            if step % t.log_every == 0 or step % t.eval_every == 0 or last:
+                state = self._log_window(state, step, inputs, measured)
+            if self.spectral is not None and (step % self.cfg.logging.spectral_every == 0
+                                              or last):
+                self._log_spectra(state, step)
+            stopping = not last and stop.requested(step)
+            self._checkpoint_or_finish(state, step, checkpointing=(
+                step % t.checkpoint_every == 0 or last or stopping))
+            if stopping:  # preempted: what the requeued job resumes from is on disk first
+                for m in members:
+                    if m.result is None:
+                        m.checkpointer.wait()
+                self.bar.close()
+                stop.forward()
+        self.bar.close()
+        for m in members:  # resumed after the last checkpoint but before its result was written
+            if m.result is None:
+                m.result = _write_result(m, self.cost, self.wall(), self.step.metric_names)
+
+    def _write_step_records(self, state: TrainState, step: int) -> None:
+        records = self.step.step_records(state, step)
+        if records is not None:
+            for m, record in zip(self.members, records, strict=True):
                 if not m.diverged:
-                    m.zo_log.write(step_record(step, *((gs, lrs_used) if k == 1 else
-                                                      (gs[i], lrs_used[i]))))
-        last = step == t.steps
-        if step % t.log_every == 0 or step % t.eval_every == 0 or last:
-            # the running sums live in the train state, so a resumed window averages the same steps
-            train_losses = np.atleast_1d(state["loss_sum"] / state["loss_count"]).tolist()
-            clipping = {name: np.atleast_1d(state[key] / state["loss_count"]).tolist()
-                        for key, name in CLIP_SUMS.items() if key in state}
-            for key in ("loss_sum", "loss_count", *CLIP_SUMS):
-                if key in state:
-                    state[key] = jnp.zeros_like(state[key])
-            if measure_forward is not None:
-                measured = measure_forward(state["params"], inputs)
-            measured = jax.device_get(measured)
-            now = time.perf_counter()
-            tokens_per_second = (step - window[1]) * tokens_per_step / (now - window[0])
-            window = (now, step)
-            evaluating = step % t.eval_every == 0 or last
-            val_losses = evaluate(state["params"]) if evaluating else [None] * k
-            if curvature:  # from the two counters, not a per-member slice of the whole state
-                traces = np.atleast_1d(curvature_estimate(
-                    {key: state["opt_state"][key] for key in ("count", "curvature_sum")},
-                    cfg.optim.curvature_decay)).tolist()
-            for i, m in enumerate(members):
-                if m.diverged:
-                    continue
-                record = {"step": step, "tokens": step * tokens_per_step,
-                          "lr": float(lr_at[i](step - 1)), "train_loss": train_losses[i],
-                          "tokens_per_second": tokens_per_second}
-                if zeroth_order:  # the LR applied, after any safe-LR cap
-                    record["lr"] = m.zo_log.records[-1]["lr"]
-                if curvature:  # the Hessian-trace estimate's moving average
-                    record["curvature"] = traces[i]
-                record |= {name: values[i] for name, values in clipping.items()}
-                record |= _flatten(measured, None if k == 1 else i)
-                m.diverged = not math.isfinite(record["train_loss"])
-                if not m.diverged and evaluating:
-                    record["val_loss"] = val_losses[i]
-                    m.diverged = not math.isfinite(record["val_loss"])
-                m.step = step
-                m.metrics.write(record)
-                m.tracker.log({key: v for key, v in record.items() if key != "step"}, step)
-            best = min(train_losses, key=lambda x: x if math.isfinite(x) else math.inf)
-            bar.set_postfix(loss=f"{best:.3f}", tok_s=f"{tokens_per_second:.0f}")
-        if spectral is not None and (step % cfg.logging.spectral_every == 0 or last):
-            for m, sigma in zip(members, spectral(state["params"]), strict=True):
-                if not m.diverged:
-                    m.spectral_log.write({"step": step, "sigma": sigma})
-                    m.tracker.log({f"spectral/{name}": v for name, v in sigma.items()}, step)
-        stopping = stop is not None and not last and stop.requested(step)
-        checkpointing = step % t.checkpoint_every == 0 or last or stopping
-        for i, m in enumerate(members):
+                    m.logs[self.step.log_name].write(record)
+
+    def _log_window(self, state: TrainState, step: int, inputs, measured: dict) -> TrainState:
+        """One record per run of the steps since the last one (their mean train loss and
+        clipping), the step's measurements, and at eval steps the validation loss."""
+        t = self.t
+        window = jax.device_get(state.window())
+        values = jax.device_get(self.step.log_values(state, inputs, measured))
+        now = time.perf_counter()
+        tokens_per_second = ((step - self.window_start[1]) * t.batch_size * t.seq_len
+                             / (now - self.window_start[0]))
+        self.window_start = (now, step)
+        evaluating = step % t.eval_every == 0 or step == t.steps
+        val_losses = self.evaluate(state.params) if evaluating else None
+        for i, m in enumerate(self.members):
+            if m.diverged:
+                continue
+            record = {"step": step, "tokens": step * t.batch_size * t.seq_len,
+                      "lr": float(self.lr_at[i](step - 1)), "tokens_per_second": tokens_per_second,
+                      **{name: float(v[i]) for name, v in window.items()}, **_flatten(values, i)}
+            m.diverged = not math.isfinite(record["train_loss"])
+            if not m.diverged and evaluating:
+                record["val_loss"] = val_losses[i]
+                m.diverged = not math.isfinite(record["val_loss"])
+            m.step = step
+            m.metrics.write(record)
+            m.tracker.log({key: v for key, v in record.items() if key != "step"}, step)
+        losses = [float(x) for x in window["train_loss"]]
+        best = min(losses, key=lambda x: x if math.isfinite(x) else math.inf)
+        self.bar.set_postfix(loss=f"{best:.3f}", tok_s=f"{tokens_per_second:.0f}")
+        return state.next_window()
+
+    def _log_spectra(self, state: TrainState, step: int) -> None:
+        for m, sigma in zip(self.members, self.spectral(state.params), strict=True):
+            if not m.diverged:
+                m.logs[SPECTRAL_LOG].write({"step": step, "sigma": sigma})
+                m.tracker.log({f"spectral/{name}": v for name, v in sigma.items()}, step)
+
+    def _checkpoint_or_finish(self, state: TrainState, step: int, checkpointing: bool) -> None:
+        """A checkpoint of each unfinished run at checkpoint steps (and when it diverges), and
+        its result when it is done."""
+        for i, m in enumerate(self.members):
             if m.result is None and (checkpointing or m.diverged):
-                m.checkpointer.save(step, member_state(i), {"wall_seconds": wall()})
-            if m.result is None and (m.diverged or last):
-                m.result = _write_result(m, cost, wall())
-        if stopping:  # preempted: what the requeued job resumes from is on disk first
-            for m in members:
-                if m.result is None:
-                    m.checkpointer.wait()
-            bar.close()
-            stop.forward()
-    bar.close()
-    for m in members:  # resumed after the last checkpoint but before its result was written
-        if m.result is None:
-            m.result = _write_result(m, cost, wall())
+                m.checkpointer.save(step, state.run(i).as_dict(), {"wall_seconds": self.wall()})
+            if m.result is None and (m.diverged or step == self.t.steps):
+                m.result = _write_result(m, self.cost, self.wall(), self.step.metric_names)
 
 
-def _flatten(measured: dict, run: int | None) -> dict[str, float]:
-    """One run's values (`run` of those trained together, or None for one); per-layer values
-    (shape (depth,)) become one metric per layer: 'attn_z/0', 'attn_z/1'."""
+def _flatten(measured: dict, run: int) -> dict[str, float]:
+    """One run's values of runs stacked on a leading axis; per-layer values (shape (depth,))
+    become one metric per layer: 'attn_z/0', 'attn_z/1'."""
     out = {}
     for name, value in measured.items():
-        value = np.asarray(value) if run is None else np.asarray(value)[run]
+        value = np.asarray(value)[run]
         if value.ndim == 0:
             out[name] = float(value)
         else:
@@ -376,7 +376,7 @@ def _start_val_loss(m: _Member) -> float | None:
     return next((r["val_loss"] for r in m.metrics.records if r["step"] == 0), None)
 
 
-def _summaries(m: _Member) -> dict:
+def _summaries(m: _Member, metric_names: tuple[str, ...]) -> dict:
     """Over the run's logged steps: the fraction of steps clipped and the mean clip factor
     (each log's window weighted by its steps), every indicator's last and largest value, and
     the last σ_max of every matrix. Non-finite values are null, as the losses of a diverged run."""
@@ -390,18 +390,21 @@ def _summaries(m: _Member) -> dict:
                                    / sum(steps for _, steps in clipped))
         out["clipping"] = {"fraction": mean("clipped_fraction"),
                            "mean_scale": mean("mean_clip_scale")}
-    names = [key for key in records[-1] if key not in LOOP_METRICS] if records else []
+    not_indicators = {*LOOP_METRICS, *metric_names}
+    names = [key for key in records[-1] if key not in not_indicators] if records else []
     if names:
         out["indicators"] = {
             "last": {key: finite(records[-1][key]) for key in names},
             "max": {key: finite(float(np.max([r[key] for r in records if key in r])))
                     for key in names}}
-    if getattr(m, "spectral_log", None) is not None and m.spectral_log.records:
-        out["spectral"] = m.spectral_log.records[-1]["sigma"]
+    spectral = m.logs.get(SPECTRAL_LOG)
+    if spectral is not None and spectral.records:
+        out["spectral"] = spectral.records[-1]["sigma"]
     return out
 
 
-def _write_result(m: _Member, cost: dict, wall_seconds: float) -> dict:
+def _write_result(m: _Member, cost: dict, wall_seconds: float,
+                  metric_names: tuple[str, ...]) -> dict:
     t = m.cfg.train
     result = {
         # a diverged run has no meaningful loss, whatever was measured before it blew up
@@ -412,7 +415,7 @@ def _write_result(m: _Member, cost: dict, wall_seconds: float) -> dict:
     }
     if m.cfg.init.from_run is not None:  # where fine-tuning started from, on this data
         result["start_val_loss"] = _start_val_loss(m)
-    result |= _summaries(m)
+    result |= _summaries(m, metric_names)
     summary = {key: v for key, v in result.items() if isinstance(v, (int, float, bool))}
     summary |= {f"clipping/{key}": v for key, v in result.get("clipping", {}).items()
                 if v is not None}

@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 
 from scaling.config import ConfigError, RunConfig, from_dict
-from scaling.training import data
 from scaling.training.checkpoint import Checkpointer
 
 # How the model computes, not what it is: a fine-tune may change these.
@@ -49,7 +48,7 @@ def check_compatible(cfg: RunConfig, source: RunConfig) -> None:
                 raise ConfigError(f"{group}.{field}", value,
                                   f"{theirs[field]!r}, the source run's "
                                   f"(init.from_run={cfg.init.from_run})")
-    ours, theirs = data.vocab_size(cfg.data), data.vocab_size(source.data)
+    ours, theirs = cfg.data.source_vocab_size, source.data.source_vocab_size
     if ours != theirs:
         raise ConfigError("data.path", cfg.data.path,
                           f"a source of the source run's vocabulary of {theirs} tokens, not "

@@ -8,11 +8,10 @@ from pathlib import Path
 from flax import nnx
 
 from scaling.config import from_dict
+from scaling.files import read_jsonl
 from scaling.parametrization import build_model
-from scaling.training import data
-from scaling.training.files import read_jsonl
-from scaling.training.loop import ZO_LOG, pretrained_params
-from scaling.training.zo_step import replay, zo_setup
+from scaling.steps.zeroth_order import ZerothOrderStep, replay, zo_setup
+from scaling.training.loop import pretrained_params
 
 
 def replay_run(run_dir: str | Path, through_step: int | None = None):
@@ -24,12 +23,12 @@ def replay_run(run_dir: str | Path, through_step: int | None = None):
     if not result.exists():
         raise ValueError(f"run_dir={str(run_dir)!r}: expected a run directory with result.json")
     cfg = from_dict(json.loads(result.read_text())["config"])
-    if cfg.optim.family != "zeroth_order":
+    if cfg.optim.needs_gradient:
         raise ValueError(f"optim.name={cfg.optim.name!r} in {run_dir}: expected a zeroth-order "
                          "run (only MeZO logs what a replay needs)")
-    vocab_size = data.vocab_size(cfg.data)
+    vocab_size = cfg.data.source_vocab_size
     model, parametrization = build_model(cfg.model, cfg.param, vocab_size, cfg.train.seed)
-    records = [r for r in read_jsonl(run_dir / ZO_LOG)
+    records = [r for r in read_jsonl(run_dir / ZerothOrderStep.log_name)
                if through_step is None or r["step"] <= through_step]
     setup = zo_setup(cfg.optim, parametrization, total_steps=cfg.train.steps,
                      seed=cfg.train.seed)

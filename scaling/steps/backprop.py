@@ -1,0 +1,167 @@
+"""The backprop step: the gradient of the loss, then the optimizer, as one jitted function of a
+train state; with what it measured on the way (gradient norm, clip factor, indicators)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from optim import OptimizerConfig
+from optim.build import clip_thresholds
+from scaling.parametrization import Parametrization, build_optimizer
+from scaling.steps.loss import next_token_loss_and_stats
+from scaling.steps.state import TrainState
+
+# lr -> the optimizer at that base LR; built inside the traced step, so lr may be a tracer
+OptimizerAt = Callable[[jax.Array | float], optax.GradientTransformation]
+
+
+@dataclasses.dataclass(frozen=True)
+class Measure:
+    """What a backprop step reports besides the new state: always the gradient's global norm
+    before clipping and the clip factor the optimizer applies (summed over the steps between
+    logs in the state; with per-group clipping, the smallest group's factor, and each group's
+    as 'clip_scale/<group>'); with `indicators`, the model's forward stats and the
+    update/weight RMS ratio of every parameter group."""
+
+    labels: dict  # every parameter's group label, a tree like the parameters (group_label)
+    # the clipping threshold: one number for a global clip (optim.clip_norm; 0: none), or
+    # group -> threshold for optim.clip_scope=role (optim.build.clip_thresholds)
+    clip: float | dict[str, float]
+    indicators: bool = True
+
+    @classmethod
+    def of(cls, cfg: OptimizerConfig, parametrization: Parametrization,
+           indicators: bool = True) -> Measure:
+        """What the optimizer `cfg` clips, as it builds its clipping under this table."""
+        labels = parametrization.labels()
+        groups = sorted(set(jax.tree.leaves(labels)))
+        thresholds = clip_thresholds(cfg, groups, parametrization.clip_factors(cfg))
+        clip = thresholds if cfg.clip_scope == "role" else next(iter(thresholds.values()))
+        return cls(labels, clip, indicators)
+
+
+def clip_scale(grad_norm: jax.Array, clip_norm: float) -> jax.Array:
+    """min(1, clip_norm / ‖g‖): the factor global-norm clipping multiplies the gradient by."""
+    if clip_norm <= 0:
+        return jnp.ones_like(grad_norm)
+    return jnp.minimum(1.0, clip_norm / grad_norm)
+
+
+def _group_norms(tree, labels: dict) -> dict[str, jax.Array]:
+    """Each group's global norm over its parameters."""
+    squares: dict[str, jax.Array] = {}
+    for label, x in zip(jax.tree.leaves(labels), jax.tree.leaves(tree), strict=True):
+        squares[label] = squares.get(label, 0.0) + jnp.sum(jnp.square(x))
+    return {label: jnp.sqrt(total) for label, total in squares.items()}
+
+
+def update_ratios(updates, params, labels: dict) -> dict[str, jax.Array]:
+    """‖update‖ / ‖weight‖ over each group's parameters (= the ratio of their RMS), weights
+    before the update; 'update_ratio/<group>'."""
+    weights = _group_norms(params, labels)
+    return {f"update_ratio/{label}": norm / weights[label]
+            for label, norm in _group_norms(updates, labels).items()}
+
+
+def clip_scales(grads, grad_norm: jax.Array, measure: Measure
+                ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(the clip factor, per-group factors when each group is clipped alone)."""
+    if not isinstance(measure.clip, dict):
+        return clip_scale(grad_norm, measure.clip), {}
+    per_group = {label: clip_scale(norm, measure.clip[label])
+                 for label, norm in _group_norms(grads, measure.labels).items()}
+    return (jnp.min(jnp.stack(list(per_group.values()))),
+            {f"clip_scale/{label}": s for label, s in per_group.items()})
+
+
+def optimizer_at(cfg: OptimizerConfig, parametrization: Parametrization, *, total_steps: int,
+                 stack=None) -> OptimizerAt:
+    """The optimizer make_train_step expects: `cfg` at any base LR, traced or not; `stack`:
+    Muon's placement on a device mesh (scaling.sharding.Layout.stack)."""
+    return lambda lr: build_optimizer(dataclasses.replace(cfg, lr=lr), parametrization,
+                                      total_steps=total_steps, stack=stack)
+
+
+def init_train_state(params, tx_at: OptimizerAt, lr: float) -> TrainState:
+    """The optimizer state does not depend on the LR, so one template serves every LR."""
+    return TrainState.start(params, tx_at(lr).init(params), lr)
+
+
+def make_train_step(graphdef, tx_at: OptimizerAt, measure: Measure, runs: int | None = None,
+                    shardings=None):
+    """(state, inputs, targets) -> (state, measured), with the optimizer `tx_at(state.lr)`;
+    measured: what `measure` lists, of this step.
+
+    The LR lives in the state so that one compiled program trains several LRs (`runs`: the
+    states stacked on a leading axis, vmapped; None: one state) exactly as it trains one; the
+    optimizer is built from it inside the step, because a relative (sphere) step is not
+    linear in the LR. Measuring only reads the gradients, updates and activations: the new
+    state is the unmeasured step's, bit for bit. `shardings` (a tree like one run's state): on
+    a device mesh, where the new state is kept, so every step compiles and runs with the same
+    layout. The state is donated.
+    """
+
+    def train_step(state: TrainState, inputs_BxT, targets_BxT):
+        params = state.params
+        (loss, stats), grads = jax.value_and_grad(
+            lambda p: next_token_loss_and_stats(graphdef, p, inputs_BxT, targets_BxT),
+            has_aux=True)(params)
+        updates, opt_state = tx_at(state.lr).update(grads, state.opt_state, params)
+        grad_norm = optax.global_norm(grads)
+        scale, group_scales = clip_scales(grads, grad_norm, measure)
+        new_state = state.counted(loss, scale < 1, scale, opt_state=opt_state,
+                                  params=optax.apply_updates(params, updates))
+        if shardings is not None:  # under vmap, each run's slice is laid out like one run
+            new_state = jax.lax.with_sharding_constraint(new_state, shardings)
+        measured = {"grad_norm": grad_norm, "clip_scale": scale, **group_scales}
+        if measure.indicators:
+            measured |= stats | update_ratios(updates, params, measure.labels)
+        return new_state, measured
+
+    if runs is not None:
+        train_step = jax.vmap(train_step, in_axes=(0, None, None))
+    return jax.jit(train_step, donate_argnums=0)
+
+
+def make_forward_stats(graphdef, runs: int | None = None):
+    """(params, inputs_BxT) -> the model's forward stats, by one more forward pass: the
+    indicators of a step that takes no gradient (MeZO)."""
+    stats = lambda params, inputs_BxT: nnx.merge(graphdef, params).forward(inputs_BxT)[1]
+    if runs is not None:
+        stats = jax.vmap(stats, in_axes=(0, None))
+    return jax.jit(stats)
+
+
+class BackpropStep:
+    """One compiled backprop step of `runs` runs stacked (None: one unstacked run), measuring
+    what Measure lists; the step kind of every optimizer that needs a gradient."""
+
+    log_name = None  # no log of its own beside metrics.jsonl
+    metric_names: tuple[str, ...] = ()  # everything it measures is an indicator
+
+    def __init__(self, cfg: OptimizerConfig, parametrization: Parametrization, graphdef, *,
+                 total_steps: int, runs: int | None = None, indicators: bool = True,
+                 shardings=None, stack=None, seed: int = 0):
+        del seed  # a backprop step draws nothing
+        self.tx_at = optimizer_at(cfg, parametrization, total_steps=total_steps, stack=stack)
+        self._step = make_train_step(graphdef, self.tx_at,
+                                     Measure.of(cfg, parametrization, indicators), runs,
+                                     shardings)
+
+    def init_state(self, params, lr: float) -> TrainState:
+        return init_train_state(params, self.tx_at, lr)
+
+    def __call__(self, state: TrainState, inputs_BxT, targets_BxT):
+        return self._step(state, inputs_BxT, targets_BxT)
+
+    def step_records(self, state: TrainState, step: int) -> list[dict] | None:
+        return None
+
+    def log_values(self, state: TrainState, inputs_BxT, measured: dict) -> dict:
+        return measured

@@ -1,0 +1,37 @@
+"""The next-token loss every step kind minimizes by default, its validation, and its cost."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+
+def next_token_loss(graphdef, params, inputs_BxT, targets_BxT) -> jax.Array:
+    return next_token_loss_and_stats(graphdef, params, inputs_BxT, targets_BxT)[0]
+
+
+def next_token_loss_and_stats(graphdef, params, inputs_BxT, targets_BxT):
+    """(loss, the model's forward stats); unused stats cost nothing under jit."""
+    logits_BxTxV, stats = nnx.merge(graphdef, params).forward(inputs_BxT)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV.astype(jnp.float32),
+                                                           targets_BxT).mean()
+    return loss, stats
+
+
+def make_eval(graphdef, batches, runs: int):
+    """params of `runs` runs stacked on a leading axis -> one validation loss per run."""
+    loss_fn = jax.jit(jax.vmap(lambda p, x, y: next_token_loss(graphdef, p, x, y),
+                               in_axes=(0, None, None)))
+    return lambda params: np.mean([np.asarray(loss_fn(params, x, y)) for x, y in batches],
+                                  axis=0).tolist()
+
+
+def flops_per_token(model: nnx.Module, specs, seq_len: int) -> float:
+    """6 FLOPs per non-embedding parameter plus the model's attention term (Kaplan et al.)."""
+    n = sum(math.prod(s.shape) for s in specs.values() if s.role != "input")
+    return 6.0 * n + model.attention_flops_per_token(seq_len)
