@@ -1,4 +1,4 @@
-"""`scaling-train`: the Hydra app for one run (or a multirun sweep) of scaling/train.py.
+"""`scaling-train`: the Hydra app for one run (or a multirun sweep) of scaling.training.loop.
 
 Every command line is composed and validated before anything is compiled or written: each
 point of a sweep, so that a typo ends the sweep before its first run. Errors are one line on

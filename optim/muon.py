@@ -1,4 +1,4 @@
-"""Muon and AuON as optax transformations for hidden matrices (docs/rules.md, "Muon").
+"""Muon and AuON as optax transformations for hidden matrices (docs/rules.md: Muon).
 
 `scale_by_muon` keeps the momentum, turns it into a direction (Newton–Schulz orthogonalization,
 or AuON's linear-time normalization) and multiplies each matrix by its update-scale convention.

@@ -2,8 +2,8 @@
 
 Each step maps the singular values of X by an odd quintic p(σ) = aσ + bσ³ + cσ⁵ (computed as
 A = XXᵀ, X ← aX + (bA + cA²)X on the short side), after X is scaled by its Frobenius norm (or
-the tighter Schatten-4 norm) so that every σ ≤ 1. Coefficient schemes are data (docs/rules.md,
-"Muon"); backends register in BACKENDS (`xla`: the pure-jnp direct and Gram forms;
+the tighter Schatten-4 norm) so that every σ ≤ 1. Coefficient schemes are data (docs/rules.md:
+Muon); backends register in BACKENDS (`xla`: the pure-jnp direct and Gram forms;
 `pallas`: the kernels in optim/kernels).
 """
 

@@ -1,4 +1,4 @@
-"""The hypersphere step of MuonH and AdamH (HyperP, SCALING_RULES.md §5).
+"""The hypersphere step of MuonH and AdamH (HyperP, docs/rules.md: HyperP).
 
 For every matrix W (each layer of a stacked leaf its own sphere, never the whole stack), given an
 incoming direction O (Muon's orthogonalized momentum, or Adam's m̂/(√v̂+ε)):

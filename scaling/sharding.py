@@ -64,12 +64,12 @@ class Layout:
     def spec(self, logical_axes: tuple[str, ...], shape: tuple[int, ...]) -> PartitionSpec:
         """Each logical axis on its rule's mesh axis, unless that axis is used already by an
         earlier one, has one device, or does not divide the size: then it is kept whole."""
-        used, out = set(), []
+        used, out, rules = set(), [], dataclasses.asdict(self.rules)
         for name, size in zip(logical_axes, shape, strict=True):
-            if not hasattr(self.rules, name):
+            if name not in rules:
                 raise ValueError(f"logical axis {name!r} has no sharding rule: expected one of "
-                                 f"{[f.name for f in dataclasses.fields(self.rules)]}")
-            axis = getattr(self.rules, name)
+                                 f"{list(rules)}")
+            axis = rules[name]
             if axis is None or axis in used or self.mesh.shape[axis] == 1 or size % self.mesh.shape[axis]:
                 out.append(None)
             else:

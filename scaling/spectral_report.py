@@ -1,6 +1,6 @@
 """Top singular values of finished runs: two runs compared matrix by matrix (a proxy against its
 target), and a width sweep's σ growth per role under each hidden weight-decay exponent γ
-(λ ∝ m^γ, SCALING_RULES.md §3), with the decay each run accumulated (ηλ·steps).
+(λ ∝ m^γ, docs/rules.md: weight decay), with the decay each run accumulated (ηλ·steps).
 
 σ comes from a run's `spectral.jsonl` (its last row) when the run logged one, else from its last
 checkpoint by power iteration (scaling/spectral.py), iterated until it stops moving. Matrices are

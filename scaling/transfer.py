@@ -23,7 +23,7 @@ from scaling.shapes import optim_label, shape_id
 DATA_EXPONENT = 0.32  # k in η ∝ T^(−k), fitted by HyperP (ArchScale)
 BATCH_EXPONENT = 0.5  # η ∝ √(B/B0), HyperP's batch rule
 # d in HyperP's η ∝ (L0/L)^d. ArchScale grew width with depth, so its √(L0/L) is not separable
-# from width: an assumption to measure (docs/rules.md, HyperP), hence configurable.
+# from width: an assumption to measure (docs/rules.md: HyperP), hence configurable.
 DEPTH_EXPONENT = 0.5
 
 

@@ -1,4 +1,4 @@
-"""`scaling-coord-check`: the coordinate check as a command (SCALING_RULES.md §1).
+"""`scaling-coord-check`: the coordinate check as a command (docs/rules.md: μP).
 
 SP and μP side by side at widths 64–512 (depth 2, head dim 32, batch 4 × 32 bytes of the
 standard library, AdamW at a constant LR 1e-2, 3 steps, 3 initializations averaged): on the

@@ -1,4 +1,4 @@
-"""Coordinate check (SCALING_RULES.md §1): under μP the RMS of every module's output stays within
+"""Coordinate check (docs/rules.md: μP): under μP the RMS of every module's output stays within
 1.3x across an 8x range of widths, at init and after 3 Adam steps; under SP it grows with width.
 
 The measurement is `scaling-coord-check` on the Transformer: SP and μP side by side at widths
@@ -44,7 +44,7 @@ from scaling.coord_check import CoordStats, coordinate_check
 
 WIDTHS = [64, 128, 256, 512]
 STEPS = 3
-FLAT = 1.3  # max/min across an 8x width range (SCALING_RULES.md §1)
+FLAT = 1.3  # max/min across an 8x width range (docs/rules.md: μP)
 B, T, VOCAB = 4, 32, 256
 OPTIM = AdamWConfig(lr=1e-2, schedule="constant", warmup_steps=0, clip_norm=0.0)
 

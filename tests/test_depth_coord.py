@@ -1,4 +1,4 @@
-"""Coordinate check across depth (SCALING_RULES.md §2; Tensor Programs VI): under Depth-μP and
+"""Coordinate check across depth (docs/rules.md: depth; Tensor Programs VI): under Depth-μP and
 CompleteP the residual stream after 3 Adam steps stays within 1.5x across depths 2, 4, 8 and 16
 (base depth 2); under μP without a depth rule it grows with depth.
 

@@ -1,4 +1,4 @@
-"""Depth rules (SCALING_RULES.md §2, §5): Depth-μP (α = 1/2), CompleteP (α = 1) and HyperP's
+"""Depth rules (docs/rules.md: depth, HyperP): Depth-μP (α = 1/2), CompleteP (α = 1) and HyperP's
 1/√(2L) branches. At r = depth/base_depth = 4 and width_mult m = 4 every optimizer multiplier per
 group label and the branch multiplier equal numbers computed by hand here; at r = 1 Depth-μP and
 CompleteP are μP bit for bit (multipliers, init and training); the configs that cannot hold a depth
@@ -48,9 +48,9 @@ def expected_multipliers(family: str, alpha: float | None,
                          update_scale: str | None = None) -> dict[str, RoleMultipliers]:
     """Hand-computed per group label at m = 4 and r = 4 (alpha None: no depth factor at all).
 
-    Width part (μP, §1): hidden Adam LR 1/m, ε 1/m, WD m; SGD LR input/output/vectors × m, vector
+    Width part (μP): hidden Adam LR 1/m, ε 1/m, WD m; SGD LR input/output/vectors × m, vector
     SGD WD 1/m; Muon hidden keller/spectral 1, moonlight m^(−1/2); sphere hidden and output 1.
-    Depth part (§2), on block parameters only: Adam-like LR r^(α−1), ε r^(−α), SGD LR r^(2α−1)."""
+    Depth part (docs/rules.md: depth), on block parameters only: Adam-like LR r^(α−1), ε r^(−α), SGD LR r^(2α−1)."""
     lr_d, eps_d, sgd_d = (1.0, 1.0, 1.0) if alpha is None else (
         R ** (alpha - 1), R ** (-alpha), R ** (2 * alpha - 1))
     adam = {"input": _mults(1, 1, 1), "output": _mults(1, 1, 1), "vector": _mults(1, 1, 0),

@@ -1,5 +1,5 @@
 """Transfer across depth, worked by hand: Depth-μP and CompleteP move per-group multipliers and
-never the base LR (SCALING_RULES.md §2), HyperP moves the base LR by η × (L0/L)^d (§5), SP and μP
+never the base LR (docs/rules.md: depth), HyperP moves the base LR by η × (L0/L)^d, SP and μP
 copy it; `scaling-transfer --depth` on a synthetic depth sweep, its overrides composing back to
 the target, and its one-line errors."""
 

@@ -1,4 +1,4 @@
-"""MeZO (SCALING_RULES.md §6): the estimator is unbiased with the per-leaf scales it claims, its
+"""MeZO (docs/rules.md: MeZO): the estimator is unbiased with the per-leaf scales it claims, its
 probes are regenerated identically wherever they are drawn, lazy and eager perturbation agree,
 Sparse MeZO and stochastic rounding do what they say, and the step uses forward passes only.
 

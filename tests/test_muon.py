@@ -1,4 +1,4 @@
-"""Muon and AuON (SCALING_RULES.md §4): routing by role, update size per scale convention, μP
+"""Muon and AuON (docs/rules.md: Muon): routing by role, update size per scale convention, μP
 width factors, agreement with optax.contrib.muon, batched = per leaf, momentum, AuON, weight
 decay, config validation, and short runs that learn."""
 

@@ -171,3 +171,48 @@ def test_bf16_trains_the_default_model_like_float32(tmp_path):
     bf16 = _train([*common, "model.compute_dtype=bfloat16"])
     print(f"val loss float32 {fp32['val_loss']:.4f}, bfloat16 {bf16['val_loss']:.4f}")
     assert abs(bf16["val_loss"] - fp32["val_loss"]) < BF16_TRAIN_TOLERANCE, (fp32, bf16)
+
+
+def _attention_by_hand(q, k, v, scale):
+    """Causal softmax attention in float64, from its definition."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    logits = np.einsum("btnh,bsnh->bnts", q, k) * scale
+    T = q.shape[1]
+    logits = np.where(np.tril(np.ones((T, T), bool)), logits, -np.inf)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    return np.einsum("bnts,bsnh->btnh", weights, v)
+
+
+def test_attention_takes_the_fused_kernel_where_the_platform_has_one(monkeypatch):
+    """On CPU the model's attention is XLA's and equals softmax attention by hand (float32 to
+    1e-5; bfloat16 to its 8-bit mantissa). On a GPU with 16-bit operands it asks for cuDNN's
+    fused kernel first and falls back to XLA's when cuDNN refuses (here: not installed), with
+    the same result."""
+    from models import layers
+
+    keys = jax.random.split(jax.random.key(0), 3)
+    q, k, v = (jax.random.normal(key, (2, 16, 4, 32), jnp.float32) for key in keys)
+    scale = 32**-0.5
+    expected = _attention_by_hand(q, k, v, scale)
+    np.testing.assert_allclose(layers.causal_attention(q, k, v, scale), expected, rtol=1e-5,
+                               atol=1e-5)
+    bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    on_cpu = layers.causal_attention(*bf16, scale)
+    np.testing.assert_allclose(np.asarray(on_cpu, np.float32), expected, rtol=0.05, atol=0.05)
+    assert not layers.fused_attention_available(jnp.bfloat16)
+
+    asked = []
+    attend = jax.nn.dot_product_attention
+
+    def recording(*args, implementation=None, **kwargs):
+        asked.append(implementation)
+        return attend(*args, implementation=implementation, **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", recording)
+    monkeypatch.setattr(layers.jax, "default_backend", lambda: "gpu")
+    assert layers.fused_attention_available(jnp.bfloat16)
+    assert not layers.fused_attention_available(jnp.float32)
+    on_gpu = layers.causal_attention(*bf16, scale)
+    assert asked == ["cudnn", "xla"]
+    np.testing.assert_array_equal(np.asarray(on_gpu), np.asarray(on_cpu))

@@ -19,7 +19,7 @@ from optim.orthogonalize import (
 )
 
 # Worst |σ − 1| on inputs whose Frobenius-normalized singular values are ≥ ~0.01 (the bands of
-# SCALING_RULES.md §4, with a little room for float32): a wrong coefficient, a skipped step or a
+# docs/rules.md: Muon, with a little room for float32): a wrong coefficient, a skipped step or a
 # missing normalization lands far outside these.
 BANDS = {("jordan", 5): 0.35, ("polar_express", 5): 0.16, ("polar_express", 6): 0.01,
          ("polar_express", 8): 2e-3, ("classical", 30): 1e-3}

@@ -1,4 +1,4 @@
-"""μP vs SP (SCALING_RULES.md §1): bit-for-bit equal at the base shape; at width_mult 4 the init
+"""μP vs SP (docs/rules.md: μP): bit-for-bit equal at the base shape; at width_mult 4 the init
 stds, logit multiplier and optimizer multipliers follow the table, and the optimizer applies them."""
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def _expected_std(name: str, role: str, fan_in: int) -> float:
 @pytest.mark.parametrize("kind", ["transformer", "mlp"])
 @pytest.mark.parametrize("name", ["mup", "sp"])
 def test_init_std_per_role_at_width_mult_4(kind, name):
-    """init_std and the measured std of each normal-init param match §1; gains/biases are 1/0."""
+    """init_std and the measured std of each normal-init param match the μP table; gains/biases are 1/0."""
     model, parametrization = _build(kind, name, WIDTH)
     params = _params(model)
     for path, spec in parametrization.specs.items():
@@ -126,7 +126,7 @@ def _mults(lr, eps, wd) -> RoleMultipliers:
     return RoleMultipliers(lr=lr, eps=eps, weight_decay=wd)
 
 
-# Hand-computed from SCALING_RULES.md §1 at m = 4 (every fan that grows grows by 4).
+# Hand-computed from docs/rules.md: μP at m = 4 (every fan that grows grows by 4).
 EXPECTED_MULTIPLIERS = {
     ("mup", "adam"): {"input": _mults(1, 1, 1), "hidden": _mults(1 / 4, 1 / 4, 4),
                       "output": _mults(1, 1, 1), "vector": _mults(1, 1, 0)},
@@ -142,7 +142,7 @@ EXPECTED_MULTIPLIERS = {
 @pytest.mark.parametrize("kind", ["transformer", "mlp"])
 @pytest.mark.parametrize("name, family", list(EXPECTED_MULTIPLIERS))
 def test_optimizer_multipliers_at_width_mult_4(kind, name, family):
-    """Parametrization.optimizer_multipliers matches the hand-computed §1 table per role."""
+    """Parametrization.optimizer_multipliers matches the hand-computed μP table per role."""
     _, parametrization = _build(kind, name, WIDTH)
     by_label = parametrization.optimizer_multipliers(column(family))
     got = {role_of(label): mult for label, mult in by_label.items()}

@@ -1,4 +1,4 @@
-"""MuonH and AdamH (SCALING_RULES.md §5): every matrix keeps its init norm, one sphere per layer of
+"""MuonH and AdamH (docs/rules.md: HyperP): every matrix keeps its init norm, one sphere per layer of
 a stack, a relative step along Muon's or Adam's direction, weight decay only at second order, and
 the radius is optimizer state that resumes bit for bit."""
 
@@ -118,6 +118,28 @@ def test_first_step_is_the_relative_step_then_retraction():
     moved = w64 - eta * _norms(w64) / _norms(o64) * o64
     expected = moved * _norms(w64) / _norms(moved)
     np.testing.assert_allclose(w + np.asarray(update["w"]), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["muonh", "adamh"])
+def test_retraction_is_to_the_radius_stored_at_init(name):
+    """Weights that have drifted off their sphere (here scaled by 1.25, as bf16 rounding drifts
+    them slowly) are retracted to the radius stored at init, not kept at their current norm:
+    what stops the drift from accumulating. Through the whole optimizer, for every matrix it
+    keeps on a sphere."""
+    model, parametrization = _model()
+    params = nnx.split(model)[1].to_pure_dict()
+    tx = build_optimizer(optimizer_config(name, lr=0.05, **CONSTANT), parametrization,
+                         total_steps=10)
+    state = tx.init(params)
+    drifted = jax.tree.map(lambda x: 1.25 * x, params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = tx.update(grads, state, drifted)
+    stepped = optax.apply_updates(drifted, updates)
+    for role, paths in SPHERE_PATHS.items():
+        for path in paths:
+            np.testing.assert_allclose(_layer_norms(_get(stepped, path)),
+                                       _layer_norms(_get(params, path)), rtol=1e-5,
+                                       err_msg=f"{role} {path}")
 
 
 def test_muonh_direction_is_muons():

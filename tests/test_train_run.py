@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import signal
@@ -125,18 +126,33 @@ def _assert_ends_like(run_dir: Path, whole: dict) -> None:
     chex.assert_trees_all_equal(state_b, state_a)  # bit for bit, optimizer state included
 
 
-def test_resume_after_an_in_process_crash_is_bit_exact(uninterrupted, tmp_path, monkeypatch):
-    """A run crashed after a checkpoint, then re-run, ends identical to an uninterrupted one."""
+def test_resume_after_an_in_process_crash_is_bit_exact(uninterrupted, tmp_path, monkeypatch,
+                                                       caplog):
+    """A run crashed after a checkpoint, then re-run, ends identical to an uninterrupted one;
+    its restored state is placed as a fresh one is, so the resumed step is the program the
+    first start compiled (the persistent compilation cache serves it)."""
     _, whole = uninterrupted
     cfg = _config([*TINY_RUN, f"train.out_dir={tmp_path / 'b'}"])
     _crash_at(monkeypatch, crash_step=10)  # checkpoint at 6, a metrics line at 9, then the crash
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(cfg)
-    run_dir = tmp_path / "b" / run_name(cfg)
-    assert not (run_dir / "result.json").exists()
-    assert [r["step"] for r in _metrics(run_dir)] == [3, 6, 9]
+    options = {"jax_persistent_cache_min_compile_time_secs": 0.0, "jax_log_compiles": True}
+    previous = {option: getattr(jax.config, option) for option in options}
+    for option, value in options.items():
+        jax.config.update(option, value)
+    try:
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            train(cfg)
+        run_dir = tmp_path / "b" / run_name(cfg)
+        assert not (run_dir / "result.json").exists()
+        assert [r["step"] for r in _metrics(run_dir)] == [3, 6, 9]
 
-    resumed = train(cfg)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="jax"):
+            resumed = train(cfg)
+    finally:
+        for option, value in previous.items():
+            jax.config.update(option, value)
+    assert any("cache hit for 'jit_train_step'" in r.getMessage() for r in caplog.records), [
+        r.getMessage() for r in caplog.records if "train_step" in r.getMessage()]
 
     assert Path(resumed["run_dir"]) == run_dir and run_dir.name == Path(whole["run_dir"]).name
     assert (resumed["train_loss"], resumed["val_loss"]) == (whole["train_loss"],

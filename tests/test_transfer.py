@@ -1,5 +1,5 @@
 """Transfer from a tuned proxy: the LR law η = η0·√(B/B0)·(T/T0)^(−0.32) with μP's per-role
-width rule (SCALING_RULES.md §1, §5), worked by hand; the overrides it writes compose back to the
+width rule (docs/rules.md: μP, HyperP), worked by hand; the overrides it writes compose back to the
 target; the proxy it picks from a sweep; and `scaling-transfer` on a synthetic sweep."""
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Matrices whose fused footprint fits on chip run in one fused kernel per stack; larger ones take
 three tiled kernels per step: the symmetric Gram A = XXᵀ, the symmetric B = bA + cA², and the
-epilogue aX + BX: 3m²n + m³ multiply-adds per step instead of 4m²n + 2m³ (SCALING_RULES.md §4).
+epilogue aX + BX: 3m²n + m³ multiply-adds per step instead of 4m²n + 2m³ (docs/rules.md: Muon).
 """
 
 from __future__ import annotations
