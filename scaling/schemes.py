@@ -81,12 +81,6 @@ SCHEMES: dict[str, Scheme] = {s.name: s for s in (
 # fmt: on
 
 
-def scheme_named(name: str) -> Scheme:
-    if name not in SCHEMES:
-        raise ValueError(f"param.name={name!r}: expected one of {list(SCHEMES)}")
-    return SCHEMES[name]
-
-
 def label(name: str) -> str:
     """How reports print a scheme named in a result file (an unknown name as itself)."""
     return SCHEMES[name].label if name in SCHEMES else name

@@ -35,9 +35,9 @@ def shape_id(config: dict) -> str:
 
 
 def probes(optim: dict) -> str | None:
-    """A MeZO config's probe scaling ('matched'; 'D=matched,U=isotropic' where probe and update
-    differ), None for every other optimizer."""
-    if optim["name"] != "mezo":
+    """The probe scaling of an optimizer that has one, MeZO's ('matched'; 'D=matched,U=isotropic'
+    where probe and update differ); None for an optimizer without those fields."""
+    if not all(field in optim for field in PROBE_FIELDS):
         return None
     probe, update = (optim[field] for field in PROBE_FIELDS)
     return probe if probe == update else f"D={probe},U={update}"
