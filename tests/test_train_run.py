@@ -14,6 +14,7 @@ from pathlib import Path
 
 import chex
 import jax
+import numpy as np
 import pytest
 from conftest import TINY_RUN
 
@@ -272,3 +273,35 @@ def test_hydra_multirun_trains_every_point(tiny_run, tmp_path, monkeypatch):
     assert all(r["steps"] == 12 and r["diverged"] is False for r in results)
     groups = {r["config"]["logging"]["group"] for r in results}
     assert len(groups) == 1 and groups.pop().startswith("sweep-")
+
+
+def test_a_checkpoint_without_a_newer_state_field_resumes_with_it_fresh(tmp_path):
+    """A checkpoint written before the train state had some leaf (here: the clip sums, and
+    MeZO's state as a plain dict) restores into today's template: the saved leaves as saved,
+    the missing ones from the template; a leaf the state does not have is an error."""
+    from scaling.steps.state import TrainState
+    from scaling.steps.zeroth_order import ZOState
+    from scaling.training.checkpoint import Checkpointer
+
+    opt_state = {"count": np.int32(7), "g": np.ones(2, np.float32)}
+    old = {"params": {"w": np.arange(3, dtype=np.float32)}, "opt_state": opt_state,
+           "lr": np.float32(0.1), "loss_sum": np.float32(2.5), "loss_count": np.int32(3)}
+    checkpointer = Checkpointer(tmp_path / "checkpoints")
+    checkpointer.save(6, old, {"wall_seconds": 1.0})
+    checkpointer.close()
+    template = TrainState.start({"w": np.zeros(3, np.float32)},
+                                ZOState(np.int32(0), {}, np.float32(-1), np.zeros(2, np.float32),
+                                        np.float32(0)), 0.0)
+    checkpointer = Checkpointer(tmp_path / "checkpoints")
+    try:
+        step, restored, meta = checkpointer.restore_latest(template.as_dict())
+        with pytest.raises(ValueError, match="not in the train state"):
+            checkpointer.restore_latest({"params": {"w": np.zeros(3, np.float32)}})
+    finally:
+        checkpointer.close()
+    state = TrainState.from_dict(restored)
+    assert (step, meta) == (6, {"wall_seconds": 1.0})
+    np.testing.assert_array_equal(state.params["w"], [0, 1, 2])
+    assert (int(state.opt_state.count), float(state.loss_sum), int(state.loss_count)) == (7, 2.5, 3)
+    assert float(state.opt_state.curvature_sum) == -1  # not in the checkpoint: the template's
+    assert float(state.clipped_sum) == 0 and float(state.clip_scale_sum) == 0
