@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from models.tagged import ParamSpec, leaf_at
+from scaling.steps.state import over_runs
 
 ITERATIONS = 8  # per call; the warm start carries the convergence across calls
 
@@ -94,7 +95,8 @@ class SpectralLog:
         self.specs, self.runs = specs, runs
         vectors = init_vectors(jax.tree.map(lambda x: x[0], params), specs, seed)
         self.vectors, self.calls = jax.tree.map(lambda v: jnp.stack([v] * runs), vectors), 0
-        self._call = jax.jit(jax.vmap(lambda p, v: top_singular_values(p, specs, v)))
+        self._call = jax.jit(over_runs(lambda p, v: top_singular_values(p, specs, v), runs,
+                                       (0, 0)))
 
     def __call__(self, params) -> list[dict[str, float]]:
         """Per run: matrix name (sigma_names) -> σ_max estimate."""

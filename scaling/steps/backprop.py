@@ -15,7 +15,7 @@ from optim import OptimizerConfig
 from optim.build import clip_thresholds
 from scaling.parametrization import Parametrization, build_optimizer
 from scaling.steps.loss import next_token_loss_and_stats
-from scaling.steps.state import TrainState
+from scaling.steps.state import TrainState, over_runs
 
 # lr -> the optimizer at that base LR; built inside the traced step, so lr may be a tracer
 OptimizerAt = Callable[[jax.Array | float], optax.GradientTransformation]
@@ -124,18 +124,14 @@ def make_train_step(graphdef, tx_at: OptimizerAt, measure: Measure, runs: int | 
             measured |= stats | update_ratios(updates, params, measure.labels)
         return new_state, measured
 
-    if runs is not None:
-        train_step = jax.vmap(train_step, in_axes=(0, None, None))
-    return jax.jit(train_step, donate_argnums=0)
+    return jax.jit(over_runs(train_step, runs, (0, None, None)), donate_argnums=0)
 
 
 def make_forward_stats(graphdef, runs: int | None = None):
     """(params, inputs_BxT) -> the model's forward stats, by one more forward pass: the
     indicators of a step that takes no gradient (MeZO)."""
     stats = lambda params, inputs_BxT: nnx.merge(graphdef, params).forward(inputs_BxT)[1]
-    if runs is not None:
-        stats = jax.vmap(stats, in_axes=(0, None))
-    return jax.jit(stats)
+    return jax.jit(over_runs(stats, runs, (0, None)))
 
 
 class BackpropStep:

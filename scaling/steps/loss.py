@@ -10,6 +10,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from scaling.steps.state import over_runs
+
 
 def next_token_loss(graphdef, params, inputs_BxT, targets_BxT) -> jax.Array:
     return next_token_loss_and_stats(graphdef, params, inputs_BxT, targets_BxT)[0]
@@ -25,8 +27,8 @@ def next_token_loss_and_stats(graphdef, params, inputs_BxT, targets_BxT):
 
 def make_eval(graphdef, batches, runs: int):
     """params of `runs` runs stacked on a leading axis -> one validation loss per run."""
-    loss_fn = jax.jit(jax.vmap(lambda p, x, y: next_token_loss(graphdef, p, x, y),
-                               in_axes=(0, None, None)))
+    loss_fn = jax.jit(over_runs(lambda p, x, y: next_token_loss(graphdef, p, x, y), runs,
+                                (0, None, None)))
     return lambda params: np.mean([np.asarray(loss_fn(params, x, y)) for x, y in batches],
                                   axis=0).tolist()
 

@@ -4,6 +4,7 @@ running sums of the steps since the last log (so a resumed window averages the s
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -65,3 +66,25 @@ class TrainState:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainState:
         return cls(**values)
+
+
+def over_runs(fn, runs: int | None, in_axes: tuple[int | None, ...]):
+    """`fn` of one run, over `runs` runs stacked on a leading axis of the arguments `in_axes`
+    marks 0 (the others shared); every output stacked. None: `fn` itself, on one unstacked run.
+
+    A stack of one is unstacked and restacked (free reshapes) rather than vmapped: under vmap a
+    scan over stacked layers takes its weights with the run axis moved behind the layer axis,
+    a copy of every stacked weight (measured on MeZO's estimate: its temporaries grew by a
+    layer's weights per layer)."""
+    if runs is None:
+        return fn
+    if runs > 1:
+        return jax.vmap(fn, in_axes=in_axes)
+
+    @functools.wraps(fn)  # the program keeps its name (logs, compilation cache)
+    def one_run(*args):
+        args = [arg if axis is None else jax.tree.map(lambda x: x[0], arg)
+                for arg, axis in zip(args, in_axes, strict=True)]
+        return jax.tree.map(lambda x: x[None], fn(*args))
+
+    return one_run

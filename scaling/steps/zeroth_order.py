@@ -38,7 +38,7 @@ from optim.objectives import OBJECTIVES
 from optim.schedules import relative_schedule
 from scaling.parametrization import Parametrization, group_label
 from scaling.steps.backprop import make_forward_stats
-from scaling.steps.state import TrainState
+from scaling.steps.state import TrainState, over_runs
 
 
 def is_stacked(spec: ParamSpec) -> bool:
@@ -195,17 +195,11 @@ def _update_fn(setup: ZOSetup, shardings=None):
 def make_update(setup: ZOSetup, runs: int | None = None, shardings=None):
     """The compiled update (params donated), vmapped over `runs` stacked runs (None: one);
     `shardings` (a tree like the parameters) keeps them where a device mesh placed them."""
-    update = _update_fn(setup, shardings)
-    if runs is not None:
-        update = jax.vmap(update)
-    return jax.jit(update, donate_argnums=0)
+    return jax.jit(over_runs(_update_fn(setup, shardings), runs, (0,) * 5), donate_argnums=0)
 
 
 def make_estimate(graphdef, setup: ZOSetup, runs: int | None = None):
-    estimate = _estimate_fn(graphdef, setup)
-    if runs is not None:
-        estimate = jax.vmap(estimate, in_axes=(0, 0, 0, None, None))
-    return jax.jit(estimate)
+    return jax.jit(over_runs(_estimate_fn(graphdef, setup), runs, (0, 0, 0, None, None)))
 
 
 def make_zo_step(graphdef, setup: ZOSetup, runs: int | None = None, shardings=None):
