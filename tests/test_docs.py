@@ -14,7 +14,7 @@ from conftest import REPO
 DOCS = [REPO / "README.md", REPO / "docs" / "commands.md"]
 # what an example calls that the suite covers elsewhere and that costs minutes or a sweep
 NOT_RUN = ("train(", "train_lrs(", "load_results(")
-FENCE = re.compile(r"```python\n(.*?)```", re.S)
+FENCE = re.compile(r"```python\n(.*?)```", re.DOTALL)
 NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
 
