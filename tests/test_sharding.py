@@ -128,6 +128,19 @@ def test_parameters_and_optimizer_state_are_sharded_as_configured():
     assert state.lr.sharding.mesh.shape == layout.mesh.shape
 
 
+def test_parameters_are_created_where_the_mesh_keeps_them():
+    """model_on_mesh initializes the parameters in one compiled program whose outputs are laid
+    out by the mesh, each device creating only its own shards, with the very values a run
+    without a mesh starts from (JAX's partitionable random numbers)."""
+    sharded, single = model_on_mesh(_config("adamw", MESH_4x2), 256), model_on_mesh(
+        _config("adamw", ()), 256)
+    wq = sharded.params["blocks"]["wq"]
+    assert wq.sharding.spec == P(None, "fsdp", "tensor")
+    assert wq.addressable_shards[0].data.shape == (1, 64 // 4, 64 // 2)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 sharded.params, single.params)
+
+
 def test_layout_rules_keep_an_axis_whole_when_it_cannot_split():
     mesh = jax.make_mesh((2, 4, 1), ("data", "fsdp", "tensor"),
                          axis_types=(jax.sharding.AxisType.Auto,) * 3)
