@@ -177,17 +177,53 @@ def train_step_mfu(out: Path, opts) -> dict:
                     + (f" (batch {tried[:-1]} ran out of memory)" if len(tried) > 1 else "")}
 
 
+SHARDING_TINY_MODEL = ["model.width=32", "model.depth=1", "train.batch_size=8",
+                       "train.seq_len=16"]
+
+
 def sharding(out: Path, opts) -> dict:
     """The train step on a mesh of every device (one GPU: the mesh machinery's own cost) and
     Muon's update with stacked matrices against compiler-split Newton–Schulz."""
     sizes = (["--repeats", "1", "--steps", "1", "--widths", "32", "--meshes", "single", "fsdp",
-              "--", "model.width=32", "model.depth=1", "train.batch_size=8", "train.seq_len=16"]
+              "--", *SHARDING_TINY_MODEL]
              if opts.tiny else ["--repeats", "5", "--steps", "10", "--widths", "1024"])
     r = call_main("sharding", ["--out", str(out), *sizes])
     fsdp, muon = r["train_step"]["fsdp"], next(iter(r["muon_update"].values()))
     return {"fsdp_ratio": fsdp["ratio"], "stack_ratio": muon["stack"]["ratio"],
             "line": f"{r['devices']} device(s): mesh=fsdp step {fsdp['ratio']:.2f}× no mesh "
                     f"({fsdp['ms']:.1f} ms); Muon stack {muon['stack']['ratio']:.2f}× compiler"}
+
+
+def attention(out: Path, opts) -> dict:
+    """Causal attention through jax.nn.dot_product_attention at the MFU run's shape in bf16:
+    cuDNN's fused kernel against XLA's, forward and forward + backward, and how far their
+    outputs differ. Where cuDNN's is not available it records why and times XLA's alone; on CPU
+    (tiny) it is not tried."""
+    mfu = dict(zip(MFU_SHAPE[::2], MFU_SHAPE[1::2]))
+    sizes = (["--batch-size", "2", "--seq-len", "16", "--width", "64", "--repeats", "1",
+              "--calls", "1"] if opts.tiny else
+             ["--batch-size", str(opts.mfu_batch_size), "--seq-len", mfu["--seq-len"],
+              "--width", mfu["--width"], "--repeats", "5", "--calls", "10"])
+    r = call_main("attention", [*sizes, "--dtype", "bfloat16", "--out", str(out)])
+    rows, c = r["implementations"], r["config"]
+    shape = f"{c['batch_size']}×{c['seq_len']}×{c['heads']}×{c['head_dim']} {c['dtype']}"
+    headline = {"cudnn": r["cudnn"],
+                **{f"{name}_ms": {impl: row[f"{name}_ms"] for impl, row in rows.items()}
+                   for name in ("forward", "forward_backward")},
+                "max_rel_diff": r["cudnn_vs_xla"] and r["cudnn_vs_xla"]["output"],
+                "speedup": r["speedup"]}
+    x = rows["xla"]
+    if r["cudnn"] != "ok":
+        line = (f"{shape}: xla forward {x['forward_ms']:.2f} ms, forward+backward "
+                f"{x['forward_backward_ms']:.2f} ms; {r['cudnn'][:300]}")
+    else:
+        d, cu = r["cudnn_vs_xla"], rows["cudnn"]
+        line = (f"{shape}: cudnn vs xla forward {cu['forward_ms']:.2f} vs {x['forward_ms']:.2f} "
+                f"ms (xla/cudnn {r['speedup']['forward']:.2f}×), forward+backward "
+                f"{cu['forward_backward_ms']:.2f} vs {x['forward_backward_ms']:.2f} ms "
+                f"(xla/cudnn {r['speedup']['forward_backward']:.2f}×); max |Δ out|/RMS "
+                f"{d['output']:.1e} (xla vs float32 {x['vs_float32']['output']:.1e})")
+    return {**headline, "line": line}
 
 
 # Limits on the GPU add up to gpu.sh's budget less its margin, so each gets its own in full.
@@ -198,11 +234,12 @@ MEASUREMENTS = (
     Measurement("ns_kernels", 55, ns_kernels),
     Measurement("muon_step_w1024", 35, muon_step(1024)),
     Measurement("muon_step_w4096", 60, muon_step(4096)),
-    Measurement("vectorize_lr", 55, vectorize_lr),
+    Measurement("vectorize_lr", 50, vectorize_lr),
     Measurement("train_step_default", 35, train_step_vs_reference(128, 4)),
     Measurement("train_step_w512_d8", 35, train_step_vs_reference(512, 8)),
-    Measurement("train_step_mfu", 115, train_step_mfu),
+    Measurement("train_step_mfu", 105, train_step_mfu),
     Measurement("sharding", 25, sharding),
+    Measurement("attention", 20, attention),  # last: a crash inside cuDNN loses only itself
 )
 NAMES = tuple(m.name for m in MEASUREMENTS)
 

@@ -2,10 +2,10 @@
 
     python benchmarks/indicators_overhead.py --out indicators_overhead.json
 
-Three programs of `scaling.training.step.make_train_step` on the Transformer of `build_model`
-(default shape: width 128, depth 4, batch 32 × 128, μP, AdamW at its defaults), in one process:
+Three train steps on the Transformer of `build_model` (default shape: width 128, depth 4, batch
+32 × 128, μP, AdamW at its defaults), in one process:
 
-- plain: no `measure`, the step as it was before any measuring;
+- plain: the gradient and the optimizer's update, measuring nothing (written here, the peer);
 - clipping: `Measure(indicators=False)`, the gradient's global norm and the clip factor only
   (`logging.indicators=false`);
 - indicators: `Measure(indicators=True)`, the default: also the forward stats (attention Z,
@@ -26,6 +26,7 @@ equal (`same_params`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import statistics
 import sys
@@ -35,18 +36,34 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from models.config import ModelConfig
 from optim import AdamWConfig
 from scaling.config import LoggingConfig, ParamConfig
+from scaling.files import write_json_atomic
 from scaling.parametrization import build_model
 from scaling.spectral import SpectralLog
-from scaling.training.files import write_json_atomic
-from scaling.training.step import Measure, init_train_state, make_train_step, optimizer_at
+from scaling.steps.backprop import Measure, init_train_state, make_train_step, optimizer_at
+from scaling.steps.loss import next_token_loss
 
 VOCAB = 256  # bytes
 PROGRAMS = ("plain", "clipping", "indicators")
+
+
+def plain_step(graphdef, tx_at):
+    """The train step without any measuring: the gradient, the update, the loss sum."""
+
+    def step(state, inputs_BxT, targets_BxT):
+        loss, grads = jax.value_and_grad(
+            lambda p: next_token_loss(graphdef, p, inputs_BxT, targets_BxT))(state.params)
+        updates, opt_state = tx_at(state.lr).update(grads, state.opt_state, state.params)
+        return dataclasses.replace(state, params=optax.apply_updates(state.params, updates),
+                                   opt_state=opt_state, loss_sum=state.loss_sum + loss,
+                                   loss_count=state.loss_count + 1)
+
+    return jax.jit(step, donate_argnums=0)
 
 
 def build(args):
@@ -56,15 +73,16 @@ def build(args):
     params = params.to_pure_dict()
     cfg = AdamWConfig()
     tx = optimizer_at(cfg, parametrization, total_steps=1000)
-    measures = {"plain": None,
-                "clipping": Measure(parametrization.labels(), cfg.clip_norm, indicators=False),
-                "indicators": Measure(parametrization.labels(), cfg.clip_norm)}
-    steps = {name: make_train_step(graphdef, tx, measure=m) for name, m in measures.items()}
-    states = {name: init_train_state(jax.tree.map(jnp.copy, params), tx, cfg.lr, m is not None)
-              for name, m in measures.items()}
+    steps = {"plain": plain_step(graphdef, tx),
+             **{name: make_train_step(graphdef, tx, Measure(parametrization.labels(),
+                                                            cfg.clip_norm, indicators=on))
+                for name, on in (("clipping", False), ("indicators", True))}}
+    states = {name: init_train_state(jax.tree.map(jnp.copy, params), tx, cfg.lr)
+              for name in PROGRAMS}
     tokens = jax.random.randint(jax.random.key(0), (args.batch_size, args.seq_len + 1), 0, VOCAB)
-    return steps, states, (tokens[:, :-1], tokens[:, 1:]), SpectralLog(params,
-                                                                        parametrization.specs)
+    stacked = jax.tree.map(lambda x: x[None], params)  # the log takes runs stacked
+    return steps, states, (tokens[:, :-1], tokens[:, 1:]), SpectralLog(
+        stacked, parametrization.specs, runs=1)
 
 
 def run(step, state, batch, n: int):
@@ -98,7 +116,7 @@ def main() -> None:
             states[name], _ = run(steps[name], states[name], batch, args.steps_per_repeat)
             times["wall"][name].append((time.perf_counter() - wall) / args.steps_per_repeat)
             times["cpu"][name].append((time.process_time() - cpu) / args.steps_per_repeat)
-    params = states["indicators"]["params"]
+    params = jax.tree.map(lambda x: x[None], states["indicators"].params)
     spectral(params)  # compiles; its first call also converges the random start vectors
     spectral_s = []
     for _ in range(args.repeats):
@@ -106,8 +124,8 @@ def main() -> None:
         spectral(params)
         spectral_s.append(time.perf_counter() - started)
     same_params = all(
-        all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(states["plain"]["params"]),
-                                                 jax.tree.leaves(states[name]["params"]),
+        all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(states["plain"].params),
+                                                 jax.tree.leaves(states[name].params),
                                                  strict=True))
         for name in PROGRAMS[1:])
     ratio = {clock: {name: statistics.median(t / p for t, p in zip(

@@ -4,12 +4,13 @@ programs.
     python benchmarks/mezo_memory.py --out mezo_memory.json      # width 512, depths 2–32
     python benchmarks/mezo_memory.py --depths 8 --scan-unroll true --device-peak   # on a GPU
 
-Programs, all on the default Transformer of `build_model` (μP, 256-byte vocabulary):
-forward = the eval loss (`next_token_loss`, what `make_eval` jits); MeZO = `make_estimate` (the
-two perturbed forwards, stacked weights perturbed layer by layer inside the scan) and
-`make_update` (parameters donated, updated one layer at a time); AdamW = `make_train_step` with
+Programs, all on the default Transformer of `build_model` (μP, 256-byte vocabulary), as the
+training loop runs them, on one run stacked on a leading axis: forward = the eval loss
+(`next_token_loss`, vmapped as `make_eval` does); MeZO = `make_estimate` (the two perturbed
+forwards, stacked weights perturbed layer by layer inside the scan) and `make_update`
+(parameters donated, updated one layer at a time); AdamW = `make_train_step` with
 `optimizer_at` (the framework's backprop step, state donated); naive MeZO = θ ± εz built for the
-whole tree first, then the forward: the textbook way, for contrast.
+whole tree first, then the forward: the textbook way, for contrast (one unstacked run).
 
 Each program is lowered on abstract arguments and compiled; `memory_analysis()` gives its
 bytes. A program's peak is the backend's reported peak where that covers the temporaries, else
@@ -40,10 +41,12 @@ from optim import AdamWConfig
 from optim.config import MeZOConfig
 from optim.mezo import perturb, probe_key, projected_gradient, step_key
 from scaling.config import ParamConfig
+from scaling.files import write_json_atomic
 from scaling.parametrization import build_model, make_parametrization
-from scaling.training.files import write_json_atomic
-from scaling.training.step import init_train_state, make_train_step, next_token_loss, optimizer_at
-from scaling.training.zo_step import init_zo_state, make_estimate, make_update, zo_setup
+from scaling.steps.backprop import Measure, init_train_state, make_train_step, optimizer_at
+from scaling.steps.loss import next_token_loss
+from scaling.steps.state import TrainState
+from scaling.steps.zeroth_order import init_zo_state, make_estimate, make_update, zo_setup
 
 VOCAB = 256  # bytes
 TOTAL_STEPS = 1000  # the schedules' horizon; it sets only the LR each step reads
@@ -59,10 +62,10 @@ def naive_estimate(graphdef, setup, signs=(1, -1)):
     eps = setup.cfg.eps
 
     def estimate(params, opt_state, inputs_BxT, targets_BxT):
-        key = probe_key(step_key(setup.seed, opt_state["count"]), 0)
+        key = probe_key(step_key(setup.seed, opt_state.count), 0)
 
         def loss_at(scale):
-            perturbed = perturb(params, setup.plan, opt_state["thresholds"], key, scale)
+            perturbed = perturb(params, setup.plan, opt_state.thresholds, key, scale)
             return next_token_loss(graphdef, perturbed, inputs_BxT, targets_BxT)
 
         losses = [loss_at(sign * eps) for sign in signs]
@@ -84,20 +87,25 @@ def lowerables(cfg: ModelConfig, seq_len: int, batch_size: int) -> dict:
     tokens_BxT = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
     setup = zo_setup(MeZOConfig(), par, total_steps=TOTAL_STEPS, seed=0)
     tx = optimizer_at(AdamWConfig(), par, total_steps=TOTAL_STEPS)
-    zo = jax.eval_shape(lambda p: init_zo_state(p, setup, 1e-3), params)
-    adamw = jax.eval_shape(lambda p: init_train_state(p, tx, 1e-3), params)
-    o = zo["opt_state"]
-    forward = jax.jit(lambda p, x, y: next_token_loss(graphdef, p, x, y))
+    one = jax.eval_shape(lambda p: init_zo_state(p, setup, 1e-3), params)
+    zo = jax.eval_shape(lambda p: TrainState.stack([init_zo_state(p, setup, 1e-3)]), params)
+    adamw = jax.eval_shape(lambda p: TrainState.stack([init_train_state(p, tx, 1e-3)]), params)
+    o = zo.opt_state
+    forward = jax.jit(jax.vmap(lambda p, x, y: next_token_loss(graphdef, p, x, y),
+                               in_axes=(0, None, None)))
+    measure = Measure(par.labels(), AdamWConfig().clip_norm)
     return {
-        "forward": (forward, (params, tokens_BxT, tokens_BxT)),
-        "mezo_estimate": (make_estimate(graphdef, setup),
-                          (zo["params"], o, zo["lr"], tokens_BxT, tokens_BxT)),
-        "mezo_update": (make_update(setup),
-                        (zo["params"], o["count"], o["thresholds"], o["g"], o["lr_used"])),
-        "adamw": (make_train_step(graphdef, tx), (adamw, tokens_BxT, tokens_BxT)),
-        "naive_mezo": (naive_estimate(graphdef, setup), (zo["params"], o, tokens_BxT, tokens_BxT)),
+        "forward": (forward, (zo.params, tokens_BxT, tokens_BxT)),
+        "mezo_estimate": (make_estimate(graphdef, setup, runs=1),
+                          (zo.params, o, zo.lr, tokens_BxT, tokens_BxT)),
+        "mezo_update": (make_update(setup, runs=1),
+                        (zo.params, o.count, o.thresholds, o.g, o.lr_used)),
+        "adamw": (make_train_step(graphdef, tx, measure, runs=1),
+                  (adamw, tokens_BxT, tokens_BxT)),
+        "naive_mezo": (naive_estimate(graphdef, setup),
+                       (one.params, one.opt_state, tokens_BxT, tokens_BxT)),
         "naive_forward": (naive_estimate(graphdef, setup, signs=(1,)),
-                          (zo["params"], o, tokens_BxT, tokens_BxT)),
+                          (one.params, one.opt_state, tokens_BxT, tokens_BxT)),
     }
 
 
@@ -131,7 +139,7 @@ def measure_shape(cfg: ModelConfig, seq_len: int, batch_size: int,
         compile_s[name] = time.perf_counter() - started
         memory[name] = program_memory(compiled[name])
     memory, source = with_peaks(memory)
-    params = todo["forward"][1][0]
+    params = todo["naive_forward"][1][0]  # one run's parameters
     row = {"scan_unroll": unroll_name(cfg.scan_unroll), "depth": cfg.depth, "width": cfg.width,
            "param_bytes": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)),
            "layer_param_bytes": layer_param_bytes(cfg), "peak_source": source,
@@ -172,21 +180,21 @@ def device_peak(cfg: ModelConfig, seq_len: int, batch_size: int, compiled: dict,
     del model
     setup = zo_setup(MeZOConfig(), par, total_steps=TOTAL_STEPS, seed=0)
     tokens_BxT = jnp.zeros((batch_size, seq_len), jnp.int32)
-    zo = init_zo_state(params, setup, 1e-3)
-    del params  # zo["params"] is the same tree (float32 already)
-    o = jax.block_until_ready(zo["opt_state"])
+    zo = TrainState.stack([init_zo_state(params, setup, 1e-3)])
+    del params  # zo.params holds them, stacked
+    params, o, lr = zo.params, jax.block_until_ready(zo.opt_state), zo.lr
+    del zo
     peak_before = reading("peak_bytes_in_use")
     bytes_ = {"in_use_before": reading("bytes_in_use")}
-    jax.block_until_ready(compiled["forward"](zo["params"], tokens_BxT, tokens_BxT))
+    jax.block_until_ready(compiled["forward"](params, tokens_BxT, tokens_BxT))
     bytes_["forward"] = reading("peak_bytes_in_use")
-    gs, lr_used, _, _ = compiled["mezo_estimate"](zo["params"], o, zo["lr"], tokens_BxT,
-                                                  tokens_BxT)
-    params = compiled["mezo_update"](zo.pop("params"), o["count"], o["thresholds"], gs, lr_used)
+    gs, lr_used, *_ = compiled["mezo_estimate"](params, o, lr, tokens_BxT, tokens_BxT)
+    params = compiled["mezo_update"](params, o.count, o.thresholds, gs, lr_used)
     jax.block_until_ready(params)
     bytes_["mezo"] = reading("peak_bytes_in_use")
-    del zo, o
+    del o
     tx = optimizer_at(AdamWConfig(), par, total_steps=TOTAL_STEPS)
-    state = init_train_state(params, tx, 1e-3)
+    state = TrainState.stack([init_train_state(jax.tree.map(lambda x: x[0], params), tx, 1e-3)])
     del params
     jax.block_until_ready(compiled["adamw"](state, tokens_BxT, tokens_BxT))
     bytes_["adamw"] = reading("peak_bytes_in_use")

@@ -19,7 +19,7 @@ the median over repeats of (row / optax) in the same repeat. The programs run in
 (A, B, A, B, ...) because the machine is shared. The orthogonality error is max_i |σ_i(O) − 1| of
 the row's orthogonalization on U diag(σ) Vᵀ inputs of the benchmark's shapes (D × D, D × 4D),
 σ log-spaced over [0.1, 1] and over [1e-3, 1], the worse of the two shapes. The train step is
-one jitted forward + backward + update of `scaling.training.step.make_train_step` on a batch of random
+one jitted forward + backward + update of `scaling.steps.backprop.make_train_step` on a batch of random
 bytes, for the peer and for our default; opt/train is the optimizer step's share of it.
 """
 
@@ -45,13 +45,13 @@ from flax import nnx
 from optax.contrib._muon import orthogonalize_via_newton_schulz  # not re-exported by contrib
 
 from models import label_tree
-from optim import MATRIX_ROLES, MuonConfig
-from optim.build import ns_compute_dtype
+from optim import MuonConfig
 from optim.orthogonalize import JORDAN, orthogonalize
+from optim.role_transforms import ns_compute_dtype
 from scaling.config import ModelConfig, ParamConfig
+from scaling.files import write_json_atomic
 from scaling.parametrization import build_model, build_optimizer
-from scaling.training.files import write_json_atomic
-from scaling.training.step import init_train_state, make_train_step, optimizer_at
+from scaling.steps.backprop import Measure, init_train_state, make_train_step, optimizer_at
 
 VOCAB = 256  # bytes
 SPECTRA = (0.1, 1e-3)  # smallest singular value of the orthogonality-error inputs
@@ -79,7 +79,7 @@ def optax_muon(cfg: MuonConfig, labels, lr: float) -> optax.GradientTransformati
     """The peer, configured like our row `same`: hidden by role → Muon with the stack axis as a
     batch axis (every axis but the last two), everything else → its AdamW."""
     dims = jax.tree.map(lambda role: optax.contrib.MuonDimensionNumbers(
-        reduction_axis=-2, output_axis=-1) if role in MATRIX_ROLES else None, labels)
+        reduction_axis=-2, output_axis=-1) if role in cfg.matrix_roles else None, labels)
     return optax.contrib.muon(
         learning_rate=lr, ns_coeffs=JORDAN, ns_steps=5, beta=cfg.momentum, eps=cfg.eps,
         nesterov=cfg.nesterov, adam_b1=cfg.b1, adam_b2=cfg.b2,
@@ -191,9 +191,11 @@ def bench_width(width: int, args, row_names: list[str]) -> list[dict]:
             continue
         tx = ((lambda lr: optax_muon(base, labels, lr)) if configs[name] is None
               else optimizer_at(configs[name], parametrization, total_steps=args.repeats + 1))
+        # both measure the same (the gradient norm; nothing is clipped) and carry the state
+        step = make_train_step(graphdef, tx, Measure(parametrization.labels(), 0.0, False))
         programs[f"train:{name}"] = compile_program(
-            make_train_step(graphdef, tx), init_train_state(copy(params), tx, base.lr),
-            inputs_BxT, targets_BxT)
+            jax.jit(lambda state, x, y, step=step: step(state, x, y)[0], donate_argnums=0),
+            init_train_state(copy(params), tx, base.lr), inputs_BxT, targets_BxT)
         progress(f"width {width}: train:{name} compiled and warmed up")
     for repeat in range(args.repeats):
         for program in programs.values():

@@ -42,7 +42,7 @@ from optim.kernels import KERNELS, pallas_newton_schulz
 from optim.kernels.compat import platform
 from optim.kernels.ns_math import NORMALIZATIONS
 from optim.orthogonalize import PRESET_NAMES, newton_schulz, preset
-from scaling.training.files import write_json_atomic
+from scaling.files import write_json_atomic
 
 EPS = 1e-7
 SVD_MAX_ELEMENTS = 4096 * 4096  # larger matrices skip the orthogonality error

@@ -40,7 +40,8 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--widths", type=int, nargs="+", default=[128, 512],
                         help="model widths of the Muon rows")
     parser.add_argument("--out", type=Path, help="JSON of the results")
-    parser.add_argument("overrides", nargs="*", help="scaling-train overrides of the model")
+    parser.add_argument("overrides", nargs="*",
+                        help="scaling-train overrides of the model (key=value; see run_config)")
     return parser.parse_args()
 
 
@@ -53,36 +54,97 @@ import jax
 import numpy as np
 import optax
 
-from experiments.compose import compose, to_run_config
+from scaling.config import RunConfig, from_dict
+from scaling.files import write_json_atomic
 from scaling.sharding import place
+from scaling.steps import make_step
+from scaling.steps.backprop import optimizer_at
 from scaling.training import data
-from scaling.training.files import write_json_atomic
-from scaling.training.loop import _init_state, _optimizer_setup, model_on_mesh
-from scaling.training.step import make_train_step
+from scaling.training.loop import model_on_mesh
 
 VOCAB = 256
 
 
-def train_program(overrides: list[str]):
-    """(step, state, batch) of the run `overrides` describe, placed on its mesh."""
-    cfg = to_run_config(compose(overrides))
-    _, graphdef, params, parametrization, layout = model_on_mesh(cfg, VOCAB)
-    setup = _optimizer_setup(cfg, parametrization, layout)
-    state = _init_state(cfg, setup, params, cfg.optim.lr)
-    shardings = None if layout is None else layout.state(state, parametrization.specs)
-    step = make_train_step(graphdef, setup, 1, None, shardings)
+# `mesh=<option>`: scaling-train's configs/mesh/<option>.yaml, over RunConfig's MeshConfig
+MESHES = {"single": {}, "data": {"data": -1}, "fsdp": {"fsdp": -1},
+          "fsdp_tp": {"fsdp": -1, "tensor": 2}}
+
+
+def _value(text: str):
+    """An override's value as YAML would read it: null, true/false, a number, else the text."""
+    lowered = text.strip().lower()
+    if lowered in ("null", "none", "~"):
+        return None
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def run_config(overrides: list[str]) -> RunConfig:
+    """The run `overrides` describe, from the library's dataclasses (no Hydra: the GPU image
+    has none): scaling-train's defaults (RunConfig()), then the group choices `optim=<name>`
+    (that optimizer at its defaults) and `mesh=<option>` (MESHES), then field overrides
+    `group.field=value` (e.g. model.width=32, optim.ns_sharding=stack), in that order as
+    Hydra applies them. The same RunConfig scaling-train composes from these overrides
+    (tests/test_gpu_script.py checks)."""
+    values: dict = {}
+    fields = []
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        if not sep:
+            raise SystemExit(f"sharding.py: override {override!r}: expected key=value")
+        if key == "optim":
+            values["optim"] = {"name": text}
+        elif key == "mesh":
+            if text not in MESHES:
+                raise SystemExit(f"sharding.py: mesh={text}: expected one of {list(MESHES)}")
+            values["mesh"] = dict(MESHES[text])
+        elif "." in key:
+            fields.append((key.split("."), _value(text)))
+        else:
+            raise SystemExit(f"sharding.py: override {override!r}: expected optim=<name>, "
+                             f"mesh=<option> or <group>.<field>=<value>")
+    for path, value in fields:
+        node = values
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return from_dict(values)
+
+
+def train_program(cfg: RunConfig):
+    """(step, state, batch) of the run `cfg`, placed on its mesh: the training loop's backprop
+    step of one unstacked run, without the indicators (the gradient norm and clip factor it
+    always measures are discarded)."""
+    run = model_on_mesh(cfg, VOCAB)
+    layout, t = run.layout, cfg.train
+    stack = None if layout is None else layout.stack
+
+    def step_of(shardings=None):
+        return make_step(cfg.optim, run.parametrization, run.graphdef, total_steps=t.steps,
+                         indicators=False, shardings=shardings, stack=stack, seed=t.seed)
+
+    state = step_of().init_state(run.params, cfg.optim.lr)
+    shardings = None if layout is None else layout.state(state, run.parametrization.specs)
+    step = step_of(shardings)
     tokens = np.random.default_rng(0).integers(0, VOCAB, 1 << 16).astype(np.uint16)
-    batch = data.train_batch(tokens, 0, 0, cfg.train.batch_size, cfg.train.seq_len)
+    batch = data.train_batch(tokens, 0, 0, t.batch_size, t.seq_len)
     if layout is not None:
         state, batch = place(state, shardings), place(batch, (layout.batch,) * 2)
     return step, state, batch
 
 
-def muon_program(overrides: list[str]):
+def muon_program(cfg: RunConfig):
     """(update, state) of Muon's step alone: tx.update + apply on fixed random gradients."""
-    cfg = to_run_config(compose(["optim=muon", "optim.clip_norm=0", *overrides]))
-    _, _, params, parametrization, layout = model_on_mesh(cfg, VOCAB)
-    tx = _optimizer_setup(cfg, parametrization, layout)(cfg.optim.lr)
+    run = model_on_mesh(cfg, VOCAB)
+    params, parametrization, layout = run.params, run.parametrization, run.layout
+    tx = optimizer_at(cfg.optim, parametrization, total_steps=cfg.train.steps,
+                      stack=layout.stack)(cfg.optim.lr)
     state = {"params": params, "opt_state": tx.init(params)}
     grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(1), p.shape), params)
     shardings = layout.state(state, parametrization.specs)
@@ -97,6 +159,15 @@ def muon_program(overrides: list[str]):
             shardings)
 
     return update, state
+
+
+def train_overrides(model: list[str], mesh: str) -> list[str]:
+    return [*model, f"mesh={mesh}"]
+
+
+def muon_overrides(model: list[str], width: int, kind: str) -> list[str]:
+    return ["optim=muon", "optim.clip_norm=0", *model, f"model.width={width}", "mesh=fsdp",
+            f"optim.ns_sharding={kind}"]
 
 
 def _timed(run, state, steps: int):
@@ -129,13 +200,13 @@ def main() -> dict:
     print(f"devices: {jax.device_count()} × {jax.devices()[0].platform}", flush=True)
     steps = {}
     for mesh in args.meshes:
-        step, state, batch = train_program([*model, f"mesh={mesh}"])
-        steps[mesh] = (lambda s, step=step, batch=batch: step(s, *batch), state)
+        step, state, batch = train_program(run_config(train_overrides(model, mesh)))
+        steps[mesh] = (lambda s, step=step, batch=batch: step(s, *batch)[0], state)
     train = compare(steps, args.meshes[0], args.repeats, args.steps)
     muon = {}
     for width in args.widths:
-        rows = {kind: muon_program([*model, f"model.width={width}", "mesh=fsdp",
-                                    f"optim.ns_sharding={kind}"]) for kind in ("stack", "compiler")}
+        rows = {kind: muon_program(run_config(muon_overrides(model, width, kind)))
+                for kind in ("stack", "compiler")}
         muon[width] = compare(rows, "compiler", args.repeats, args.steps)
     print(f"\n| train step | ms | × {args.meshes[0]} |\n|---|---|---|")
     for name, row in train.items():

@@ -4,7 +4,7 @@
     python benchmarks/train_step.py --width 512 --depth 8 --scan-unroll true
     python benchmarks/train_step.py --compile-only --depth 32 --scan-unroll 1
 
-Framework: `scaling.training.step.make_train_step` on the Transformer of
+Framework: `scaling.steps.backprop.make_train_step` on the Transformer of
 `scaling.parametrization.build_model` (μP, base width 64, 256-byte vocabulary) with AdamW from
 `optimizer_at` (lr 1e-2, global-norm clipping at 1, cosine schedule with warmup).
 Reference: the same computation written the way a JAX user would without the framework: a dict
@@ -45,14 +45,10 @@ from peaks import nominal_peak
 from models.config import ModelConfig, compute_dtype
 from optim import AdamWConfig
 from scaling.config import ParamConfig
+from scaling.files import write_json_atomic
 from scaling.parametrization import build_model
-from scaling.training.files import write_json_atomic
-from scaling.training.step import (
-    flops_per_token,
-    init_train_state,
-    make_train_step,
-    optimizer_at,
-)
+from scaling.steps.backprop import Measure, init_train_state, make_train_step, optimizer_at
+from scaling.steps.loss import flops_per_token
 
 VOCAB = 256  # bytes
 TOTAL_STEPS = 1000  # the schedule's horizon; it only sets the LR each step reads
@@ -225,7 +221,7 @@ def build(args) -> Setup:
     graphdef, _ = nnx.split(model)
     opt_cfg = AdamWConfig(lr=args.lr, clip_norm=1.0, schedule="cosine")
     tx = optimizer_at(opt_cfg, parametrization, total_steps=TOTAL_STEPS)
-    mults = parametrization.optimizer_multipliers_for(opt_cfg)
+    mults = parametrization.optimizer_multipliers(opt_cfg)
     reference = Reference(
         head_dim=model_cfg.head_dim, rope_base=model_cfg.rope_base,
         attention_scale=parametrization.attention_scale,
@@ -238,7 +234,11 @@ def build(args) -> Setup:
     tokens_Bx1T = jax.random.randint(jax.random.key(1), (args.batch_size, args.seq_len + 1), 0,
                                      VOCAB)
     return Setup(model, parametrization.specs, nnx.state(model, nnx.Param).to_pure_dict(),
-                 make_train_step(graphdef, tx), tx, reference, tokens_Bx1T[:, :-1],
+                 # the loop's step with logging.indicators=false: it measures the gradient
+                 # norm and clip factor only, which the clipping computes anyway
+                 make_train_step(graphdef, tx, Measure.of(opt_cfg, parametrization,
+                                                          indicators=False)),
+                 tx, reference, tokens_Bx1T[:, :-1],
                  tokens_Bx1T[:, 1:])
 
 
@@ -267,15 +267,15 @@ def memory_gb(compiled) -> dict | None:
 
 
 class Side:
-    """A compiled step and the state it advances; the reference's step also returns the loss."""
+    """A compiled step and the state it advances; each step also returns what it measured (the
+    reference: the loss; the framework: the gradient norm and clip factor)."""
 
     def __init__(self, name: str, compiled, state):
         self.name, self.compiled, self.state = name, compiled, state
         self.times: list[float] = []
 
     def step(self, x, y):
-        out = self.compiled(self.state, x, y)
-        self.state = out[0] if self.name == "reference" else out
+        self.state, _ = self.compiled(self.state, x, y)
 
     def run(self, steps: int, x, y) -> float:
         started = time.perf_counter()
@@ -293,12 +293,12 @@ def check(s: Setup, compiled: dict, steps: int) -> dict:
     for _ in range(steps):
         ref_state, loss = compiled["reference"](ref_state, s.inputs_BxT, s.targets_BxT)
         ref_losses.append(float(loss))
-        before = float(fw_state["loss_sum"])  # the framework's state sums the losses
-        fw_state = compiled["framework"](fw_state, s.inputs_BxT, s.targets_BxT)
-        fw_losses.append(float(fw_state["loss_sum"]) - before)
+        before = float(fw_state.loss_sum)  # the framework's state sums the losses
+        fw_state, _ = compiled["framework"](fw_state, s.inputs_BxT, s.targets_BxT)
+        fw_losses.append(float(fw_state.loss_sum) - before)
     start = jax.tree.map(np.asarray, s.framework_params)
     ref_params = stacked(ref_state["params"])
-    fw_params = jax.tree.map(np.asarray, fw_state["params"])
+    fw_params = jax.tree.map(np.asarray, fw_state.params)
     max_abs = lambda a, b: float(np.max(np.abs(a - b)))
     diff = jax.tree.map(max_abs, fw_params, ref_params)
     moved = jax.tree.map(max_abs, ref_params, start)

@@ -24,7 +24,7 @@ from scaling.config import (
     RunConfig,
     TrainConfig,
 )
-from scaling.training.files import write_json_atomic
+from scaling.files import write_json_atomic
 from scaling.training.loop import train, train_lrs
 
 
