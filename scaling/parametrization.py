@@ -200,17 +200,16 @@ def make_parametrization(model_cfg: ModelConfig, param_cfg: ParamConfig,
 
 
 @functools.cache
-def _initializer(model_cfg: ModelConfig, vocab_size: int, init_stds: tuple):
-    """seed -> the parameters (a pure dict), unit draws scaled by `init_stds` ((path, std)
-    of every normal parameter); one function per model shape and stds, so jit compiles it
-    once for every seed."""
-    stds = dict(init_stds)
+def _initializer(model_cfg: ModelConfig, vocab_size: int, normal: tuple):
+    """(seed, stds) -> the parameters (a pure dict): unit draws scaled by stds[path] for each
+    path in `normal`. One function per model shape: jit compiles it once for every seed and
+    every parametrization of that shape (the stds are arguments, not constants)."""
 
-    def init(seed):
+    def init(seed, stds: dict):
         model = models.create(model_cfg, vocab_size, Runtime(), jax.random.key(seed))
         for path, param in iter_params(model):
-            if path in stds:
-                param[...] = param[...] * stds[path]
+            if path in normal:
+                param[...] = param[...] * stds["/".join(map(str, path))]
         return nnx.split(model)[1].to_pure_dict()
 
     return init
@@ -221,9 +220,10 @@ def init_params(model_cfg: ModelConfig, parametrization: Parametrization, vocab_
     """The parameters at `seed`, initialized inside one compiled program (every path that
     starts a model gets the same numbers); with `shardings` (a tree like the parameters) each
     is created where a device mesh keeps it, so no host ever holds the whole model."""
-    stds = tuple((path, parametrization.init_std(path))
-                 for path, spec in parametrization.specs.items() if spec.init == "normal")
-    return jax.jit(_initializer(model_cfg, vocab_size, stds), out_shardings=shardings)(seed)
+    normal = tuple(path for path, spec in parametrization.specs.items() if spec.init == "normal")
+    stds = {"/".join(map(str, path)): parametrization.init_std(path) for path in normal}
+    init = _initializer(model_cfg, vocab_size, normal)
+    return jax.jit(init, out_shardings=shardings)(seed, stds)
 
 
 def build_model(model_cfg: ModelConfig, param_cfg: ParamConfig, vocab_size: int, seed: int, *,
