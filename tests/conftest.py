@@ -28,20 +28,22 @@ REPO = Path(__file__).resolve().parents[1]
 JAX_CACHE = Path(os.environ.get("SCALING_TEST_JAX_CACHE", REPO / ".jax_cache"))
 os.environ["JAX_COMPILATION_CACHE_DIR"] = str(JAX_CACHE)
 jax.config.update("jax_compilation_cache_dir", str(JAX_CACHE))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+# every program, however quick to compile: the tests compile many small ones again and again
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
-# A run small enough to train in seconds on 2 CPU cores (Hydra override syntax).
+# A run small enough to train in seconds on 2 CPU cores (Hydra override syntax). Without the
+# stability indicators and the spectral log, which tests/test_indicators.py turns on: measured,
+# the indicators add 60% to a train step's compile time, and most tests compile several steps.
 TINY_RUN = [
     "model.width=64", "model.depth=2", "param.base_width=32", "train.steps=12",
     "train.batch_size=4", "train.seq_len=32", "train.eval_every=6", "train.eval_batches=2",
     "train.log_every=3", "train.checkpoint_every=6", "optim.warmup_steps=2", "logging.wandb_mode=disabled",
-    "logging.progress=false",
+    "logging.progress=false", "logging.indicators=false", "logging.spectral_every=0",
 ]
-# TINY_RUN cut to 3 steps with one evaluation and no indicators: for runs in fresh processes
-# (launchers, several hosts), whose start-up and compiles are most of their time.
+# TINY_RUN cut to 3 steps with one evaluation: for runs in fresh processes (launchers, several
+# hosts), whose start-up and compiles are most of their time.
 QUICK_JOB = [*TINY_RUN, "train.steps=3", "train.eval_every=3", "train.log_every=1",
-             "train.checkpoint_every=3", "train.eval_batches=1", "optim.warmup_steps=1",
-             "logging.spectral_every=0", "logging.indicators=false"]
+             "train.checkpoint_every=3", "train.eval_batches=1", "optim.warmup_steps=1"]
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -22,6 +22,7 @@ from scaling.config import RunConfig, lr_grid
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 README = REPO / "README.md"
+COMMANDS = REPO / "docs" / "commands.md"  # the full command reference the README links to
 GROUP_OPTIONS = sorted((folder.name, path.stem) for folder in CONFIGS.iterdir()
                        if folder.is_dir() for path in folder.glob("*.yaml"))
 SHELL_OPERATORS = {"|", "||", "&&", ";", "&", ">", ">>", "<", "2>", "2>&1"}
@@ -97,11 +98,15 @@ def readme_commands(text: str) -> list[tuple[list[str], str | None]]:
 
 
 def _readme_params():
+    """Every command of README.md and docs/commands.md, once each."""
     if not README.exists():
         missing = pytest.mark.skip(reason="README.md not written yet")
         return [pytest.param(None, None, marks=missing)]
-    return [pytest.param(args, error, id=" ".join(args) or "(no overrides)")
-            for args, error in readme_commands(README.read_text())]
+    commands = {}
+    for doc in (README, COMMANDS):
+        for args, error in readme_commands(doc.read_text()) if doc.exists() else []:
+            commands.setdefault(" ".join(args) or "(no overrides)", (args, error))
+    return [pytest.param(args, error, id=name) for name, (args, error) in commands.items()]
 
 
 def test_readme_command_parser(tmp_path):
@@ -142,8 +147,8 @@ def test_readme_documents_commands():
 
 @pytest.mark.parametrize(("command", "documented_error"), _readme_params())
 def test_readme_command_composes(command, documented_error):
-    """Every point of every README command validates (sweeps carry -m); a documented error is
-    the exact line the app prints."""
+    """Every documented command validates, a sweep (with -m) at every value of every key it
+    sweeps; a documented error is the exact line the app prints."""
     if documented_error is not None:
         with pytest.raises(ConfigError) as error:
             precheck(command)
@@ -152,7 +157,11 @@ def test_readme_command_composes(command, documented_error):
     overrides, multirun, config_name = split_command(command)
     points = sweep_points(overrides, config_name)
     assert multirun or len(points) == 1, f"a sweep without -m: {command}"
-    for point in points:
+    seen: set[str] = set()
+    for point in points:  # every value of every swept key composed at least once
+        if set(point) <= seen:
+            continue
+        seen.update(point)
         assert isinstance(to_run_config(compose(point, config_name)), RunConfig)
 
 

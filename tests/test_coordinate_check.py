@@ -5,9 +5,11 @@ The measurement is `scaling-coord-check` on the Transformer: SP and μP side by 
 64–512 (depth 2, head dim 32, base width 64), batch 4 × 32 bytes of the standard library, AdamW
 at a constant LR 1e-2 without clipping, 3 steps, each RMS the mean over 3 initializations, with
 model.readout_init=normal. Its slopes pass coord.check=true for μP; the tests below read its
-stats.json for the spreads (max/min across the widths). Measured: μP's block outputs within
-1.21x at every step (after 3 steps attn_out/1 1.16, mlp_out/1 1.17, block_out/1 1.02), SP's grown
-16x–33x after 3 steps.
+stats.json for the spreads (max/min across the widths). Measured over the four widths: μP's block
+outputs within 1.21x at every step (after 3 steps attn_out/1 1.16, mlp_out/1 1.17, block_out/1
+1.02), SP's grown 16x–33x after 3 steps. The default suite measures the ends of the range, 64 and
+512 (every measured curve is monotone in width, so the ends give its max/min); all four widths
+run under `-m slow`.
 
 The logits need care. With readout_init='normal' μP keeps the readout *std* constant and multiplies
 the logits by 1/m, so the init logits shrink like 1/sqrt(m): sqrt(D) summed O(1/sqrt(base)) terms,
@@ -31,6 +33,8 @@ import jax
 import numpy as np
 import pytest
 from test_coord_check_cli import (
+    ENDS,
+    WIDTHS,
     assert_hidden_updates_fall_like_inverse_width,
     assert_mup_passes_and_sp_is_not_flat,
     assert_writes_figures_tables_and_stats,
@@ -42,7 +46,6 @@ from optim import AdamWConfig
 from scaling.config import ModelConfig, ParamConfig
 from scaling.coord_check import CoordStats, coordinate_check
 
-WIDTHS = [64, 128, 256, 512]
 STEPS = 3
 FLAT = 1.3  # max/min across an 8x width range (docs/rules.md: μP)
 B, T, VOCAB = 4, 32, 256
@@ -58,9 +61,21 @@ def _stats(check, param: str) -> CoordStats:
 
 @pytest.fixture(scope="module")
 def command(tmp_path_factory):
-    """scaling-coord-check on the Transformer, SP and μP, a normal readout, check on."""
-    return run_check(["coord.check=true", "model.readout_init=normal",
+    """scaling-coord-check on the Transformer, SP and μP, a normal readout, check on, at the
+    ends of its width range."""
+    return run_check(["coord.check=true", "model.readout_init=normal", ENDS,
                       "logging.wandb_mode=disabled"], tmp_path_factory.mktemp("coord"))
+
+
+@pytest.mark.slow
+def test_command_over_its_whole_width_range(tmp_path):
+    """The command's own defaults, widths 64, 128, 256 and 512 (slow: twice the default suite's
+    compiles): μP passes and SP is not flat at every width, not only at the ends."""
+    check = run_check(["coord.check=true", "model.readout_init=normal",
+                       "logging.wandb_mode=disabled"], tmp_path)
+    assert_mup_passes_and_sp_is_not_flat(check)
+    assert sorted(map(int, json.loads((check.folder / "stats.json").read_text())[
+        "stats"]["width"]["mup"])) == [64, 128, 256, 512]
 
 
 @pytest.fixture(scope="module")

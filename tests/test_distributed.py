@@ -46,9 +46,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_one_run(tmp_path):
     """Two processes of 2 CPU devices each, one fsdp mesh of 4: both finish the same run, only
-    process 0 writes metrics and result.json, and the losses are the one-process run's."""
+    process 0 writes metrics and result.json, and the losses are the one-process run's (slow:
+    three fresh processes, 34 s on 2 cores; the default suite checks when jax.distributed starts
+    and, in tests/test_sharding.py, the same run on a mesh of one process's 8 devices)."""
     out, port = tmp_path / "runs", _free_port()
     run = [*QUICK_JOB, "train.batch_size=4"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),

@@ -169,6 +169,7 @@ def run(tmp_path_factory) -> dict:
             patch.setenv(f"WANDB_{name}", str(tmp / name.lower()))
         result = train(to_run_config(compose([*TINY_RUN, f"train.out_dir={tmp / 'runs'}",
                                               "logging.wandb_mode=offline",
+                                              "logging.indicators=true",
                                               "logging.spectral_every=6"])))
     run_dir = Path(result["run_dir"])
     (wandb_file,) = (run_dir / "wandb").glob("offline-run-*/*.wandb")
@@ -252,7 +253,8 @@ def test_logging_fields_are_validated_and_leave_run_names_alone():
         validate(dataclasses.replace(cfg, logging=LoggingConfig(spectral_every=-1)))
     with pytest.raises(ConfigError, match="logging.indicators='yes': expected true or false"):
         to_run_config(compose([*TINY_RUN, "logging.indicators=yes"]))
-    off = to_run_config(compose([*TINY_RUN, "logging.indicators=false",
-                                 "logging.spectral_every=0"]))
-    assert run_name(off) == run_name(cfg)
+    on = to_run_config(compose([*TINY_RUN, "logging.indicators=true",
+                                "logging.spectral_every=6"]))
+    assert (on.logging.indicators, cfg.logging.indicators) == (True, False)
+    assert run_name(on) == run_name(cfg)
     assert to_run_config(compose([])).logging == LoggingConfig()

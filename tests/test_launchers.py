@@ -164,7 +164,11 @@ def test_joblib_sweep_trains_jobs_in_parallel_each_over_its_lr_grid(tmp_path):
     assert shape["seeds"] == [0, 1] and [p["n"] for p in shape["curve"]] == [2, 2]
 
 
+@pytest.mark.slow
 def test_submitit_local_sweep_writes_its_logs_beside_the_runs(tmp_path):
+    """submitit's local executor, the SLURM launcher's own machinery, end to end (slow: 18 s of
+    job start-ups; in the default suite its config composes and joblib's sweep runs the same
+    Hydra launch path)."""
     _sweep(tmp_path, "hydra/launcher=submitit_local")
     results = load_results(tmp_path / "runs")
     assert sorted(r["config"]["train"]["seed"] for r in results) == [0, 1]
