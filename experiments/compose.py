@@ -18,8 +18,8 @@ from omegaconf.errors import OmegaConfBaseException
 from optim.config import expected_field
 from scaling.config import ConfigError, RunConfig, from_dict
 
-__all__ = ["ConfigError", "compose", "compose_or_explain", "expand_sweep", "precheck",
-           "split_command", "sweep_points", "to_run_config"]
+__all__ = ["ConfigError", "check_groups", "compose", "compose_or_explain", "expand_sweep",
+           "precheck", "split_command", "sweep_points", "to_run_config"]
 
 CONFIG_MODULE = "configs"
 # Flags that make Hydra print instead of run: leave those command lines to Hydra untouched.
@@ -90,7 +90,8 @@ def sweep_points(overrides: list[str], config_name: str = "config") -> list[list
     return expand_sweep(list(by_key.values()))
 
 
-def _check_groups(overrides: list[str]) -> None:
+def check_groups(overrides: list[str]) -> None:
+    """Each GROUP=OPTION (or sweep of options) names options of the group that exist."""
     for o in OverridesParser.create().parse_overrides(overrides):
         options = group_options(o.key_or_group)
         if options is None or o.is_delete():
@@ -168,7 +169,7 @@ def precheck(argv: list[str]) -> list[str]:
     if any(a in INFO_FLAGS or a.split("=")[0] in INFO_FLAGS for a in argv):
         return argv
     overrides, multirun, config_name = split_command(argv)
-    _check_groups(overrides)
+    check_groups(overrides)
     points = sweep_points(overrides, config_name)
     if len(points) > 1 and not multirun:
         swept = sorted({o.split("=")[0] for point in points for o in point

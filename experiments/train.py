@@ -40,6 +40,7 @@ MAIN_FIELDS = {
     "train.seed": "initialization and data order",
     "train.out_dir": "folder of the run directories",
     "data.path": "a text file or folder, or a .bin of tokens (default: Python's stdlib source)",
+    "data.tokenizer": "bytes (default), bpe (of data.vocab_size tokens), or a tokenizer.json",
     "logging.wandb_mode": "offline, online or disabled (default: $WANDB_MODE, else offline)",
     "sweep.log2_lr_min": "smallest log2 LR of a grid trained inside each job",
     "sweep.log2_lr_max": "largest log2 LR of that grid",

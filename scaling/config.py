@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import typing
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 from models.config import ModelConfig
@@ -23,6 +25,7 @@ class ConfigError(ValueError):
 
 
 BYTE_VOCAB = 256  # text sources are read as bytes
+BPE_VOCAB_RANGE = (512, 65536)  # the 256 byte symbols and 256 merges at least; uint16 token ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,17 +51,44 @@ class ParamConfig:
 class DataConfig:
     path: str | None = None  # None: the interpreter's standard library
     dtype: Literal["uint16", "uint32"] = "uint16"  # .bin token files only
-    vocab_size: int = 256  # bytes give 256; set it for .bin token files
+    vocab_size: int = 256  # bytes give 256; set it for .bin token files and tokenizer=bpe
     # the standard library's top-level packages and modules: all, or one of two halves (by the
     # CRC-32 of the name), e.g. pretrain on one and fine-tune on the other; data.path=null only
     packages: Literal["all", "half_a", "half_b"] = "all"
+    # how text becomes tokens: bytes; bpe, a byte-level BPE of vocab_size trained on the
+    # training split; or the path of a Hugging Face tokenizer.json (its vocabulary counts)
+    tokenizer: str = "bytes"
+    text_field: str = "text"  # the string field of each record of a .jsonl file
+    cache_dir: str = "data_cache"  # tokenized text's token caches, relative to the working dir
 
     @property
     def source_vocab_size(self) -> int:
-        """The vocabulary the source has, without reading it: bytes, or a .bin file's
-        data.vocab_size."""
-        return self.vocab_size if self.path is not None and self.path.endswith(".bin") else \
-            BYTE_VOCAB
+        """The vocabulary the source has, without reading it: bytes, data.vocab_size (a .bin
+        file, or a BPE trained here), or the ids of a tokenizer.json."""
+        if self.path is not None and self.path.endswith(".bin"):
+            return self.vocab_size
+        if self.tokenizer == "bytes":
+            return BYTE_VOCAB
+        return self.vocab_size if self.tokenizer == "bpe" else tokenizer_file_vocab(self.tokenizer)
+
+
+def tokenizer_file_vocab(path: str) -> int:
+    """The ids a tokenizer.json can emit (its largest id + 1), read from the JSON itself: no
+    tokenizer library needed."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError("data.tokenizer", path,
+                          "bytes, bpe, or the path of an existing tokenizer.json")
+    try:
+        spec = json.loads(file.read_text())
+        vocab = spec["model"]["vocab"]  # token -> id (BPE, WordPiece), or a list (Unigram)
+        ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))
+        ids += [token["id"] for token in spec.get("added_tokens") or []]
+        return max(ids) + 1
+    except (ValueError, KeyError, TypeError) as error:
+        raise ConfigError("data.tokenizer", path,
+                          "a Hugging Face tokenizer.json with a vocabulary (model.vocab; "
+                          f"{type(error).__name__}: {error})") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,6 +319,16 @@ def validate(cfg: RunConfig) -> RunConfig:
     _require(t.steps > 0, "train.steps", t.steps, "a positive integer")
     _raise_first(o.problems(t.steps))
     _require(d.vocab_size > 1, "data.vocab_size", d.vocab_size, "an integer above 1")
+    if d.path is not None and d.path.endswith(".bin"):
+        _require(d.tokenizer == "bytes", "data.tokenizer", d.tokenizer,
+                 "bytes (the default) with a .bin file, which holds tokens already")
+    if d.tokenizer == "bpe":
+        low, high = BPE_VOCAB_RANGE
+        _require(low <= d.vocab_size <= high, "data.vocab_size", d.vocab_size,
+                 f"{low} to {high} with data.tokenizer=bpe (the 256 byte symbols and 256 merges "
+                 "at least; uint16 token ids)")
+    elif d.tokenizer != "bytes":
+        tokenizer_file_vocab(d.tokenizer)  # a missing or unreadable file fails here
     if d.path is not None:
         _require(d.packages == "all", "data.packages", d.packages,
                  "'all' when data.path is set (the halves split the standard library, "

@@ -1,5 +1,5 @@
 """benchmarks/gpu.sh --tiny: every GPU measurement still runs, at tiny sizes on CPU, without the
-packages the GPU machine's image lacks (Hydra, OmegaConf, W&B)."""
+packages the GPU machine's image lacks (Hydra, OmegaConf, W&B, Hugging Face tokenizers)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ _spec.loader.exec_module(gpu_suite)
 
 # Not in the GPU machine's image (Python 3.12, jax with CUDA, flax, optax, orbax-checkpoint,
 # chex, numpy, matplotlib, tqdm): nothing gpu.sh runs may import them, even indirectly.
-BLOCKED = ("hydra", "omegaconf", "wandb")
+BLOCKED = ("hydra", "omegaconf", "wandb", "tokenizers")
 # Imported by every Python that gpu.sh starts (site imports the first sitecustomize on sys.path,
 # and PYTHONPATH is inherited): a meta-path finder before all others, for which the blocked
 # packages do not exist.

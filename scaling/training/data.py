@@ -1,26 +1,46 @@
 """Token sources and batches: the batch for step i is a pure function of (seed, i).
 
-Sources: the running interpreter's standard library (default, bytes; all of it, or one of two
-halves of its top-level packages), a local text file or directory (bytes), or a pre-tokenized
-`.bin` file of uint16/uint32 tokens. Every source is split into train and validation by one fixed
-rule: the stream is cut into blocks of VAL_BLOCK tokens and every VAL_EVERY-th block is held out.
+Sources: the running interpreter's standard library (default; all of it, or one of two halves of
+its top-level packages), a local text file or directory (files in sorted order; a `.jsonl` file
+gives the `data.text_field` string of each record, each followed by a newline), or a
+pre-tokenized `.bin` file of uint16/uint32 tokens. Text becomes tokens as its bytes
+(`data.tokenizer=bytes`, vocab 256), or through a tokenizer (scaling/training/tokens.py): a
+byte-level BPE trained here (`bpe`) or a user's tokenizer.json, with the tokens cached on disk
+(scaling/training/token_cache.py).
+
+The split. Bytes and `.bin` tokens: the stream is cut into blocks of VAL_BLOCK tokens and every
+VAL_EVERY-th block is held out for validation (a source shorter than VAL_EVERY blocks keeps its
+last 1/VAL_EVERY instead). Tokenized text is split before it is tokenized, so that the tokenizer
+never sees validation text: the same rule on the text's bytes, each cut moved forward to the next
+line start (past a line longer than a block, to the next character start, so no UTF-8 character
+is cut). The BPE is trained on the training blocks alone; each split is then encoded on its own,
+block by block.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import sysconfig
+import time
 import zlib
 from pathlib import Path
 
 import numpy as np
 
 from scaling.config import BYTE_VOCAB, ConfigError, DataConfig
+from scaling.training import token_cache
+from scaling.training.token_cache import TokenCache
+from scaling.training.tokens import encode, read_tokenizer, train_bpe
 
 EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test"})
 VAL_BLOCK = 1 << 16
 VAL_EVERY = 20
+SPLIT_RULE = 1  # the version of text_split's rule, recorded in token caches
+NEWLINE = ord("\n")
+UTF8_CONTINUATION = (0x80, 0xC0)  # bytes 10xxxxxx continue a character
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +49,8 @@ class TokenSplits:
     val: np.ndarray
     vocab_size: int
     description: str
+    text_bytes: int | None = None  # the bytes of text tokenized (None for a .bin of tokens)
+    cache: TokenCache | None = None  # where tokenized text's tokens are kept
 
 
 def top_level_name(relative: Path) -> str:
@@ -55,8 +77,33 @@ def stdlib_files(packages: str = "all") -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
-def _read_files(files: list[Path]) -> np.ndarray:
-    return np.frombuffer(b"".join(f.read_bytes() for f in files), dtype=np.uint8)
+def _read_files(files: list[Path], text_field: str) -> np.ndarray:
+    return np.frombuffer(b"".join(_file_text(f, text_field) for f in files), dtype=np.uint8)
+
+
+def _file_text(path: Path, text_field: str) -> bytes:
+    """A file's bytes; a .jsonl file's `text_field` of each record, each followed by a newline."""
+    if path.suffix != ".jsonl":
+        return path.read_bytes()
+    texts = []
+    with path.open("rb") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as error:  # JSONDecodeError, or bytes that are not UTF-8
+                raise ConfigError("data.path", str(path), f"a JSON object on every line: line "
+                                  f"{number} is not valid JSON ({getattr(error, 'msg', error)})"
+                                  ) from None
+            text = record.get(text_field) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                found = "no such field" if text is None else f"a {type(text).__name__}"
+                raise ConfigError("data.text_field", text_field,
+                                  f"a string field of every record of {path}: line {number} "
+                                  f"has {found}")
+            texts.append(text.encode("utf-8", errors="replace") + b"\n")
+    return b"".join(texts)
 
 
 def split(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -71,36 +118,135 @@ def split(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return tokens[~is_val], tokens[is_val]
 
 
+def _line_start(text: np.ndarray, at: int) -> int:
+    """The first position at or after `at` that starts a line; past a line longer than a
+    block, the first that starts a UTF-8 character."""
+    if at <= 0 or at >= len(text):
+        return min(max(at, 0), len(text))
+    newlines = np.flatnonzero(text[at - 1:at - 1 + VAL_BLOCK] == NEWLINE)
+    if len(newlines):
+        return at + int(newlines[0])
+    while at < len(text) and UTF8_CONTINUATION[0] <= text[at] < UTF8_CONTINUATION[1]:
+        at += 1
+    return at
+
+
+def text_split(text: np.ndarray) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """The byte ranges (blocks) of the training and the validation text: `split`'s rule with
+    every cut moved to a line start (module docstring)."""
+    n = len(text)
+    cuts = [_line_start(text, k * VAL_BLOCK) for k in range(1, -(-n // VAL_BLOCK))]
+    blocks = list(zip([0, *cuts], [*cuts, n]))
+    if n // VAL_BLOCK < VAL_EVERY:
+        held = _line_start(text, n - n // VAL_EVERY)
+        train, val = [(a, min(b, held)) for a, b in blocks if a < held], [(held, n)]
+    else:
+        train = [b for i, b in enumerate(blocks) if i % VAL_EVERY != VAL_EVERY - 1]
+        val = [b for i, b in enumerate(blocks) if i % VAL_EVERY == VAL_EVERY - 1]
+    return [(a, b) for a, b in train if a < b], [(a, b) for a, b in val if a < b]
+
+
 def load(cfg: DataConfig, seq_len: int) -> TokenSplits:
-    """Reads the configured source; raises ConfigError for a missing, empty or short one."""
+    """Reads the configured source, tokenizing text (or finding its tokens cached) unless it
+    is read as bytes; raises ConfigError for a missing, empty or short source or a bad
+    tokenizer."""
+    if cfg.path is not None and Path(cfg.path).expanduser().suffix == ".bin":
+        splits = _token_file(cfg)
+    else:
+        text, what = _read_text(cfg)
+        if cfg.tokenizer == "bytes":
+            what = what if cfg.path is None else f"bytes of {what}"
+            splits = TokenSplits(*split(text), BYTE_VOCAB, what, text_bytes=len(text))
+        else:
+            splits = _tokenized(cfg, text, what)
+    need = seq_len + 1
+    if len(splits.train) < need or len(splits.val) < need:
+        raise ConfigError("data.path", cfg.path,
+                          f"at least {need} tokens in both splits for train.seq_len={seq_len} "
+                          f"({splits.description}: {len(splits.train)} train, "
+                          f"{len(splits.val)} validation)")
+    return splits
+
+
+def _source_path(cfg: DataConfig) -> Path:
+    path = Path(cfg.path).expanduser()
+    if not path.exists():
+        raise ConfigError("data.path", cfg.path,
+                          "an existing text file, directory, .jsonl or .bin file")
+    return path
+
+
+def _token_file(cfg: DataConfig) -> TokenSplits:
+    path = _source_path(cfg)
+    ids = np.fromfile(path, dtype=np.dtype(cfg.dtype))
+    what = f"{cfg.dtype} tokens from {path}"
+    if len(ids) == 0:
+        raise ConfigError("data.path", cfg.path, f"a source with data ({what} is empty)")
+    if int(ids.max()) >= cfg.vocab_size:
+        raise ConfigError("data.vocab_size", cfg.vocab_size,
+                          f"more than the largest token id {int(ids.max())} in {path}")
+    return TokenSplits(*split(ids), cfg.vocab_size, what)
+
+
+def _read_text(cfg: DataConfig) -> tuple[np.ndarray, str]:
+    """The source's text as one byte stream, and what it is (the stdlib, or the path)."""
     if cfg.path is None:
         root = sysconfig.get_paths()["stdlib"]
         which = "" if cfg.packages == "all" else f" ({cfg.packages} of its top-level packages)"
-        tokens, vocab = _read_files(stdlib_files(cfg.packages)), BYTE_VOCAB
+        text = _read_files(stdlib_files(cfg.packages), cfg.text_field)
         what = f"stdlib .py at {root}{which}"
     else:
-        path = Path(cfg.path).expanduser()
-        if not path.exists():
-            raise ConfigError("data.path", cfg.path, "an existing text file, directory or .bin")
-        if path.is_file() and path.suffix == ".bin":
-            tokens = np.fromfile(path, dtype=np.dtype(cfg.dtype))
-            vocab, what = cfg.vocab_size, f"{cfg.dtype} tokens from {path}"
-            if len(tokens) and int(tokens.max()) >= vocab:
-                raise ConfigError("data.vocab_size", vocab,
-                                  f"more than the largest token id {int(tokens.max())} in {path}")
-        else:
-            files = [path] if path.is_file() else sorted(
-                p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-            tokens, vocab, what = _read_files(files), BYTE_VOCAB, f"bytes of {path}"
-    if len(tokens) == 0:
+        path = _source_path(cfg)
+        files = [path] if path.is_file() else sorted(
+            p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        text, what = _read_files(files, cfg.text_field), str(path)
+    if len(text) == 0:
         raise ConfigError("data.path", cfg.path, f"a source with data ({what} is empty)")
-    train, val = split(tokens)
-    need = seq_len + 1
-    if len(train) < need or len(val) < need:
-        raise ConfigError("data.path", cfg.path,
-                          f"at least {need} tokens in both splits for train.seq_len={seq_len} "
-                          f"({what}: {len(train)} train, {len(val)} validation)")
-    return TokenSplits(train, val, vocab, what)
+    return text, what
+
+
+def _tokenized(cfg: DataConfig, text: np.ndarray, what: str) -> TokenSplits:
+    """Tokens of the text from its cache, built first if the cache is missing, stale or
+    damaged."""
+    bpe = cfg.tokenizer == "bpe"
+    source = what if cfg.path is None else str(Path(cfg.path).expanduser().resolve())
+    tokenizer = "bpe" if bpe else str(Path(cfg.tokenizer).expanduser().resolve())
+    vocab = cfg.source_vocab_size  # reads a user's tokenizer.json: fails if it is missing
+    identity = {"split_rule": SPLIT_RULE, "source": source,
+                "source_sha256": hashlib.sha256(text).hexdigest(), "source_bytes": len(text),
+                "tokenizer": tokenizer, "vocab_size": vocab,
+                "dtype": token_cache.token_dtype(vocab).name}
+    if not bpe:  # a user's file may change under the same path
+        identity["tokenizer_sha256"] = hashlib.sha256(Path(tokenizer).read_bytes()).hexdigest()
+    name = "stdlib" if cfg.path is None else Path(source).stem
+    label = f"{name}-{cfg.packages}" if cfg.packages != "all" else name
+    label += f"-bpe{vocab}" if bpe else f"-{Path(tokenizer).stem}"
+    folder = token_cache.folder_for(Path(cfg.cache_dir).expanduser(), label, identity)
+    cache = token_cache.read(folder, identity) or _build(cfg, text, identity, folder)
+    description = f"{'bpe-' + str(vocab) if bpe else tokenizer} tokens of {what}"
+    return TokenSplits(cache.tokens("train"), cache.tokens("val"), vocab, description,
+                       text_bytes=len(text), cache=cache)
+
+
+def _build(cfg: DataConfig, text: np.ndarray, identity: dict, folder: Path) -> TokenCache:
+    """Splits the text, trains the BPE on the training blocks (or reads the user's tokenizer),
+    encodes each split and writes the cache."""
+    ranges = dict(zip(token_cache.SPLITS, text_split(text), strict=True))
+    texts = {name: [text[a:b].tobytes().decode("utf-8", errors="replace") for a, b in blocks]
+             for name, blocks in ranges.items()}
+    start = time.perf_counter()
+    if cfg.tokenizer == "bpe":
+        tokenizer = train_bpe(texts["train"], cfg.vocab_size)
+    else:
+        tokenizer = read_tokenizer(cfg.tokenizer)
+    trained = time.perf_counter()
+    dtype = np.dtype(identity["dtype"])
+    encoded = {name: encode(tokenizer, blocks, dtype) for name, blocks in texts.items()}
+    seconds = {"tokenizer": round(trained - start, 3),
+               "encode": round(time.perf_counter() - trained, 3)}
+    details = {"tokenizer_vocab": tokenizer.get_vocab_size(), "seconds": seconds}
+    return token_cache.write(folder, identity, encoded,
+                             tokenizer.to_str() if cfg.tokenizer == "bpe" else None, details)
 
 
 def train_batch(tokens: np.ndarray, seed: int, step: int, batch_size: int,

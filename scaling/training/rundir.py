@@ -11,7 +11,8 @@ from scaling.rules import TUNABLE
 
 # Fields added after runs were finished: left out of the hash at their defaults, so those runs
 # keep their directories and are still found finished.
-LATER_DEFAULTS = {("data", "packages"): "all", ("init", "from_run"): None,
+LATER_DEFAULTS = {("data", "packages"): "all", ("data", "tokenizer"): "bytes",
+                  ("data", "text_field"): "text", ("init", "from_run"): None,
                   ("optim", "clip_scope"): "global", ("optim", "clip_width_exponent"): 0.0,
                   ("optim", "ns_sharding"): "stack",
                   **{("param", field): 1.0 for field in TUNABLE}}
@@ -24,6 +25,7 @@ def config_hash(cfg: RunConfig, length: int = 8) -> str:
     values.pop("sweep")  # a grid member trains exactly what a separate run at its LR trains
     values.pop("mesh")  # the same run on another mesh (or host count) resumes the same directory
     values["train"].pop("out_dir")
+    values["data"].pop("cache_dir")  # where tokens are cached, not what they are
     for (group, field), default in LATER_DEFAULTS.items():
         if values[group].get(field, default) == default:  # some optimizers lack some fields
             values[group].pop(field, None)
