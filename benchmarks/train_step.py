@@ -48,7 +48,6 @@ from scaling.config import ParamConfig
 from scaling.files import write_json_atomic
 from scaling.parametrization import build_model
 from scaling.steps.backprop import Measure, init_train_state, make_train_step, optimizer_at
-from scaling.steps.loss import flops_per_token
 
 VOCAB = 256  # bytes
 TOTAL_STEPS = 1000  # the schedule's horizon; it only sets the LR each step reads
@@ -328,7 +327,7 @@ def _relative(a, b) -> float:
 
 
 def mfu(s: Setup, args, step_s: float) -> dict:
-    per_token = flops_per_token(s.model, s.specs, args.seq_len)
+    per_token = s.model.flops_per_token(args.seq_len)
     rate = per_token * args.batch_size * args.seq_len / step_s
     kind = jax.devices()[0].device_kind
     known = None if jax.default_backend() == "cpu" else nominal_peak(kind)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 ModelKind = Literal["transformer", "mlp"]  # models.MODELS
 ReadoutInit = Literal["normal", "zero"]
+Mlp = Literal["gelu", "swiglu"]  # the Transformer's MLP: two matrices, or three with a gate
 ComputeDtype = Literal["auto", "float32", "bfloat16"]  # auto: bfloat16 on GPU/TPU, float32 on CPU
 COMPUTE_DTYPES = get_args(ComputeDtype)
 
@@ -26,6 +27,14 @@ class ModelConfig:
     readout_init: ReadoutInit = "normal"
     embed_std: float = 1.0
     rope_base: float = 10000.0
+    # the modern block's options (Transformer only): RMSNorm on each head's queries and keys,
+    # a gated MLP, query heads sharing one key/value head, one matrix as embedding and readout
+    qk_norm: bool = False
+    mlp: Mlp = "gelu"
+    # query heads per key/value head (1: multi-head attention). A ratio, not a count: the
+    # key/value heads grow with width like the query heads, so K and V stay hidden matrices
+    q_per_kv: int = 1
+    tie_embeddings: bool = False
     # jax.lax.scan's unroll over the layers: true unrolls all (fastest on CPU, measured in
     # docs/performance.md), 1 keeps a rolled loop (compile time flat in depth), k unrolls by k
     scan_unroll: int | bool = True
@@ -50,3 +59,20 @@ def compute_dtype(name: str) -> jnp.dtype:
     if name == "auto":
         return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
     return jnp.dtype(name)
+
+
+# SwiGLU's hidden size per head is this multiple of 8 nearest 2/3 · mlp_ratio · head_dim: its
+# three matrices then hold about as many parameters as GELU's two at the same mlp_ratio, and
+# the hidden size stays exactly proportional to width (heads × a constant)
+SWIGLU_ROUND = 8
+
+
+def mlp_hidden(cfg: ModelConfig) -> int:
+    """The MLP's hidden size: mlp_ratio · width for GELU; for SwiGLU heads × (2/3 · mlp_ratio ·
+    head_dim rounded to a multiple of SWIGLU_ROUND), e.g. 88 per head of 32 at ratio 4 (2.75 ·
+    width: 3.1% more parameters than GELU's 8 · width²)."""
+    if cfg.mlp == "gelu":
+        return cfg.mlp_ratio * cfg.width
+    per_head = max(SWIGLU_ROUND, round(2 * cfg.mlp_ratio * cfg.head_dim / 3 / SWIGLU_ROUND)
+                   * SWIGLU_ROUND)
+    return cfg.width // cfg.head_dim * per_head

@@ -67,18 +67,23 @@ def causal_attention(q_BxTxNxH, k_BxTxNxH, v_BxTxNxH, scale: float) -> jax.Array
     return attend(implementation="xla")
 
 
-def attention_log_z(q_BxTxNxH: jax.Array, k_BxTxNxH: jax.Array, scale: float) -> jax.Array:
-    """log Σ_s exp(q_t·k_s·scale) over the keys s ≤ t each query sees, (B, T, N) in float32.
+def attention_log_z(q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array, scale: float) -> jax.Array:
+    """log Σ_s exp(q_t·k_s·scale) over the keys s ≤ t each query sees, (B, T, N) in float32;
+    with K < N key heads, each serves N/K consecutive query heads (grouped-query attention).
 
     Its own logits, not those of causal_attention: shared, XLA fuses the attention differently
     and the training step's floats move in their last bits.
     """
-    T = q_BxTxNxH.shape[1]
-    q_BxTxNxH, k_BxTxNxH = jax.lax.stop_gradient((q_BxTxNxH, k_BxTxNxH))
-    logits_BxTxNxS = jnp.einsum("btnh,bsnh->btns", q_BxTxNxH, k_BxTxNxH,
-                                preferred_element_type=jnp.float32) * scale
-    causal_Tx1xS = jnp.tril(jnp.ones((T, T), bool))[:, None, :]
-    return jax.nn.logsumexp(jnp.where(causal_Tx1xS, logits_BxTxNxS, -jnp.inf), axis=-1)
+    B, T, N, H = q_BxTxNxH.shape
+    K = k_BxTxKxH.shape[2]
+    q_BxTxKxGxH, k_BxTxKxH = jax.lax.stop_gradient(
+        (q_BxTxNxH.reshape(B, T, K, N // K, H), k_BxTxKxH))
+    logits_BxTxKxGxS = jnp.einsum("btkgh,bskh->btkgs", q_BxTxKxGxH, k_BxTxKxH,
+                                  preferred_element_type=jnp.float32) * scale
+    causal_Tx1x1xS = jnp.tril(jnp.ones((T, T), bool))[:, None, None, :]
+    log_z_BxTxKxG = jax.nn.logsumexp(jnp.where(causal_Tx1x1xS, logits_BxTxKxGxS, -jnp.inf),
+                                     axis=-1)
+    return log_z_BxTxKxG.reshape(B, T, N)
 
 
 def outlier_percent(x_BxTxD: jax.Array, threshold: float = 5.0) -> jax.Array:

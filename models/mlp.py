@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -15,7 +17,7 @@ from models.layers import (
     rms,
     scan_layers,
 )
-from models.tagged import tagged_param
+from models.tagged import iter_params, tagged_param
 
 
 class ByteMLP(nnx.Module):
@@ -71,8 +73,11 @@ class ByteMLP(nnx.Module):
         logits_BxTxV = float32_logits(h_BxTxD, self.readout[...]) * self.logit_multiplier
         return logits_BxTxV, {"embed_out": embed_rms, **layer_stats, "logits": rms(logits_BxTxV)}
 
-    def attention_flops_per_token(self, seq_len: int) -> float:
-        return 0.0
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (Kaplan et al.): 6 per parameter but the embedding tables'
+        (lookups); no attention, so no term in seq_len."""
+        embed = math.prod(self.embed.shape)
+        return 6.0 * (sum(math.prod(p.shape) for _, p in iter_params(self)) - embed)
 
     def __call__(self, tokens_BxT, layer_transform: LayerTransform | None = None):
         return self.forward(tokens_BxT, layer_transform)[0]

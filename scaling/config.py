@@ -156,6 +156,7 @@ class ShardingRules:
     embed: MeshAxis | None = "fsdp"
     heads: MeshAxis | None = "tensor"
     mlp: MeshAxis | None = "tensor"
+    head_dim: MeshAxis | None = None  # QK-norm's per-head gains: small, kept whole
     layers: MeshAxis | None = None
     context: MeshAxis | None = None
 
@@ -292,6 +293,21 @@ def validate(cfg: RunConfig) -> RunConfig:
     if m.kind == "transformer":
         _require(m.width % m.head_dim == 0, "model.width", m.width,
                  f"a multiple of model.head_dim={m.head_dim}")
+        _require(m.q_per_kv > 0 and (m.width // m.head_dim) % m.q_per_kv == 0, "model.q_per_kv",
+                 m.q_per_kv, f"a positive divisor of the {m.width // m.head_dim} heads of "
+                 f"model.width={m.width} (query heads per key/value head)")
+        _require((p.base_width // m.head_dim) % m.q_per_kv == 0, "param.base_width",
+                 p.base_width, f"a multiple of {m.q_per_kv * m.head_dim}: model.q_per_kv="
+                 f"{m.q_per_kv} query heads of model.head_dim={m.head_dim} per key/value head")
+    else:
+        _raise_first(_transformer_only(m))
+    if m.tie_embeddings:
+        _require(m.readout_init == "normal", "model.readout_init", m.readout_init,
+                 "normal with model.tie_embeddings=true (the tied readout is the embedding, "
+                 "initialized as an embedding)")
+        _require(not p.scheme.readout_on_sphere, "model.tie_embeddings", m.tie_embeddings,
+                 f"false with param.name={p.name} (its readout lives on a sphere; a tied readout "
+                 "is the embedding, which the sphere does not hold)")
     _require(m.embed_std > 0, "model.embed_std", m.embed_std, "a positive number")
     _require(m.scan_unroll is True or (m.scan_unroll is not False and m.scan_unroll >= 1),
              "model.scan_unroll", m.scan_unroll,
@@ -345,6 +361,15 @@ def validate(cfg: RunConfig) -> RunConfig:
         _require(cfg.init.from_run.strip() != "", "init.from_run", cfg.init.from_run,
                  "a finished run's directory, or null for a fresh initialization")
     return cfg
+
+
+def _transformer_only(m: ModelConfig) -> Iterator[Problem]:
+    """The modern block's options, set on a model that has no such block."""
+    defaults = ModelConfig()
+    for name in ("qk_norm", "mlp", "q_per_kv", "tie_embeddings"):
+        if getattr(m, name) != getattr(defaults, name):
+            yield (f"model.{name}", getattr(m, name),
+                   f"{getattr(defaults, name)!r} with model.kind={m.kind} (a Transformer option)")
 
 
 def _validate_mesh(m: MeshConfig) -> None:

@@ -32,8 +32,11 @@ from scaling.schemes import Scheme
 
 def group_label(spec: ParamSpec) -> str:
     """The optimizer group of a parameter: its role, qualified when it sits in a residual block
-    (depth rules scale block parameters apart from the same role outside blocks)."""
-    return f"{spec.role}.block" if spec.residual else spec.role
+    (depth rules scale block parameters apart from the same role outside blocks) and when no
+    axis of it grows with width (no fan axes, e.g. QK-norm's gains over the head dim: μP's
+    finite dimensions, whose rules see a multiplier of 1)."""
+    label = f"{spec.role}.block" if spec.residual else spec.role
+    return label if spec.fan_in_axes or spec.fan_out_axes else f"{label}.finite"
 
 
 class Parametrization:
@@ -97,11 +100,22 @@ class Parametrization:
         return out
 
     @property
+    def readout(self) -> tuple[tuple[float, float], float]:
+        """The readout's (fan-in, fan-out) growth and its init std's growth: the output
+        matrix's, or with tied embeddings the embedding's read transposed (its fan-out, the
+        width, is the readout's fan-in) under the input role's init."""
+        roles = {spec.role for spec in self.specs.values()}
+        role = "output" if "output" in roles else "input"
+        (mults,) = {self.fan_mults(path) for path, spec in self.specs.items()
+                    if spec.role == role}
+        std = self.table[role].init_std(*mults)
+        return (mults if role == "output" else mults[::-1]), std
+
+    @property
     def logit_multiplier(self) -> float:
-        return self._per_group(
-            lambda p: (self.rule(p).forward(*self.fan_mults(p))
-                       * self.tuned_value(FORWARD_MULTIPLIERS, self.specs[p].role)),
-            lambda spec: spec.role)["output"]
+        """The output role's forward multiplier, on a readout matrix or a tied embedding."""
+        return (self.table["output"].forward(*self.readout[0])
+                * self.tuned_value(FORWARD_MULTIPLIERS, "output"))
 
     @property
     def attention_scale(self) -> float:
@@ -145,7 +159,7 @@ class Parametrization:
     @property
     def width_mult(self) -> float:
         """m = width / base_width, read off the readout's fan-in (every width grows together)."""
-        return self._per_group(lambda p: self.fan_mults(p)[0], lambda spec: spec.role)["output"]
+        return self.readout[0][0]
 
     def gradient_growth(self) -> dict[str, float]:
         """Group label -> the growth of its gradient's norm with width, from the table's init and
@@ -157,9 +171,8 @@ class Parametrization:
         readout's effective weight (forward × init std). SP: hidden and output √m, input and
         vectors 1; μP: hidden 1, the others 1/√m.
         """
-        backward = self._per_group(lambda p: (self.rule(p).forward(*self.fan_mults(p))
-                                              * self.rule(p).init_std(*self.fan_mults(p))),
-                                   lambda spec: spec.role)["output"]
+        readout_mults, readout_std = self.readout
+        backward = self.table["output"].forward(*readout_mults) * readout_std
 
         def of(path):
             fan_in_mult, fan_out_mult = self.fan_mults(path)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,9 +29,3 @@ def make_eval(graphdef, batches, runs: int):
                                 (0, None, None)))
     return lambda params: np.mean([np.asarray(loss_fn(params, x, y)) for x, y in batches],
                                   axis=0).tolist()
-
-
-def flops_per_token(model: nnx.Module, specs, seq_len: int) -> float:
-    """6 FLOPs per non-embedding parameter plus the model's attention term (Kaplan et al.)."""
-    n = sum(math.prod(s.shape) for s in specs.values() if s.role != "input")
-    return 6.0 * n + model.attention_flops_per_token(seq_len)

@@ -32,7 +32,7 @@ from scaling.parametrization import (
 from scaling.sharding import Layout, layout_of, place
 from scaling.spectral import SpectralLog
 from scaling.steps import Step, TrainState, make_step
-from scaling.steps.loss import flops_per_token, make_eval
+from scaling.steps.loss import make_eval
 from scaling.training import data, pretrained
 from scaling.training.checkpoint import Checkpointer
 from scaling.training.metrics_log import MetricsLog
@@ -195,7 +195,7 @@ def _train_together(members: list[_Member], splits) -> list[dict]:
     step = _step_of(cfg, run.parametrization, run.graphdef, runs=k, shardings=shardings,
                     layout=layout)
     cost = {"params": int(sum(x.size for x in jax.tree.leaves(params))),
-            "flops_per_token": flops_per_token(run.model, run.parametrization.specs, t.seq_len),
+            "flops_per_token": run.model.flops_per_token(t.seq_len),
             "data": splits.description, "lrs_trained_together": k}
     val_batches = data.val_batches(splits.val, t.eval_batches, t.batch_size, t.seq_len)
     if layout is not None:

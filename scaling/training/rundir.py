@@ -15,6 +15,8 @@ LATER_DEFAULTS = {("data", "packages"): "all", ("data", "tokenizer"): "bytes",
                   ("data", "text_field"): "text", ("init", "from_run"): None,
                   ("optim", "clip_scope"): "global", ("optim", "clip_width_exponent"): 0.0,
                   ("optim", "ns_sharding"): "stack",
+                  ("model", "qk_norm"): False, ("model", "mlp"): "gelu", ("model", "q_per_kv"): 1,
+                  ("model", "tie_embeddings"): False,
                   **{("param", field): 1.0 for field in TUNABLE}}
 
 
