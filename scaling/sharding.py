@@ -138,7 +138,8 @@ class Layout:
 
 def place(tree: Any, shardings: Any) -> Any:
     """Host or single-device arrays as global arrays with `shardings` (a matching tree): every
-    process holds the same values (same seed, same step) and keeps its own shards."""
+    process holds the same values and keeps its own shards (the training batch is read per
+    shard instead: scaling.training.data.global_batch)."""
     if jax.process_count() == 1:
         return jax.device_put(tree, shardings)
 

@@ -46,18 +46,39 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# the command line, each process printing which rows of step 0's batch it reads
+ROWS_READ_CHILD = """
+import runpy
+import scaling.training.data as data
+batch = data.train_batch
+def train_batch(tokens, seed, step, batch_size, seq_len, rows=slice(None)):
+    if step == 0:
+        print("rows read at step 0:", list(range(batch_size))[rows], flush=True)
+    return batch(tokens, seed, step, batch_size, seq_len, rows=rows)
+data.train_batch = train_batch
+runpy.run_module("experiments.train", run_name="__main__", alter_sys=True)
+"""
+
+
+def _rows_read(output: str) -> list[int]:
+    return [row for line in output.splitlines() if line.startswith("rows read at step 0:")
+            for row in json.loads(line.partition(":")[2])]
+
+
 @pytest.mark.slow
 def test_two_processes_train_one_run(tmp_path):
     """Two processes of 2 CPU devices each, one fsdp mesh of 4: both finish the same run, only
     process 0 writes metrics and result.json, and the losses are the one-process run's (slow:
     three fresh processes, 34 s on 2 cores; the default suite checks when jax.distributed starts
-    and, in tests/test_sharding.py, the same run on a mesh of one process's 8 devices)."""
+    and, in tests/test_sharding.py, the same run on a mesh of one process's 8 devices). Each
+    process reads only the rows of the batch its devices hold, and the losses show the
+    assembled batch is the one-process batch."""
     out, port = tmp_path / "runs", _free_port()
     run = [*QUICK_JOB, "train.batch_size=4"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
            "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     processes = [subprocess.Popen(
-        [sys.executable, "-m", "experiments.train", *run, "mesh=fsdp",
+        [sys.executable, "-c", ROWS_READ_CHILD, *run, "mesh=fsdp",
          f"mesh.coordinator_address=localhost:{port}", "mesh.num_processes=2",
          f"mesh.process_id={i}", f"train.out_dir={out}"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -73,6 +94,9 @@ def test_two_processes_train_one_run(tmp_path):
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == ["3"]
     for output in outputs:  # each process reports the same finished run
         assert f"{run_dir}: train_loss={result['train_loss']}" in output
+    # each process read the two rows its two devices hold, and together the whole batch
+    rows = [_rows_read(output) for output in outputs]
+    assert [len(r) for r in rows] == [2, 2] and sorted(rows[0] + rows[1]) == [0, 1, 2, 3], rows
 
     from experiments.compose import compose, to_run_config
     from scaling.training.loop import train

@@ -75,10 +75,10 @@ def mezo_run(tmp_path_factory) -> dict:
     run_dir = Path(cfg.train.out_dir) / run_name(cfg)
     original = scaling.training.data.train_batch
 
-    def crash_at_10(tokens, seed, step, batch_size, seq_len):
+    def crash_at_10(tokens, seed, step, batch_size, seq_len, **rows):
         if step == 10:
             raise RuntimeError("simulated crash")
-        return original(tokens, seed, step, batch_size, seq_len)
+        return original(tokens, seed, step, batch_size, seq_len, **rows)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(scaling.training.data, "train_batch", crash_at_10)

@@ -45,10 +45,10 @@ def test_preempted_run_checkpoints_and_resumes_exactly(tmp_path, monkeypatch, si
     previous = signal.signal(signum, launcher_handler)
     draw = data.train_batch
 
-    def preempting_batch(tokens, seed, step, *shape):
+    def preempting_batch(tokens, seed, step, *shape, **rows):
         if step == PREEMPTED_AT - 1 and not handled:
             os.kill(os.getpid(), signum)
-        return draw(tokens, seed, step, *shape)
+        return draw(tokens, seed, step, *shape, **rows)
 
     try:
         monkeypatch.setattr(data, "train_batch", preempting_batch)

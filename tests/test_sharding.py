@@ -290,3 +290,26 @@ def test_single_mesh_is_no_mesh():
     """mesh=single compiles exactly the unsharded program; any -1 makes a mesh, even of one."""
     assert layout_of(MeshConfig()) is None
     assert dict(layout_of(MeshConfig(fsdp=-1)).mesh.shape)["fsdp"] == SIMULATED_DEVICES
+
+
+def test_a_mesh_batch_is_the_whole_batch_read_one_shard_at_a_time(monkeypatch):
+    """On the 4×2 mesh the global batch equals the one-device batch, and it is read a shard of
+    rows at a time (the batch split over data × fsdp = 4): never whole, so each process of a
+    multi-host run reads only the rows its devices hold (tests/test_distributed.py runs two)."""
+    layout = layout_of(MeshConfig(fsdp=4, tensor=2))
+    tokens = np.random.default_rng(0).integers(0, 256, 4096).astype(np.uint16)
+    whole = data.train_batch(tokens, 3, 7, 8, 16)
+    assert np.array_equal(data.train_batch(tokens, 3, 7, 8, 16, rows=slice(2, 4))[1],
+                          whole[1][2:4])
+    reads, draw = [], data.train_batch
+
+    def recording(*args, rows=slice(None)):
+        reads.append(list(range(8))[rows])
+        return draw(*args, rows=rows)
+
+    monkeypatch.setattr(data, "train_batch", recording)
+    inputs, targets = data.global_batch(tokens, 3, 7, 8, 16, layout.batch)
+    assert inputs.sharding == targets.sharding == layout.batch
+    np.testing.assert_array_equal(np.asarray(inputs), whole[0])
+    np.testing.assert_array_equal(np.asarray(targets), whole[1])
+    assert sorted(reads) == [[0, 1], [2, 3], [4, 5], [6, 7]]  # once per shard, not per device

@@ -220,11 +220,11 @@ def test_muonh_resume_is_bit_exact_with_its_radius(tmp_path, monkeypatch):
     whole = train(config(tmp_path / "whole"))
     original, crashed = scaling.training.data.train_batch, []
 
-    def train_batch(tokens, seed, step, batch_size, seq_len):
+    def train_batch(tokens, seed, step, batch_size, seq_len, **rows):
         if step == 10 and not crashed:
             crashed.append(step)
             raise RuntimeError("simulated crash")
-        return original(tokens, seed, step, batch_size, seq_len)
+        return original(tokens, seed, step, batch_size, seq_len, **rows)
 
     monkeypatch.setattr(scaling.training.data, "train_batch", train_batch)
     with pytest.raises(RuntimeError, match="simulated crash"):

@@ -68,11 +68,11 @@ def _crash_at(monkeypatch, crash_step: int) -> None:
     """Makes the batch for `crash_step` raise once, like a process dying mid-run."""
     original, crashed = scaling.training.data.train_batch, []
 
-    def train_batch(tokens, seed, step, batch_size, seq_len):
+    def train_batch(tokens, seed, step, batch_size, seq_len, **rows):
         if step == crash_step and not crashed:
             crashed.append(step)
             raise RuntimeError(f"simulated crash at step {step}")
-        return original(tokens, seed, step, batch_size, seq_len)
+        return original(tokens, seed, step, batch_size, seq_len, **rows)
 
     monkeypatch.setattr(scaling.training.data, "train_batch", train_batch)
 
@@ -170,10 +170,10 @@ HOLD_CHILD = f"""
 import runpy, time
 import scaling.training.data as data
 batch = data.train_batch
-def train_batch(tokens, seed, step, *args):
+def train_batch(tokens, seed, step, *args, **rows):
     if step == {HELD_AT_STEP}:
         time.sleep(600)
-    return batch(tokens, seed, step, *args)
+    return batch(tokens, seed, step, *args, **rows)
 data.train_batch = train_batch
 runpy.run_module("experiments.train", run_name="__main__", alter_sys=True)
 """

@@ -20,6 +20,7 @@ block by block.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -28,6 +29,7 @@ import time
 import zlib
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from scaling.config import BYTE_VOCAB, ConfigError, DataConfig
@@ -249,13 +251,31 @@ def _build(cfg: DataConfig, text: np.ndarray, identity: dict, folder: Path) -> T
                              tokenizer.to_str() if cfg.tokenizer == "bpe" else None, details)
 
 
-def train_batch(tokens: np.ndarray, seed: int, step: int, batch_size: int,
-                seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Random windows drawn from a generator seeded by (seed, step) alone: resumable exactly."""
+def train_batch(tokens: np.ndarray, seed: int, step: int, batch_size: int, seq_len: int,
+                rows: slice = slice(None)) -> tuple[np.ndarray, np.ndarray]:
+    """Random windows drawn from a generator seeded by (seed, step) alone: resumable exactly.
+    `rows`: only those rows of the batch are read (every start is still drawn, so a row is the
+    same whichever rows are asked for)."""
     rng = np.random.default_rng([seed, step])
-    starts_B = rng.integers(0, len(tokens) - seq_len, size=batch_size)
+    starts_B = rng.integers(0, len(tokens) - seq_len, size=batch_size)[rows]
     windows_BxT1 = tokens[starts_B[:, None] + np.arange(seq_len + 1)[None, :]].astype(np.int32)
     return windows_BxT1[:, :-1], windows_BxT1[:, 1:]
+
+
+def global_batch(tokens: np.ndarray, seed: int, step: int, batch_size: int, seq_len: int,
+                 sharding: jax.sharding.Sharding) -> tuple[jax.Array, jax.Array]:
+    """train_batch as two global arrays laid out by `sharding`, each process reading only the
+    rows its own devices hold (from memory-mapped tokens, only those windows' pages)."""
+    read = functools.cache(lambda start, stop: train_batch(
+        tokens, seed, step, batch_size, seq_len, rows=slice(start, stop)))
+
+    def part(which: int) -> jax.Array:
+        def rows_of(index):
+            start, stop, _ = index[0].indices(batch_size)
+            return read(start, stop)[which][:, index[1]]
+        return jax.make_array_from_callback((batch_size, seq_len), sharding, rows_of)
+
+    return part(0), part(1)
 
 
 def val_batches(tokens: np.ndarray, n_batches: int, batch_size: int,

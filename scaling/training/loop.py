@@ -270,10 +270,12 @@ class _Loop:
         if step == 0 and self.cfg.init.from_run is not None:
             _log_start(members, self.evaluate(state.params))
         while step < t.steps and not all(m.diverged for m in members):
-            inputs, targets = data.train_batch(self.splits.train, t.seed, step, t.batch_size,
-                                               t.seq_len)
-            if self.layout is not None:  # every process draws the whole batch, keeps its shards
-                inputs, targets = place((inputs, targets), (self.layout.batch,) * 2)
+            if self.layout is None:
+                inputs, targets = data.train_batch(self.splits.train, t.seed, step,
+                                                   t.batch_size, t.seq_len)
+            else:  # each process reads only the rows its devices hold
+                inputs, targets = data.global_batch(self.splits.train, t.seed, step,
+                                                    t.batch_size, t.seq_len, self.layout.batch)
             state, measured = self.step(state, inputs, targets)
             step += 1
             self.bar.update(1)
