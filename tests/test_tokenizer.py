@@ -215,6 +215,10 @@ def test_jsonl_in_byte_and_bpe_mode(tmp_path):
     tokenizer = Tokenizer.from_file(str(as_bpe.cache.folder / "tokenizer.json"))
     decoded = tokenizer.decode([*as_bpe.train.tolist(), *as_bpe.val.tolist()])
     assert decoded.encode() == joined and as_bpe.text_bytes == len(joined)
+    # per byte of validation text: its tokens decode to exactly that many bytes
+    val_bytes = len(tokenizer.decode(as_bpe.val.tolist()).encode())
+    assert as_bpe.val_tokens_per_byte == len(as_bpe.val) / val_bytes < 1
+    assert as_bytes.val_tokens_per_byte == 1.0
 
 
 def test_byte_mode_reads_the_standard_library_as_before(monkeypatch):

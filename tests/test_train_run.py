@@ -97,6 +97,7 @@ def test_short_run_learns_the_default_corpus(tmp_path):
     assert saved["steps"] == 60 and saved["tokens"] == 60 * 16 * 32
     assert saved["params"] > 0 and saved["flops_per_token"] > 0 and saved["wall_seconds"] > 0
     assert saved["data"].startswith("stdlib")
+    assert saved["val_loss_per_byte"] == saved["val_loss"]  # a byte is a token
     records = _metrics(result["run_dir"])
     assert [r["step"] for r in records] == list(range(5, 61, 5))
     assert [r["step"] for r in records if "val_loss" in r] == [20, 40, 60]

@@ -53,6 +53,13 @@ class TokenSplits:
     description: str
     text_bytes: int | None = None  # the bytes of text tokenized (None for a .bin of tokens)
     cache: TokenCache | None = None  # where tokenized text's tokens are kept
+    val_text_bytes: int | None = None  # the validation text's bytes (None for a .bin)
+
+    @property
+    def val_tokens_per_byte(self) -> float | None:
+        """Validation tokens per byte of validation text: × a loss per token, a loss per byte
+        that compares runs on bytes and on any tokenizer."""
+        return None if self.val_text_bytes is None else len(self.val) / self.val_text_bytes
 
 
 def top_level_name(relative: Path) -> str:
@@ -158,7 +165,9 @@ def load(cfg: DataConfig, seq_len: int) -> TokenSplits:
         text, what = _read_text(cfg)
         if cfg.tokenizer == "bytes":
             what = what if cfg.path is None else f"bytes of {what}"
-            splits = TokenSplits(*split(text), BYTE_VOCAB, what, text_bytes=len(text))
+            train, val = split(text)
+            splits = TokenSplits(train, val, BYTE_VOCAB, what, text_bytes=len(text),
+                                 val_text_bytes=len(val))
         else:
             splits = _tokenized(cfg, text, what)
     need = seq_len + 1
@@ -227,7 +236,8 @@ def _tokenized(cfg: DataConfig, text: np.ndarray, what: str) -> TokenSplits:
     cache = token_cache.read(folder, identity) or _build(cfg, text, identity, folder)
     description = f"{'bpe-' + str(vocab) if bpe else tokenizer} tokens of {what}"
     return TokenSplits(cache.tokens("train"), cache.tokens("val"), vocab, description,
-                       text_bytes=len(text), cache=cache)
+                       text_bytes=len(text), cache=cache,
+                       val_text_bytes=sum(b - a for a, b in text_split(text)[1]))
 
 
 def _build(cfg: DataConfig, text: np.ndarray, identity: dict, folder: Path) -> TokenCache:

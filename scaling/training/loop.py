@@ -196,7 +196,8 @@ def _train_together(members: list[_Member], splits) -> list[dict]:
                     layout=layout)
     cost = {"params": int(sum(x.size for x in jax.tree.leaves(params))),
             "flops_per_token": run.model.flops_per_token(t.seq_len),
-            "data": splits.description, "lrs_trained_together": k}
+            "data": splits.description, "lrs_trained_together": k,
+            "val_tokens_per_byte": splits.val_tokens_per_byte}
     val_batches = data.val_batches(splits.val, t.eval_batches, t.batch_size, t.seq_len)
     if layout is not None:
         cost["sharding"] = layout.describe(run.parametrization.specs)
@@ -415,6 +416,10 @@ def _write_result(m: _Member, cost: dict, wall_seconds: float,
         "diverged": m.diverged, "steps": m.step, "tokens": m.step * t.batch_size * t.seq_len,
         **cost, "wall_seconds": wall_seconds, "run_dir": str(m.run_dir), "name": m.name,
     }
+    per_byte = cost["val_tokens_per_byte"]
+    # nats per byte of validation text: byte and token runs compare (None for a .bin)
+    result["val_loss_per_byte"] = (None if per_byte is None or result["val_loss"] is None
+                                   else result["val_loss"] * per_byte)
     if m.cfg.init.from_run is not None:  # where fine-tuning started from, on this data
         result["start_val_loss"] = _start_val_loss(m)
     result |= _summaries(m, metric_names)
