@@ -42,7 +42,7 @@ def test_console_script_is_installed(script, module, monkeypatch, restore_root_l
 
 
 def test_an_installed_command_runs_as_a_program():
-    """One of those wrappers, run as a program, answers --help (pip writes all seven alike)."""
+    """One of those wrappers, run as a program, answers --help (pip writes every one alike)."""
     found = shutil.which("scaling-train", path=str(Path(sys.executable).parent))
     proc = subprocess.run([found, "--help"], capture_output=True, text=True, timeout=60,
                           check=False)
