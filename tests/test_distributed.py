@@ -56,6 +56,15 @@ def train_batch(tokens, seed, step, batch_size, seq_len, rows=slice(None)):
         print("rows read at step 0:", list(range(batch_size))[rows], flush=True)
     return batch(tokens, seed, step, batch_size, seq_len, rows=rows)
 data.train_batch = train_batch
+assemble = data.global_batch
+def global_batch(tokens, seed, step, *args):
+    inputs, targets = assemble(tokens, seed, step, *args)
+    if step == 0:  # the global batch as every process sees it, gathered from both
+        from jax.experimental import multihost_utils
+        whole = multihost_utils.process_allgather(inputs, tiled=True)
+        print("assembled step 0:", whole.tolist(), flush=True)
+    return inputs, targets
+data.global_batch = global_batch
 runpy.run_module("experiments.train", run_name="__main__", alter_sys=True)
 """
 
@@ -97,9 +106,18 @@ def test_two_processes_train_one_run(tmp_path):
     # each process read the two rows its two devices hold, and together the whole batch
     rows = [_rows_read(output) for output in outputs]
     assert [len(r) for r in rows] == [2, 2] and sorted(rows[0] + rows[1]) == [0, 1, 2, 3], rows
-
     from experiments.compose import compose, to_run_config
+    from scaling.training import data
     from scaling.training.loop import train
+
+    # the assembled global batch is the one a single process draws
+    cfg = to_run_config(compose(run))
+    splits = data.load(cfg.data, cfg.train.seq_len)
+    inputs, _ = data.train_batch(splits.train, cfg.train.seed, 0, cfg.train.batch_size,
+                                 cfg.train.seq_len)
+    for output in outputs:
+        (line,) = [x for x in output.splitlines() if x.startswith("assembled step 0:")]
+        assert json.loads(line.partition(":")[2]) == inputs.tolist()
 
     alone = train(to_run_config(compose([*run, f"train.out_dir={tmp_path / 'alone'}"])))
     assert alone["name"] == result["name"]

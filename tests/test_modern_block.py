@@ -306,6 +306,20 @@ def test_coordinates_stay_flat_under_mup_with_every_option(coordinates):
     assert max(sp.values()) > 2.0, sp
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_coordinates_stay_flat_under_mup_with_each_option_alone(name):
+    """Each option on its own (slow: the default suite checks the four together)."""
+    tokens_BxT1 = jax.random.randint(jax.random.key(0), (4, 33), 0, VOCAB)
+    model_cfg = ModelConfig(depth=1, head_dim=H, embed_std=0.1, **OPTIONS[name])
+    optim = AdamWConfig(lr=1e-2, schedule="constant", warmup_steps=0, clip_norm=0.0)
+    stats = {param: coordinate_check(model_cfg, ParamConfig(param, base_width=64, base_depth=1),
+                                     optim, [64, 512], 3,
+                                     (tokens_BxT1[:, :-1], tokens_BxT1[:, 1:]))
+             for param in ("mup", "sp")}
+    test_coordinates_stay_flat_under_mup_with_every_option(stats)
+
+
 def test_parametrization_groups_the_finite_gains_apart():
     """QK-norm's gains grow with nothing (the head dim is fixed): their own group, whose
     multipliers are the base's, apart from the width-sized block gains."""
