@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from collections.abc import Iterator
 from importlib import resources
 from typing import Any
 
@@ -18,8 +19,8 @@ from omegaconf.errors import OmegaConfBaseException
 from optim.config import expected_field
 from scaling.config import ConfigError, RunConfig, from_dict
 
-__all__ = ["ConfigError", "check_groups", "compose", "compose_or_explain", "expand_sweep",
-           "precheck", "split_command", "sweep_points", "to_run_config"]
+__all__ = ["ConfigError", "check_groups", "compose", "compose_or_explain", "distinct_sources",
+           "expand_sweep", "precheck", "split_command", "sweep_points", "to_run_config"]
 
 CONFIG_MODULE = "configs"
 # Flags that make Hydra print instead of run: leave those command lines to Hydra untouched.
@@ -159,6 +160,18 @@ def split_command(args: list[str]) -> tuple[list[str], bool, str]:
     return overrides, multirun, config_name
 
 
+def distinct_sources(points: list[list[str]], config_name: str = "config"
+                     ) -> Iterator[RunConfig]:
+    """The first run config of the sweep points for each distinct (data, train.seq_len): what
+    reads each source once."""
+    seen = set()
+    for point in points:
+        cfg = to_run_config(compose_or_explain(point, config_name))
+        if (cfg.data, cfg.train.seq_len) not in seen:
+            seen.add((cfg.data, cfg.train.seq_len))
+            yield cfg
+
+
 def precheck(argv: list[str]) -> list[str]:
     """Composes and validates every run the command line asks for; returns argv for Hydra.
 
@@ -179,13 +192,8 @@ def precheck(argv: list[str]) -> list[str]:
     # numpy only: checks each distinct source before any run starts
     from scaling.training import data
 
-    checked_sources = set()
-    for point in points:
-        cfg = to_run_config(compose_or_explain(point, config_name))
-        source = (cfg.data, cfg.train.seq_len)
-        if source not in checked_sources:
-            data.load(cfg.data, cfg.train.seq_len)
-            checked_sources.add(source)
+    for cfg in distinct_sources(points, config_name):
+        data.load(cfg.data, cfg.train.seq_len)
     if multirun and not any(o.lstrip("+").startswith("logging.group=") for o in overrides):
         digest = hashlib.sha256(" ".join(sorted(overrides)).encode()).hexdigest()[:8]
         argv = [*argv, f"logging.group=sweep-{digest}"]

@@ -21,10 +21,9 @@ from experiments.cli import HELP_FLAGS, fail
 from experiments.compose import (
     ConfigError,
     check_groups,
-    compose_or_explain,
+    distinct_sources,
     split_command,
     sweep_points,
-    to_run_config,
 )
 
 if TYPE_CHECKING:
@@ -91,12 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         overrides, _, config_name = split_command(argv)
         check_groups(overrides)
-        done = set()
-        for point in sweep_points(overrides, config_name):
-            cfg = to_run_config(compose_or_explain(point, config_name))
-            if (cfg.data, cfg.train.seq_len) in done:
-                continue
-            done.add((cfg.data, cfg.train.seq_len))
+        for cfg in distinct_sources(sweep_points(overrides, config_name), config_name):
             start = time.perf_counter()
             splits = data.load(cfg.data, cfg.train.seq_len)
             print(report(splits, time.perf_counter() - start), flush=True)

@@ -61,6 +61,9 @@ def compute_dtype(name: str) -> jnp.dtype:
     return jnp.dtype(name)
 
 
+# the modern block's options: the Transformer's alone, left out of run names at their defaults
+BLOCK_OPTIONS = ("qk_norm", "mlp", "q_per_kv", "tie_embeddings")
+
 # SwiGLU's hidden size per head is this multiple of 8 nearest 2/3 · mlp_ratio · head_dim: its
 # three matrices then hold about as many parameters as GELU's two at the same mlp_ratio, and
 # the hidden size stays exactly proportional to width (heads × a constant)

@@ -10,7 +10,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from models.config import ModelConfig
+from models.config import BLOCK_OPTIONS, ModelConfig
 from optim.config import OPTIMIZERS, AdamWConfig, OptimizerConfig, Problem, expected_field
 from scaling.rules import TUNABLE
 from scaling.schemes import SCHEMES, Scheme
@@ -366,7 +366,7 @@ def validate(cfg: RunConfig) -> RunConfig:
 def _transformer_only(m: ModelConfig) -> Iterator[Problem]:
     """The modern block's options, set on a model that has no such block."""
     defaults = ModelConfig()
-    for name in ("qk_norm", "mlp", "q_per_kv", "tie_embeddings"):
+    for name in BLOCK_OPTIONS:
         if getattr(m, name) != getattr(defaults, name):
             yield (f"model.{name}", getattr(m, name),
                    f"{getattr(defaults, name)!r} with model.kind={m.kind} (a Transformer option)")

@@ -233,17 +233,18 @@ def _tokenized(cfg: DataConfig, text: np.ndarray, what: str) -> TokenSplits:
     label = f"{name}-{cfg.packages}" if cfg.packages != "all" else name
     label += f"-bpe{vocab}" if bpe else f"-{Path(tokenizer).stem}"
     folder = token_cache.folder_for(Path(cfg.cache_dir).expanduser(), label, identity)
-    cache = token_cache.read(folder, identity) or _build(cfg, text, identity, folder)
+    ranges = dict(zip(token_cache.SPLITS, text_split(text), strict=True))
+    cache = token_cache.read(folder, identity) or _build(cfg, text, ranges, identity, folder)
     description = f"{'bpe-' + str(vocab) if bpe else tokenizer} tokens of {what}"
     return TokenSplits(cache.tokens("train"), cache.tokens("val"), vocab, description,
                        text_bytes=len(text), cache=cache,
-                       val_text_bytes=sum(b - a for a, b in text_split(text)[1]))
+                       val_text_bytes=sum(b - a for a, b in ranges["val"]))
 
 
-def _build(cfg: DataConfig, text: np.ndarray, identity: dict, folder: Path) -> TokenCache:
-    """Splits the text, trains the BPE on the training blocks (or reads the user's tokenizer),
+def _build(cfg: DataConfig, text: np.ndarray, ranges: dict[str, list[tuple[int, int]]],
+           identity: dict, folder: Path) -> TokenCache:
+    """Trains the BPE on the training blocks of `ranges` (or reads the user's tokenizer),
     encodes each split and writes the cache."""
-    ranges = dict(zip(token_cache.SPLITS, text_split(text), strict=True))
     texts = {name: [text[a:b].tobytes().decode("utf-8", errors="replace") for a, b in blocks]
              for name, blocks in ranges.items()}
     start = time.perf_counter()

@@ -6,6 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from models.config import BLOCK_OPTIONS, ModelConfig
 from scaling.config import RunConfig, to_dict
 from scaling.rules import TUNABLE
 
@@ -15,8 +16,7 @@ LATER_DEFAULTS = {("data", "packages"): "all", ("data", "tokenizer"): "bytes",
                   ("data", "text_field"): "text", ("init", "from_run"): None,
                   ("optim", "clip_scope"): "global", ("optim", "clip_width_exponent"): 0.0,
                   ("optim", "ns_sharding"): "stack",
-                  ("model", "qk_norm"): False, ("model", "mlp"): "gelu", ("model", "q_per_kv"): 1,
-                  ("model", "tie_embeddings"): False,
+                  **{("model", name): getattr(ModelConfig(), name) for name in BLOCK_OPTIONS},
                   **{("param", field): 1.0 for field in TUNABLE}}
 
 
