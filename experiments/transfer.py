@@ -19,7 +19,8 @@ from experiments.compose import compose, group_options, to_run_config
 from scaling.analysis import load_results
 from scaling.config import RunConfig, to_dict
 from scaling.files import atomic_open
-from scaling.transfer import DATA_EXPONENT, DEPTH_EXPONENT, TransferResult, transfer_from_sweep
+from scaling.laws import DATA_EXPONENT, LAWS
+from scaling.transfer import TransferResult, transfer_from_sweep
 
 # Groups whose option is chosen by name; every other difference is a field override.
 GROUP_FIELDS = {"model": "kind", "param": "name", "optim": "name"}
@@ -48,11 +49,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--proxy-width", type=int, help="default: widest interior optimum")
     parser.add_argument("--proxy-depth", type=int,
                         help="default: deepest interior optimum at the proxy width")
-    parser.add_argument("--data-exponent", type=float, default=DATA_EXPONENT,
-                        help="k in η ∝ T^(−k) (default %(default)s, as HyperP)")
-    parser.add_argument("--depth-exponent", type=float, default=DEPTH_EXPONENT,
-                        help="d in HyperP's η ∝ (L0/L)^d (default %(default)s, as HyperP; an "
-                        "assumption to measure)")
+    parser.add_argument("--law", choices=list(LAWS), help="the base-LR law (default: the "
+                        "parametrization's own): " + "; ".join(f"{law.name}: {law.description}"
+                                                               for law in LAWS.values()))
+    parser.add_argument("--data-exponent", type=float,
+                        help=f"k in η ∝ T^(−k) (default: the law's, {DATA_EXPONENT} as HyperP)")
+    parser.add_argument("--depth-exponent", type=float,
+                        help="d in η ∝ (L0/L)^d (default: the law's; an assumption to measure)")
     parser.add_argument("--out-dir", default="runs/transfer", help="train.out_dir of the target")
     parser.add_argument("--out", type=Path, help="overrides file (default: "
                         "SWEEP_DIR/analysis/transfer-PARAM-wW-dL.yaml)")
@@ -83,12 +86,13 @@ def _value(value) -> str:
 def plan(sweep_dir: Path, *, width: int | None = None, depth: int | None = None,
          steps: int | None = None, batch_size: int | None = None, param: str | None = None,
          proxy_width: int | None = None, proxy_depth: int | None = None,
-         data_exponent: float = DATA_EXPONENT, depth_exponent: float = DEPTH_EXPONENT,
+         law: str | None = None, data_exponent: float | None = None,
+         depth_exponent: float | None = None,
          optim: str | None = None) -> tuple[dict, TransferResult]:
     """(proxy shape, transfer) from the sweep's results; the target logs to the sweep's group."""
     return transfer_from_sweep(load_results(sweep_dir), width=width, depth=depth, steps=steps,
                                batch_size=batch_size, param=param, proxy_width=proxy_width,
-                               proxy_depth=proxy_depth, data_exponent=data_exponent,
+                               proxy_depth=proxy_depth, law=law, data_exponent=data_exponent,
                                depth_exponent=depth_exponent, optim=optim)
 
 
@@ -139,7 +143,8 @@ def main(argv: list[str] | None = None) -> None:
         shape, result = plan(args.sweep_dir, width=args.width, depth=args.depth, steps=args.steps,
                              batch_size=args.batch_size, param=args.param,
                              proxy_width=args.proxy_width, proxy_depth=args.proxy_depth,
-                             data_exponent=args.data_exponent, depth_exponent=args.depth_exponent,
+                             law=args.law, data_exponent=args.data_exponent,
+                             depth_exponent=args.depth_exponent,
                              optim=args.optim)
     except (FileNotFoundError, ValueError) as error:  # ConfigError is a ValueError
         _fail(str(error))

@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 from optim import role_transforms as parts
 from optim.kernels.ns_math import NSNormalization
-from optim.muon import UpdateScale, scale_by_muon
+from optim.muon import UPDATE_SCALES, UpdateScale, auon_direction, scale_by_muon
 from optim.objectives import Objective
-from optim.orthogonalize import NSBackend, NSMethod, NSScheme
+from optim.orthogonalize import NSBackend, NSMethod, NSScheme, orthogonalize
 from optim.schedules import Schedule
+from optim.sphere import full_rank_norm
 
 if TYPE_CHECKING:
     import optax
@@ -33,6 +34,9 @@ ClipScope = Literal["global", "role"]
 Dtype = Literal["float32", "bfloat16"]
 NSDtype = Literal["auto", "float32", "bfloat16"]  # auto: bfloat16 on GPU/TPU, float32 on CPU
 NSSharding = Literal["stack", "compiler"]
+# what MuonH divides the orthogonalized direction by: its ‖O‖_F, or the norm a full-rank
+# orthogonal factor has, s·√min(fan_in, fan_out) (the same for a full-rank O)
+SphereNorm = Literal["frobenius", "full_rank"]
 ProbeScaling = Literal["isotropic", "matched"]  # matched: √(the group's SGD LR multiplier)
 EpsScaling = Literal["constant", "fan_in"]
 # One bad field: (its dotted name, its value, what was expected). The caller reports the first.
@@ -94,6 +98,16 @@ class OptimizerConfig:
         (a MatrixAxes tree) for the roles it steps as matrices; `stack`: Muon's placement on a
         device mesh."""
         raise NotImplementedError
+
+    def scaled_lr(self, factor: float) -> OptimizerConfig:
+        """This optimizer with every learning rate it holds multiplied by `factor` (what a
+        transfer law does to a tuned proxy's LR)."""
+        return dataclasses.replace(self, lr=self.lr * factor)
+
+    def bare_direction(self) -> Callable[[Any], Any] | None:
+        """Its matrix direction on a batch of matrices, without momentum or update scale (for
+        diagnostics); None for a family without one."""
+        return None
 
     def step_lr_multiplier(self, lr_multiplier: float) -> float:
         """The LR factor of a group's expected step, given its table multiplier."""
@@ -168,18 +182,30 @@ class SGDConfig(OptimizerConfig):
 
 @dataclasses.dataclass(frozen=True)
 class WithAdamGroups(AdamWConfig):
-    """A family that steps some roles its own way and the rest with AdamW at
-    lr * adam_lr_ratio (a field each such family declares in its own place), under the
-    table's Adam column."""
+    """A family that steps some roles its own way and the rest with AdamW, under the table's
+    Adam column, at the base LR `adam_lr` when set, else at lr * adam_lr_ratio (fields each
+    such family declares in its own place). An absolute `adam_lr` lets the two optimizers'
+    optima be swept apart: with the ratio, sweeping lr moves both."""
+
+    def scaled_lr(self, factor):
+        adam_lr = None if self.adam_lr is None else self.adam_lr * factor
+        return dataclasses.replace(self, lr=self.lr * factor, adam_lr=adam_lr)
+
+    def adam_base_lr(self):
+        """The Adam-trained groups' base LR (before the table's multipliers)."""
+        return self.lr * self.adam_lr_ratio if self.adam_lr is None else self.adam_lr
 
     def role_transform(self, role, mult, total_steps, *, matrix_axes=None, stack=None):
-        adam_mult = dataclasses.replace(mult, lr=mult.lr * self.adam_lr_ratio)
-        return super().role_transform(role, adam_mult, total_steps)
+        adam = dataclasses.replace(self, lr=self.adam_base_lr())
+        return AdamWConfig.role_transform(adam, role, mult, total_steps)
 
     def problems(self, steps):
         yield from super().problems(steps)
         if not self.adam_lr_ratio > 0:
             yield "optim.adam_lr_ratio", self.adam_lr_ratio, "a positive number"
+        if self.adam_lr is not None and not self.adam_lr > 0:
+            yield ("optim.adam_lr", self.adam_lr,
+                   "a positive learning rate, or null for lr * adam_lr_ratio")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,6 +218,7 @@ class MatrixOptimizerConfig(WithAdamGroups):
     momentum: float = 0.95
     nesterov: bool = True
     adam_lr_ratio: float = 0.5
+    adam_lr: float | None = None  # the AdamW roles' base LR; None: lr * adam_lr_ratio
     update_scale: UpdateScale = "keller"
     momentum_dtype: Dtype = "float32"
     bias_correction: bool = False  # divide the momentum terms by (1 - β^t), as optax does
@@ -238,6 +265,12 @@ class MuonConfig(MatrixOptimizerConfig):
     ns_method: NSMethod = "auto"  # auto: Gram for float32 at aspect >= 2
     ns_dtype: NSDtype = "auto"
 
+    def bare_direction(self):
+        return lambda u: orthogonalize(
+            u, scheme=self.ns_scheme, steps=self.ns_steps, backend=self.ns_backend,
+            compute_dtype=parts.ns_compute_dtype(self.ns_dtype),
+            normalization=self.ns_normalization, method=self.ns_method)
+
     def direction(self, matrix_axes, stack=None):
         return scale_by_muon(
             matrix_axes, direction="newton_schulz", ns_scheme=self.ns_scheme,
@@ -260,6 +293,9 @@ class AuONConfig(MatrixOptimizerConfig):
     name: str = "auon"
     auon_hybrid: bool = False  # one Newton–Schulz step after the AuON normalization
 
+    def bare_direction(self):
+        return lambda u: auon_direction(u, hybrid=self.auon_hybrid, backend=self.ns_backend)
+
     def direction(self, matrix_axes, stack=None):
         return scale_by_muon(matrix_axes, direction="auon_hybrid" if self.auon_hybrid else "auon",
                              **self._momentum(stack))
@@ -268,7 +304,7 @@ class AuONConfig(MatrixOptimizerConfig):
 class OnSphere:
     """MuonH and AdamH: hidden and output matrices take a relative step along a direction and
     stay on their init spheres (Adam's direction unless the family steps the role as a
-    matrix); embeddings and vectors AdamW at lr * adam_lr_ratio. weight_decay > 0 is applied,
+    matrix); embeddings and vectors AdamW at adam_lr (or lr * adam_lr_ratio). weight_decay > 0 is applied,
     with a warning."""
 
     sphere_roles: ClassVar[tuple[str, ...]] = ("hidden", "output")
@@ -280,9 +316,15 @@ class OnSphere:
         if role not in self.sphere_roles:
             return WithAdamGroups.role_transform(self, role, mult, total_steps)
         parts.need_axes(self.name, matrix_axes)
-        direction = (self.direction(matrix_axes, stack) if role in self.matrix_roles
-                     else parts.adam_direction(self, mult))
-        return parts.on_sphere(self, direction, mult, total_steps, matrix_axes)
+        if role in self.matrix_roles:
+            return parts.on_sphere(self, self.direction(matrix_axes, stack), mult, total_steps,
+                                   matrix_axes, self.sphere_direction_norm())
+        return parts.on_sphere(self, parts.adam_direction(self, mult), mult, total_steps,
+                               matrix_axes)
+
+    def sphere_direction_norm(self):
+        """What a matrix direction is divided by on the sphere (None: its ‖O‖_F)."""
+        return
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,6 +334,12 @@ class MuonHConfig(OnSphere, MuonConfig):
     name: str = "muonh"
     # the default run's optimum: val 1.408, 1.338, 1.339, 1.403 at 2^-6 … 2^-3 (docs/optimizers.md)
     lr: float = 0.04
+    sphere_norm: SphereNorm = "frobenius"
+
+    def sphere_direction_norm(self):
+        if self.sphere_norm == "frobenius":
+            return None
+        return full_rank_norm(UPDATE_SCALES[self.update_scale])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,6 +349,7 @@ class AdamHConfig(OnSphere, WithAdamGroups):
     name: str = "adamh"
     lr: float = 0.02
     adam_lr_ratio: float = 0.5
+    adam_lr: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -73,6 +73,21 @@ def auon_direction(x_BxMxN: jax.Array, *, hybrid: bool = False, eps: float = 1e-
     return (u * math.sqrt(min(x.shape[-2:]))).astype(x_BxMxN.dtype)
 
 
+def rank_fraction(o: jax.Array, axes: MatrixAxes) -> jax.Array:
+    """‖O‖_F² / min(fan_in, fan_out) of every matrix in `o` (one value per batch index, e.g.
+    per stacked layer): 1 for an orthogonal factor of full rank, r / min for rank r."""
+    _, _, dims = _as_matrices(o, axes)
+    fan = tuple(a % o.ndim for a in axes.fan_in_axes + axes.fan_out_axes)
+    o32 = o.astype(jnp.float32)
+    return jnp.sum(o32 * o32, axis=fan) / min(dims)
+
+
+def orthogonalized(tree, matrix_axes, direction_fn) -> Any:
+    """`direction_fn` (a batch of matrices -> their directions) on every matrix of `tree`, with
+    no update scale: the bare orthogonal factors, for diagnostics."""
+    return _directions(tree, axes_by_path(matrix_axes), direction_fn, lambda a, b: 1.0)
+
+
 def _directions(tree, axes_of: dict, direction_fn, scale_fn, stack: StackSharding | None = None):
     """Applies `direction_fn` to all matrices of a shape at once, then each leaf's scale; with
     `stack`, the matrices of a shape are split over the devices whole."""

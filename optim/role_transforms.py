@@ -40,7 +40,7 @@ def decay_and_step(cfg: OptimizerConfig, mult: RoleMultipliers, total_steps: int
 
 
 def on_sphere(cfg: OptimizerConfig, direction: optax.GradientTransformation,
-              mult: RoleMultipliers, total_steps: int, matrix_axes
+              mult: RoleMultipliers, total_steps: int, matrix_axes, direction_norm=None
               ) -> list[optax.GradientTransformation]:
     """MuonH/AdamH on one matrix group: the direction, then the relative step and retraction."""
     weight_decay = cfg.weight_decay * mult.weight_decay
@@ -48,7 +48,8 @@ def on_sphere(cfg: OptimizerConfig, direction: optax.GradientTransformation,
         _warned.add(message)  # once: the optimizer is rebuilt at every trace of the train step
         warnings.warn(message, stacklevel=4)
     step = learning_rate(cfg, total_steps, mult.lr)
-    return [direction, scale_to_sphere(step, matrix_axes, weight_decay=weight_decay)]
+    return [direction, scale_to_sphere(step, matrix_axes, weight_decay=weight_decay,
+                                       direction_norm=direction_norm)]
 
 
 def ns_compute_dtype(name: str):

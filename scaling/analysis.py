@@ -14,15 +14,19 @@ import numpy as np
 from scaling.config import ConfigError
 from scaling.files import read_jsonl
 from scaling.fits import Optimum, fit_optimum, fit_power_law
+from scaling.laws import LAWS, Size
+from scaling.rules import TUNABLE
 from scaling.shapes import (
     NOT_SHAPE,
+    PROBE_FIELDS,
     config_id,
     family_of,
     multipliers,
     optim_label,
     probes,
+    setting_label,
     shape_id,
-    tuned_label,
+    with_later_defaults,
 )
 from scaling.tuning import multiplier_drift, tune_lines, tunes
 
@@ -140,7 +144,8 @@ def _shape(sid: str, runs: list[dict], metric: str) -> dict:
             **({} if probe_scaling is None else {"probes": probe_scaling}),
             "kind": row["kind"], "width": row["width"], "depth": row["depth"],
             "tokens": row["tokens"], "batch_size": row["batch_size"], "steps": runs[0]["config"]["train"]["steps"],
-            "multipliers": multipliers(runs[0]["config"]), "seeds": seeds, "curve": curve,
+            "multipliers": multipliers(runs[0]["config"]),
+            "adam_lr": runs[0]["config"]["optim"].get("adam_lr"), "seeds": seeds, "curve": curve,
             "optimum": _optimum_dict(fit_optimum([p["log2_lr"] for p in curve], means))
             if has_finite else None,
             "seed_optima": seed_optima,
@@ -148,6 +153,36 @@ def _shape(sid: str, runs: list[dict], metric: str) -> dict:
             "log2_lr_std": float(np.std(seed_optima, ddof=1)) if len(seed_optima) >= 2 else 0.0,
             "compute": row["compute"],
             "best_loss": float(np.nanmin(means)) if has_finite else None}
+
+
+# Config fields a shape shows apart (its sizes, recipe and tuned values); any other field that
+# differs between the shapes of one recipe is listed in their `setting`.
+SHOWN_FIELDS = ("param.name", "optim.name", "model.kind", "model.width", "model.depth",
+                "train.steps", "train.batch_size", "train.seq_len", "optim.adam_lr",
+                *(f"param.{field}" for field in TUNABLE), *(f"optim.{f}" for f in PROBE_FIELDS))
+
+
+def _flat(config: dict) -> dict[str, str]:
+    return {f"{group}.{key}": json.dumps(value, sort_keys=True)
+            for group, values in config.items() if isinstance(values, dict)
+            for key, value in values.items()}
+
+
+def _add_settings(shapes: list[tuple[dict, dict]]) -> None:
+    """Each shape's `setting`: the config fields (not shown otherwise) whose values differ
+    among the shapes of its recipe (param, optimizer), e.g. data.tokenizer in a sweep of bytes
+    and BPE runs; {} in a sweep that varies only sizes, LR and tuned values."""
+    hidden = set(NOT_SHAPE) | set(SHOWN_FIELDS)
+    by_recipe = defaultdict(list)
+    for shape, config in shapes:
+        by_recipe[shape["param"], optim_label(shape)].append(
+            (shape, _flat(with_later_defaults(config))))
+    for members in by_recipe.values():
+        keys = sorted({k for _, flat in members for k in flat if k not in hidden
+                       and not any(k.startswith(f"{h}.") for h in hidden)})
+        varying = [k for k in keys if len({flat.get(k) for _, flat in members}) > 1]
+        for shape, flat in members:
+            shape["setting"] = {k: json.loads(flat[k]) if k in flat else None for k in varying}
 
 
 def _families(shapes: list[tuple[dict, dict]], vary: tuple[str, ...]) -> list[list[dict]]:
@@ -167,6 +202,7 @@ def _sem(std: float | None, n: int) -> float | None:
 # What a drift family varies ("width" or "depth") -> the shape fields it holds fixed.
 DRIFT_AXES = {"width": ("param", "optim", "kind", "depth", "tokens", "batch_size"),
               "depth": ("param", "optim", "kind", "width", "tokens", "batch_size")}
+PATH_FIELDS = ("param", "optim", "kind", "batch_size")  # width, depth and steps move together
 # The analysis's keys per axis, (drift, bigger is better): width's names predate depth's.
 DRIFT_KEYS = {"width": ("drift", "wider_is_better"), "depth": ("depth_drift", "deeper_is_better")}
 
@@ -218,6 +254,38 @@ def _drifts(shapes: list[tuple[dict, dict]], axis: str) -> tuple[list[dict], lis
     return drift, bigger
 
 
+def _paths(shapes: list[tuple[dict, dict]]) -> list[dict]:
+    """Drift along each joint width–depth path: shapes equal in all but width and depth, where
+    both grow together (each width one depth, deeper as wider), as a sweep that scales width and
+    depth at once (and tokens, if the steps grow along it). The optimum's drift per width doubling as measured, and what is left of it
+    once each LR law's prediction (scaling/laws.py) is taken out."""
+    paths = []
+    for family in _families(shapes, ("model.width", "model.depth", "train.steps")):
+        family.sort(key=lambda s: s["width"])
+        widths, depths = [s["width"] for s in family], [s["depth"] for s in family]
+        if len(family) < 2 or not (all(a < b for a, b in itertools.pairwise(widths))
+                                   and all(a < b for a, b in itertools.pairwise(depths))):
+            continue
+        measured = _drift(family, "width")
+        first = _size(family[0])
+        residuals = {}
+        for law in LAWS.values():
+            predicted = [family[0]["optimum"]["log2_lr"] + law.log2_factor(first, _size(s))
+                         for s in family]
+            left = [m - p for m, p in zip(measured["log2_lr"], predicted, strict=True)]
+            residuals[law.name] = {
+                "predicted_log2_lr": predicted, "residual": left,
+                "drift_octaves": max(left) - min(left),
+                "slope": float(np.polyfit(np.log2(widths), left, 1)[0])}
+        paths.append({**measured, "family": family_of(family[0], PATH_FIELDS),
+                      "depths": depths, "laws": residuals})
+    return paths
+
+
+def _size(shape: dict) -> Size:
+    return Size(shape["width"], shape["depth"], shape["tokens"], shape["batch_size"])
+
+
 def _power_law(x: list[float], y: list[float]) -> dict:
     """The fitted law, or null numbers and `fitted: false` below MIN_POWER_LAW_POINTS x values."""
     points = len(set(x))
@@ -251,10 +319,12 @@ def analyze(results: list[dict], metric: str = "val_loss",
                      for sid, runs in runs_by_shape.items()),
                     key=lambda sc: (*(sc[0][k] for k in ("param", "optim", "kind", "depth",
                                                          "tokens", "width")),
-                                    tuned_label(sc[0]["multipliers"]), sc[0]["id"]))
+                                    setting_label(sc[0]), sc[0]["id"]))
+    _add_settings(shapes)
     drifts = {}
     for axis, (drift_key, bigger_key) in DRIFT_KEYS.items():
         drifts[drift_key], drifts[bigger_key] = _drifts(shapes, axis)
+    drifts["path_drift"] = _paths(shapes)
     lr_vs_tokens = []
     for family in _families(shapes, ("train.steps", "train.batch_size")):
         family.sort(key=lambda s: s["tokens"])
@@ -269,7 +339,7 @@ def analyze(results: list[dict], metric: str = "val_loss",
     for shape, _ in shapes:
         if shape["best_loss"] is not None:
             by_recipe[shape["param"], shape["optim"], shape.get("probes", ""),
-                      tuned_label(shape["multipliers"])].append(shape)
+                      setting_label(shape)].append(shape)
     loss_vs_compute = []
     for (*_, tuned), family in sorted(by_recipe.items()):
         family.sort(key=lambda s: s["compute"])
@@ -291,6 +361,13 @@ def _pm(value: float | None, digits: int = 2) -> str:
     return "?" if value is None else f"{value:.{digits}f}"
 
 
+def _recipe(family: dict) -> str:
+    """'hyperp muonh', with the family's absolute Adam LR where it has one."""
+    adam = f" adam_lr={family['adam_lr']:g}" if "adam_lr" in family else ""
+    setting = "".join(f" {k}={v}" for k, v in family.get("setting", {}).items())
+    return f"{family['param']} {optim_label(family)}{adam}{setting}"
+
+
 def _drift_lines(analysis: dict, axis: str) -> list[str]:
     """One line per drift family along `axis`, then one per bigger-is-better check; the family
     is named by the other axis, which it holds fixed ("d2" for width drift, "w64" for depth)."""
@@ -302,13 +379,13 @@ def _drift_lines(analysis: dict, axis: str) -> list[str]:
     for d in analysis[drift_key]:
         f = d["family"]
         edge = "  (an optimum is on the grid edge)" if d["any_on_edge"] else ""
-        lines.append(f"{f['param']} {optim_label(f)} {fixed[0]}{f[fixed]} {f['tokens']} tokens "
+        lines.append(f"{_recipe(f)} {fixed[0]}{f[fixed]} {f['tokens']} tokens "
                      f"{letter}{d[sizes][0]}→{letter}{d[sizes][-1]}: drift "
                      f"{d['drift_octaves']:.2f} ± {_pm(d['drift_uncertainty'])} octaves, "
                      f"slope {d['slope']:+.2f}/{axis}-octave" + edge)
     for b in analysis[bigger_key]:
         f = b["family"]
-        lines.append(f"{f['param']} {optim_label(f)} {fixed[0]}{f[fixed]} {f['tokens']} tokens at "
+        lines.append(f"{_recipe(f)} {fixed[0]}{f[fixed]} {f['tokens']} tokens at "
                      f"log2 lr {b['log2_lr']:.2f}: {bigger} is better "
                      f"{'yes' if b['holds'] else 'no'}, beyond noise "
                      f"{'yes' if b['beyond_noise'] else 'no'} (noise {_pm(b['noise'], 4)})")
@@ -332,12 +409,14 @@ def format_table(analysis: dict) -> str:
             lines.append(head + "every run diverged")
             continue
         edge = "*" if o["on_edge"] else " "
-        tuned = tuned_label(s.get("multipliers", {}))
+        tuned = " ".join(part for part in (setting_label(s), *(
+            f"{k}={v}" for k, v in s.get("setting", {}).items())) if part)
         lines.append(head + f"{o['log2_lr']:>7.2f} ± {s['log2_lr_std']:<4.2f} "
                      f"{o['argmin_log2_lr']:>7.2f}{edge} {s['best_loss']:>9.4f}"
                      + (f"  {tuned}" if tuned else ""))
     lines.append("(* optimum at the edge of the LR grid: the true optimum may lie outside it)")
     lines += [line for axis in DRIFT_KEYS for line in _drift_lines(analysis, axis)]
+    lines += _path_lines(analysis.get("path_drift", []))
     lines += tune_lines(analysis)
     for p in analysis["lr_vs_tokens"]:
         f = p["family"]
@@ -349,6 +428,20 @@ def format_table(analysis: dict) -> str:
                      f"compute^({exponent_text(p)})")
     lines += _unfinished_lines(analysis["unfinished"])
     return "\n".join(lines)
+
+
+def _path_lines(paths: list[dict]) -> list[str]:
+    """One line per joint width–depth path: its drift as measured, then after each law."""
+    lines = []
+    for d in paths:
+        steps = "→".join(f"w{w}d{depth}" for w, depth in zip(d["widths"], d["depths"],
+                                                                strict=True))
+        edge = "  (an optimum is on the grid edge)" if d["any_on_edge"] else ""
+        left = ", ".join(f"{name} {r['slope']:+.2f}" for name, r in d["laws"].items())
+        lines.append(f"{_recipe(d['family'])} path {steps}: drift {d['drift_octaves']:.2f} ± "
+                     f"{_pm(d['drift_uncertainty'])} octaves, slope {d['slope']:+.2f}/width-octave;"
+                     f" slope left after each law: {left}{edge}")
+    return lines
 
 
 def _unfinished_lines(unfinished: list[dict]) -> list[str]:

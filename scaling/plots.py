@@ -21,16 +21,19 @@ from matplotlib.ticker import NullLocator
 from scaling import schemes
 from scaling.analysis import exponent_text
 from scaling.files import atomic_open
-from scaling.shapes import optim_label
+from scaling.shapes import optim_label, setting_label
 from scaling.tuning_plots import tune_contours
 
 DPI = 120
 # baselines on the left, each scaled parametrization to the right of what it extends
 MARKERS = "osD^v"  # hollow and distinct, so coinciding points of two fits stay visible
 # "probes" (MeZO's probe scaling) exists only in MeZO families, so others' names never show it
-FAMILY_FIELDS = ("param", "optim", "probes", "kind", "width", "depth", "tokens", "batch_size")
-FIELD_PREFIXES = {"width": "w", "depth": "d", "tokens": "t", "batch_size": "b"}
+FAMILY_FIELDS = ("param", "optim", "probes", "kind", "width", "depth", "tokens", "batch_size",
+                 "adam_lr", "setting")
+FIELD_PREFIXES = {"width": "w", "depth": "d", "tokens": "t", "batch_size": "b",
+                  "adam_lr": "adam_lr="}
 MAX_LOG_TICKS = 6  # data values labelled on a log axis; more would crowd it
+PANEL_COLUMNS = 4  # loss-vs-LR panels per row
 
 
 def family_names(families: list[dict], always: tuple[str, ...] = ("param", "depth")
@@ -39,8 +42,16 @@ def family_names(families: list[dict], always: tuple[str, ...] = ("param", "dept
     which has no one depth, gives param and width), plus whichever other fields vary."""
     varying = [f for f in FAMILY_FIELDS
                if f in always or len({str(fam.get(f)) for fam in families}) > 1]
-    return [[FIELD_PREFIXES.get(f, "") + (_tokens_label(fam[f]) if f == "tokens" else str(fam[f]))
-             for f in varying if f in fam] for fam in families]
+    return [[FIELD_PREFIXES.get(f, "") + _field_text(f, fam[f]) for f in varying if f in fam]
+            for fam in families]
+
+
+def _field_text(field: str, value) -> str:
+    if field == "tokens":
+        return _tokens_label(value)
+    if field == "setting":
+        return " ".join(f"{k}={v}" for k, v in value.items())
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _family_order(family: dict) -> tuple:
@@ -56,6 +67,7 @@ def plot_analysis(analysis: dict, out_dir: Path) -> list[Path]:
         "optimum_vs_width": _optimum_vs(analysis["drift"], "width"),
         "loss_vs_lr_by_depth": _loss_vs_lr(analysis, "depth"),
         "optimum_vs_depth": _optimum_vs(analysis["depth_drift"], "depth"),
+        "optimum_along_path": _optimum_along_path(analysis.get("path_drift", [])),
         "loss_vs_compute": _loss_vs_compute(analysis["metric"], analysis["loss_vs_compute"]),
         "optimum_vs_tokens": _optimum_vs_tokens(analysis["lr_vs_tokens"]),
         "multiplier_tunes": tune_contours(analysis.get("tunes", [])),
@@ -146,45 +158,61 @@ def _other_axis(axis: str) -> str:
     return "depth" if axis == "width" else "width"
 
 
-def _shown_family(shapes: list[dict], axis: str) -> list[dict]:
-    """The (kind, other axis, tokens, batch) slice with the most sizes along `axis`; ties go to
-    more tokens."""
-    families = defaultdict(list)
-    for s in shapes:
-        families[(s["kind"], s[_other_axis(axis)], s["tokens"], s["batch_size"])].append(s)
-    key = max(families, key=lambda k: (len(families[k]), k[2]))
-    return sorted(families[key], key=lambda s: s[axis])
+def _panel_key(shape: dict) -> tuple:
+    """What one loss-vs-LR panel holds fixed: the recipe and every setting besides the sizes."""
+    return (shape["param"], shape["optim"], shape.get("probes", ""), setting_label(shape),
+            tuple(sorted((k, str(v)) for k, v in shape.get("setting", {}).items())))
+
+
+def _varying(shapes: list[dict], fields: tuple[str, ...]) -> list[str]:
+    return [f for f in fields if len({s[f] for s in shapes}) > 1]
 
 
 def _loss_vs_lr(analysis: dict, axis: str) -> Figure | None:
-    """One panel per (param, optim, MeZO probes), a curve per width (or depth); the depth figure
-    only where some slice holds several depths, since most sweeps have one."""
+    """One panel per recipe and setting (param, optim, MeZO probes, tuned values, any other
+    config field that differs), a curve per shape in it, coloured by width (or depth): every
+    shape of the sweep is drawn. The depth figure only where some panel holds several depths
+    at one width, since most sweeps have one depth (a joint width–depth path is drawn by width).
+    """
     panels = defaultdict(list)
     for s in analysis["shapes"]:
-        panels[(s["param"], s["optim"], s.get("probes", ""))].append(s)
-    shown = {key: _shown_family(shapes, axis) for key, shapes in panels.items()}
+        panels[_panel_key(s)].append(s)
     if axis == "depth":
-        shown = {key: family for key, family in shown.items() if len(family) >= 2}
-    if not shown:
+        panels = {key: shapes for key, shapes in panels.items()
+                  if any(len({s["depth"] for s in shapes if s["width"] == w}) > 1
+                         for w in {s["width"] for s in shapes})}
+    if not panels:
         return None
-    keys = sorted(shown, key=lambda k: (schemes.order(k[0]), k))
+    keys = sorted(panels, key=lambda k: (schemes.order(k[0]), k))
     colors = _size_colors(sorted({s[axis] for s in analysis["shapes"]}))
     fixed = _other_axis(axis)
-    fig = Figure(figsize=(5.2 * len(keys), 4.2), layout="constrained")
-    axes = fig.subplots(1, len(keys), sharey=True, squeeze=False)[0]
-    for ax, key in zip(axes, keys, strict=True):
-        for s in shown[key]:
-            _plot_curve(ax, s, colors[s[axis]], axis)
-        first = shown[key][0]
+    columns = min(len(keys), PANEL_COLUMNS)
+    rows = math.ceil(len(keys) / columns)
+    fig = Figure(figsize=(5.2 * columns, 4.4 * rows), layout="constrained")
+    axes = fig.subplots(rows, columns, sharey=True, squeeze=False).ravel()
+    for ax, key in zip(axes, keys, strict=False):
+        shapes = sorted(panels[key], key=lambda s: (s[axis], s[fixed], s["tokens"]))
+        extra = _varying(shapes, (fixed, "tokens", "batch_size"))
+        for i, s in enumerate(shapes):
+            same_size = sum(t[axis] == s[axis] for t in shapes[:i])
+            _plot_curve(ax, s, colors[s[axis]], axis, extra, MARKERS[same_size % len(MARKERS)])
+        first = shapes[0]
         probes = f" · {key[2]} probes" if key[2] else ""
-        ax.set_title(f"{schemes.label(key[0])} · {key[1]}{probes}\n{first['kind']} "
-                     f"{fixed[0]}{first[fixed]}, {_tokens_label(first['tokens'])} tokens, "
-                     f"batch {first['batch_size']}")
+        held = [f"{first['kind']}"] + [
+            f"{FIELD_PREFIXES[f]}{_tokens_label(first[f]) if f == 'tokens' else first[f]}"
+            for f in (fixed, "tokens", "batch_size") if f not in extra]
+        setting = " ".join([key[3], *(f"{k}={v}" for k, v in key[4])]).strip()
+        ax.set_title("\n".join(line for line in (
+            f"{schemes.label(key[0])} · {key[1]}{probes}", textwrap.fill(setting, 48),
+            " ".join(held)) if line), fontsize="medium")
         ax.set_xlabel("log₂ learning rate")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
+    for ax in axes[len(keys):]:
+        ax.set_visible(False)
     seed_counts = [len(s["seeds"]) for s in analysis["shapes"]]
-    axes[0].set_ylabel(f"{analysis['metric']} ({_seed_note(seed_counts)})")
+    for ax in axes[::columns]:
+        ax.set_ylabel(f"{analysis['metric']} ({_seed_note(seed_counts)})")
     group = f" — {analysis['group']}" if analysis["group"] else ""
     some_seed = " (some seed)" if max(seed_counts) > 1 else ""
     fig.suptitle(f"{analysis['metric']} vs learning rate by {axis}{group}\n"
@@ -192,12 +220,17 @@ def _loss_vs_lr(analysis: dict, axis: str) -> Figure | None:
     return fig
 
 
-def _plot_curve(ax, shape: dict, color: tuple, axis: str) -> None:
-    """Seed-mean curve with std bars, its fitted optimum, and diverged LRs as x at the top."""
+def _plot_curve(ax, shape: dict, color: tuple, axis: str, extra: list[str] = (),
+                marker: str = "o") -> None:
+    """Seed-mean curve with std bars, its fitted optimum, and diverged LRs as x at the top;
+    labelled by its size and the `extra` fields that vary in its panel."""
     finite = [p for p in shape["curve"] if p["mean"] is not None]
+    label = " ".join([f"{axis} {shape[axis]}", *(
+        f"{FIELD_PREFIXES[f]}{_tokens_label(shape[f]) if f == 'tokens' else shape[f]}"
+        for f in extra)])
     _line_with_spread(ax, [p["log2_lr"] for p in finite], [p["mean"] for p in finite],
                       [p["std"] for p in finite], [p["n"] for p in finite], capsize=2,
-                      color=color, marker="o", ms=3, lw=1.3, label=f"{axis} {shape[axis]}")
+                      color=color, marker=marker, ms=3, lw=1.3, label=label)
     optimum = shape["optimum"]
     if optimum is not None:  # None when every run of the shape diverged
         ax.plot(optimum["log2_lr"], optimum["loss"], marker="*", ms=13, color=color,
@@ -234,6 +267,36 @@ def _optimum_vs(drift: list[dict], axis: str) -> Figure | None:
     fig.suptitle(textwrap.fill(f"Optimal LR vs {axis} — drift: {drifts}", 90))
     ax.grid(alpha=0.3)
     fig.legend(loc="outside right center")
+    return fig
+
+
+def _optimum_along_path(paths: list[dict]) -> Figure | None:
+    """Each joint width–depth path's optimal LR against width (ticks name the depth too), with
+    each LR law's prediction from the path's first point, dashed."""
+    if not paths:
+        return None
+    fig = Figure(figsize=(5.6 * len(paths), 4.4), layout="constrained")
+    axes = fig.subplots(1, len(paths), squeeze=False)[0]
+    for ax, d in zip(axes, paths, strict=True):
+        widths = d["widths"]
+        _line_with_spread(ax, widths, d["log2_lr"], d["log2_lr_std"], d["n_seeds"], capsize=3,
+                          marker="o", color="black", label="measured optimum")
+        for i, (name, law) in enumerate(d["laws"].items()):
+            ax.plot(widths, law["predicted_log2_lr"], ls="--", marker=MARKERS[i + 1],
+                    mfc="none", color=f"C{i}",
+                    label=f"{name} law (slope left {law['slope']:+.2f}/doubling)")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(widths, [f"w{w}\nd{depth}" for w, depth in zip(widths, d["depths"],
+                                                                      strict=True)])
+        ax.minorticks_off()
+        f = d["family"]
+        ax.set_title(f"{schemes.label(f['param'])} · {optim_label(f)}: drift "
+                     f"{_octaves(d['drift_octaves'], d['drift_uncertainty'])}")
+        ax.set_xlabel("width and depth along the path")
+        ax.set_ylabel("optimal log₂ learning rate")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.suptitle("Optimal LR along a joint width–depth path, and what each LR law predicts")
     return fig
 
 

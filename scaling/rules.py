@@ -144,7 +144,7 @@ def alpha_rule(alpha: float) -> DepthRule:
 
 
 NO_DEPTH_RULE = DepthRule(Depth(), Depth(), Depth(), Depth(), Depth())
-# HyperP: branches × 1/√(2L), absolute; its depth LR law is global (Scheme.depth_lr_law)
+# HyperP: branches × 1/√(2L), absolute; its base-LR law is global (Scheme.lr_law)
 HYPERP_DEPTH = dataclasses.replace(NO_DEPTH_RULE, branch=Depth(c=-0.5, base=2**-0.5,
                                                                absolute=True))
 

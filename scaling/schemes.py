@@ -2,7 +2,7 @@
 
 A scheme is everything about one parametrization: its width table (a row per role), its depth
 rule for the parameters inside residual blocks, the attention logit exponent, Muon's width factor
-per update-scale convention, whether its base LR follows a law in depth (HyperP), how reports
+per update-scale convention, the law its base LR follows across sizes (scaling/laws.py), how reports
 name and order it, and along which axes it claims a model's coordinates stay flat (what the
 coordinate check holds it to, and what transfer relies on). `param.name` picks one by its name;
 nothing else in the project tests a scheme's name. A new scheme is one entry of SCHEMES.
@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
+from scaling.laws import DEPTH_SQRT, TABLES, LRLaw
 from scaling.rules import (
     HYPERP_DEPTH,
     HYPERP_WIDTH,
@@ -45,7 +46,7 @@ class Scheme:
     attention_exponent: float  # logit scale × head_dim_mult**exponent (SP −½, μP −1)
     muon_lr: Mapping[str, W]  # Muon's width factor per update-scale convention
     flat_in: tuple[str, ...]  # axes along which it claims Θ(1) coordinates (WIDTH, DEPTH)
-    depth_lr_law: bool = False  # its base LR itself moves with depth, η ∝ (L0/L)^d
+    lr_law: LRLaw = TABLES  # how scaling-transfer moves its base LR by default
     readout_on_sphere: bool = False  # its readout needs a normal init (a sphere to live on)
 
     def adam(self, role: str) -> StepRule:
@@ -76,7 +77,7 @@ SCHEMES: dict[str, Scheme] = {s.name: s for s in (
     Scheme("depth_mup", "Depth-μP",  MUP_WIDTH,    alpha_rule(0.5), -1.0, MUP_MUON_LR,        (WIDTH, DEPTH)),
     Scheme("completep", "CompleteP", MUP_WIDTH,    alpha_rule(1.0), -1.0, MUP_MUON_LR,        (WIDTH, DEPTH)),
     Scheme("hyperp",    "HyperP",    HYPERP_WIDTH, HYPERP_DEPTH,    -1.0, MUP_MUON_LR,        (WIDTH,),
-           depth_lr_law=True, readout_on_sphere=True),
+           lr_law=DEPTH_SQRT, readout_on_sphere=True),
 )}
 # fmt: on
 

@@ -7,6 +7,7 @@ import copy
 import hashlib
 import json
 
+from models.config import BLOCK_OPTIONS, ModelConfig
 from scaling.rules import TUNABLE
 
 # What a sweep varies within one shape (LR, seed) and bookkeeping that does not change training.
@@ -17,9 +18,41 @@ NOT_SHAPE = ("optim.lr", "train.seed", "logging", "sweep", "train.out_dir", "tra
 PROBE_FIELDS = ("probe_scaling", "update_scaling")
 
 
+# Fields added after runs were finished: left out of run hashes and shape ids at their defaults,
+# so those runs keep their directories and share shapes with runs that spell the default out.
+LATER_DEFAULTS = {("data", "packages"): "all", ("data", "tokenizer"): "bytes",
+                  ("data", "text_field"): "text", ("init", "from_run"): None,
+                  ("optim", "clip_scope"): "global", ("optim", "clip_width_exponent"): 0.0,
+                  ("optim", "ns_sharding"): "stack", ("optim", "adam_lr"): None,
+                  ("optim", "sphere_norm"): "frobenius",
+                  **{("model", name): getattr(ModelConfig(), name) for name in BLOCK_OPTIONS},
+                  **{("param", field): 1.0 for field in TUNABLE}}
+
+
+def without_later_defaults(config: dict) -> dict:
+    """A copy of a run config (as a dict) without the LATER_DEFAULTS fields at their defaults
+    (some optimizers lack some fields: a missing field counts as its default)."""
+    values = copy.deepcopy(config)
+    for (group, field), default in LATER_DEFAULTS.items():
+        if group in values and values[group].get(field, default) == default:
+            values[group].pop(field, None)
+    return values
+
+
+def with_later_defaults(config: dict) -> dict:
+    """A copy of a run config (as a dict) with every LATER_DEFAULTS field its group lacks set
+    to its default, so a run from before a field existed reads as the default's."""
+    values = copy.deepcopy(config)
+    for (group, field), default in LATER_DEFAULTS.items():
+        if group in values and field not in values[group]:
+            values[group][field] = default
+    return values
+
+
 def config_id(config: dict, drop: tuple[str, ...]) -> str:
-    """Short hash of a run config without the dotted fields in `drop`."""
-    kept = copy.deepcopy(config)
+    """Short hash of a run config without the dotted fields in `drop` (and without fields that
+    were added later and hold their defaults)."""
+    kept = without_later_defaults(config)
     for field in drop:
         *parents, leaf = field.split(".")
         node = kept
@@ -49,10 +82,15 @@ def optim_label(entry: dict) -> str:
 
 
 def family_of(shape: dict, fields: tuple[str, ...]) -> dict:
-    """The shape's values of `fields`, and its MeZO probe scaling where it has one."""
+    """The shape's values of `fields`, and where it has them its MeZO probe scaling, absolute
+    Adam LR and setting (scaling.analysis: the other fields that differ within its recipe)."""
     family = {k: shape[k] for k in fields}
     if "probes" in shape:
         family["probes"] = shape["probes"]
+    if shape.get("adam_lr") is not None:
+        family["adam_lr"] = shape["adam_lr"]
+    if shape.get("setting"):  # the other config fields that differ within its recipe
+        family["setting"] = shape["setting"]
     return family
 
 
@@ -64,3 +102,10 @@ def multipliers(config: dict) -> dict[str, float]:
 def tuned_label(values: dict[str, float]) -> str:
     """The multipliers that are not 1, as `output_mult=2 attn_mult=0.5`; '' when none."""
     return " ".join(f"{field}={value:g}" for field, value in values.items() if value != 1.0)
+
+
+def setting_label(shape: dict) -> str:
+    """What a shape tunes besides the LR: its multipliers that are not 1 and its absolute Adam
+    LR, as `output_mult=2 adam_lr=0.03125`; '' when none."""
+    adam = "" if shape.get("adam_lr") is None else f"adam_lr={shape['adam_lr']:g}"
+    return " ".join(part for part in (tuned_label(shape.get("multipliers", {})), adam) if part)

@@ -3,8 +3,10 @@
 Each rule is one step that may move the base learning rate and says why. Width is handled by the
 parametrization's table (μP moves per-group multipliers, never the base LR; SP has no rule). Depth
 by the table too under Depth-μP and CompleteP (per-group multipliers, never the base LR), by
-HyperP's law η ∝ (L0/L)^d (d, the depth exponent, an assumption to measure), and not at all
-under SP and μP. The token budget by the data-scaling law η ∝ T^(−k), the batch by η ∝ √(B/B0).
+a base-LR law (scaling/laws.py) where the scheme's law, or the one chosen, has a depth
+factor, and not at all under SP and μP. The law also sets the width factor on the base LR (0
+but for the archscale reading of HyperP's law), the token exponent k (η ∝ T^(−k)) and the batch
+exponent (η ∝ √(B/B0)).
 """
 
 from __future__ import annotations
@@ -15,16 +17,11 @@ from collections.abc import Callable
 
 from scaling.analysis import analyze
 from scaling.config import ConfigError, RunConfig, SweepConfig, from_dict, validate
+from scaling.laws import LAWS, TABLES, LRLaw, Size
 from scaling.parametrization import make_parametrization
 from scaling.rules import NO_DEPTH_RULE
 from scaling.schemes import WIDTH
 from scaling.shapes import optim_label, shape_id
-
-DATA_EXPONENT = 0.32  # k in η ∝ T^(−k), fitted by HyperP (ArchScale)
-BATCH_EXPONENT = 0.5  # η ∝ √(B/B0), HyperP's batch rule
-# d in HyperP's η ∝ (L0/L)^d. ArchScale grew width with depth, so its √(L0/L) is not separable
-# from width: an assumption to measure (docs/rules.md: HyperP), hence configurable.
-DEPTH_EXPONENT = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,34 +31,34 @@ class TransferResult:
     reasons: list[str]  # one line per rule, in the order applied
     # parameter group (a role, or a role inside residual blocks) -> (proxy, target) LR multiplier
     role_multipliers: dict[str, tuple[float, float]]
+    law: LRLaw  # the base-LR law applied
 
 
-@dataclasses.dataclass(frozen=True)
-class Exponents:
-    """The exponents of the LR laws a transfer applies (the others are fixed rules)."""
-
-    data: float = DATA_EXPONENT  # k in η ∝ T^(−k)
-    depth: float = DEPTH_EXPONENT  # d in HyperP's η ∝ (L0/L)^d
+Step = Callable[[RunConfig, RunConfig, LRLaw], tuple[float, str | None]]
 
 
-Step = Callable[[RunConfig, RunConfig, Exponents], tuple[float, str | None]]
+def size(cfg: RunConfig) -> Size:
+    return Size(cfg.model.width, cfg.model.depth, tokens(cfg), cfg.train.batch_size)
 
 
-def _width(proxy: RunConfig, target: RunConfig, laws: Exponents) -> tuple[float, str | None]:
+def _width(proxy: RunConfig, target: RunConfig, law: LRLaw) -> tuple[float, str | None]:
     w0, w, base = proxy.model.width, target.model.width, proxy.param.base_width
     scheme = proxy.param.scheme
     if w0 == w:
         return 1.0, None
+    factor = law.factors(size(proxy), size(target))["width"]
+    moved = (f"; the {law.name} law moves the base LR: η × (w0/w)^{law.width:g} = ×{factor:.4g}"
+             if law.width else "")
     if WIDTH not in scheme.flat_in:
-        return 1.0, (f"width {w0} → {w}: {scheme.label} has no width rule, so the base LR is "
-                     "copied (its optimum is expected to move with width)")
+        return factor, (f"width {w0} → {w}: {scheme.label} has no width rule, so the base LR is "
+                        f"copied (its optimum is expected to move with width){moved}")
     if not proxy.optim.needs_gradient:
-        return 1.0, _zeroth_order_width(proxy.optim, w0, w)
+        return factor, _zeroth_order_width(proxy.optim, w0, w) + moved
     claim = (f"; {scheme.label} claims its base LR transfers across width"
-             if scheme.depth_lr_law else "")
-    return 1.0, (f"width {w0} → {w} (m = {w0 / base:g} → {w / base:g} over base width {base}): "
-                 f"the {scheme.name} table scales the per-group multipliers below, "
-                 f"the base LR stays{claim}")
+             if scheme.lr_law != TABLES and not law.width else "")
+    stays = moved or f", the base LR stays{claim}"
+    return factor, (f"width {w0} → {w} (m = {w0 / base:g} → {w / base:g} over base width {base}): "
+                    f"the {scheme.name} table scales the per-group multipliers below{stays}")
 
 
 def _zeroth_order_width(optim, w0: int, w: int) -> str:
@@ -77,40 +74,44 @@ def _zeroth_order_width(optim, w0: int, w: int) -> str:
             "fell about half an octave per width doubling; docs/sweeps-and-transfer.md)")
 
 
-def _depth(proxy: RunConfig, target: RunConfig, laws: Exponents) -> tuple[float, str | None]:
+def _depth(proxy: RunConfig, target: RunConfig, law: LRLaw) -> tuple[float, str | None]:
     l0, l, base = proxy.model.depth, target.model.depth, proxy.param.base_depth
     scheme = proxy.param.scheme
     if l0 == l:
         return 1.0, None
-    if scheme.depth_lr_law:
-        factor = (l0 / l) ** laws.depth
-        return factor, (f"depth {l0} → {l} blocks: {scheme.label}'s η × (L0/L)^"
-                        f"{laws.depth:g} = ×{factor:.4g} (the depth exponent is an assumption "
+    if law.depth:
+        factor = law.factors(size(proxy), size(target))["depth"]
+        return factor, (f"depth {l0} → {l} blocks: {scheme.label} under the {law.name} law, "
+                        f"η × (L0/L)^"
+                        f"{law.depth:g} = ×{factor:.4g} (the depth exponent is an assumption "
                         "to measure)")
     if scheme.depth == NO_DEPTH_RULE:
         return 1.0, (f"depth {l0} → {l} blocks: {scheme.label} has no depth rule, so the "
                      "base LR is copied (its optimum is expected to move with depth)")
+    if scheme.depth.branch.absolute:  # HyperP: branches × 1/√(2L), no per-group depth rule
+        return 1.0, (f"depth {l0} → {l} blocks: {scheme.label}'s branches scale with depth; the "
+                     f"{law.name} law has no depth factor, so the base LR is copied")
     alpha = -scheme.depth.branch.c
     return 1.0, (f"depth {l0} → {l} blocks (r = {l0 / base:g} → {l / base:g} over base depth "
                  f"{base}, α = {alpha:g}): the {scheme.name} table scales the per-group "
                  f"multipliers below (branches × r^(−α), block LR × r^(α−1)), the base LR stays")
 
 
-def _tokens(proxy: RunConfig, target: RunConfig, laws: Exponents) -> tuple[float, str | None]:
-    t0, t, k = tokens(proxy), tokens(target), laws.data
+def _tokens(proxy: RunConfig, target: RunConfig, law: LRLaw) -> tuple[float, str | None]:
+    t0, t = tokens(proxy), tokens(target)
     if t0 == t:
         return 1.0, None
-    factor = (t / t0) ** -k
-    return factor, f"tokens {t0:,} → {t:,} (×{t / t0:g}): η × (T/T0)^(−{k:g}) = ×{factor:.4g}"
+    factor = law.factors(size(proxy), size(target))["tokens"]
+    return factor, f"tokens {t0:,} → {t:,} (×{t / t0:g}): η × (T/T0)^(−{law.data:g}) = ×{factor:.4g}"
 
 
-def _batch(proxy: RunConfig, target: RunConfig, laws: Exponents) -> tuple[float, str | None]:
+def _batch(proxy: RunConfig, target: RunConfig, law: LRLaw) -> tuple[float, str | None]:
     b0, b = proxy.train.batch_size, target.train.batch_size
     if b0 == b:
         return 1.0, None
-    factor = (b / b0) ** BATCH_EXPONENT
+    factor = law.factors(size(proxy), size(target))["batch"]
     return factor, (f"batch {b0} → {b} sequences (×{b / b0:g}): "
-                    f"η × (B/B0)^{BATCH_EXPONENT:g} = ×{factor:.4g}")
+                    f"η × (B/B0)^{law.batch:g} = ×{factor:.4g}")
 
 
 TRANSFER_STEPS: tuple[Step, ...] = (_width, _depth, _tokens, _batch)
@@ -120,16 +121,31 @@ def tokens(cfg: RunConfig) -> int:
     return cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len
 
 
+def chosen_law(proxy: RunConfig, law: str | None = None, data_exponent: float | None = None,
+               depth_exponent: float | None = None) -> LRLaw:
+    """The law named `law` (None: the proxy's scheme's), with any exponent given replacing its
+    own."""
+    if law is not None and law not in LAWS:
+        raise ConfigError("law", law, f"one of {list(LAWS)}")
+    chosen = proxy.param.scheme.lr_law if law is None else LAWS[law]
+    for field, value, what in (("data_exponent", data_exponent, "k"),
+                               ("depth_exponent", depth_exponent, "d")):
+        if value is not None and not value >= 0:
+            raise ConfigError(field, value, f"a non-negative exponent {what}")
+    return dataclasses.replace(
+        chosen, data=chosen.data if data_exponent is None else data_exponent,
+        depth=chosen.depth if depth_exponent is None else depth_exponent)
+
+
 def transfer(proxy: RunConfig, proxy_lr: float, *, width: int | None = None,
              depth: int | None = None, steps: int | None = None, batch_size: int | None = None,
-             data_exponent: float = DATA_EXPONENT,
-             depth_exponent: float = DEPTH_EXPONENT) -> TransferResult:
+             law: str | None = None, data_exponent: float | None = None,
+             depth_exponent: float | None = None) -> TransferResult:
     """The target config (width, depth, steps, batch; None keeps the proxy's) and its LR from
-    the proxy's optimal LR."""
-    if data_exponent < 0:
-        raise ConfigError("data_exponent", data_exponent, "a non-negative exponent k")
-    if depth_exponent < 0:
-        raise ConfigError("depth_exponent", depth_exponent, "a non-negative exponent d")
+    the proxy's optimal LR, by the base-LR law `law` (a name in LAWS; None: the scheme's own)
+    with any exponent given replacing the law's. An absolute Adam LR (optim.adam_lr) moves
+    by the same factor as the base LR."""
+    chosen = chosen_law(proxy, law, data_exponent, depth_exponent)
     model = dataclasses.replace(proxy.model, width=proxy.model.width if width is None else width,
                                 depth=proxy.model.depth if depth is None else depth)
     train = dataclasses.replace(
@@ -137,16 +153,16 @@ def transfer(proxy: RunConfig, proxy_lr: float, *, width: int | None = None,
         batch_size=proxy.train.batch_size if batch_size is None else batch_size)
     target = dataclasses.replace(proxy, model=model, train=train)
     validate(target)  # e.g. a width that is not a multiple of the head dim, or zero steps
-    laws = Exponents(data=data_exponent, depth=depth_exponent)
     lr, reasons = proxy_lr, [f"proxy optimum: η = {proxy_lr:.4g} (log2 {math.log2(proxy_lr):.2f})"]
     for step in TRANSFER_STEPS:
-        factor, reason = step(proxy, target, laws)
+        factor, reason = step(proxy, target, chosen)
         lr *= factor
         if reason is not None:
             reasons.append(reason)
-    target = dataclasses.replace(target, optim=dataclasses.replace(proxy.optim, lr=lr))
+    optim = dataclasses.replace(proxy.optim, lr=proxy_lr).scaled_lr(lr / proxy_lr)
+    target = dataclasses.replace(target, optim=optim)
     reasons.append(f"target: η = {lr:.4g} (log2 {math.log2(lr):.2f})")
-    return TransferResult(target, lr, reasons, _role_multipliers(proxy, target))
+    return TransferResult(target, lr, reasons, _role_multipliers(proxy, target), chosen)
 
 
 def _role_multipliers(proxy: RunConfig, target: RunConfig) -> dict[str, tuple[float, float]]:
@@ -195,8 +211,13 @@ def _distance_from_one(shape: dict) -> float:
 
 
 def tuned_multipliers(analysis: dict, shape: dict) -> list[dict]:
-    """The analysis's multiplier tunes that pass through `shape` (one per multiplier field)."""
+    """The analysis's tunes that pass through `shape` (one per tuned field)."""
     return [t for t in analysis.get("tunes", []) if shape["id"] in t["shape_ids"]]
+
+
+# what a transfer does to a tuned value, by the config group that holds it
+CARRIED = {"param": "carried unchanged, as the table scales its role with width",
+           "optim": "moved by the same law as the base LR"}
 
 
 def _tuned_reasons(tunes: list[dict], proxy_lr: float) -> list[str]:
@@ -204,15 +225,27 @@ def _tuned_reasons(tunes: list[dict], proxy_lr: float) -> list[str]:
     for t in tunes:
         o = t["optimum"]
         edge = ", ON THE GRID EDGE: widen its grid" if o["on_edge"] else ""
-        reasons.append(f"param.{t['field']} = {o['value']:.4g}: tuned on the proxy against the "
-                       f"LR (joint optimum at log2 lr {o['log2_lr']:.2f}, loss {o['loss']:.4f}"
-                       f"{edge}); carried unchanged, as the table scales its role with width")
+        path = t.get("path", f"param.{t['field']}")
+        reasons.append(f"{path} = {o['value']:.4g}: tuned on the proxy against the LR (joint "
+                       f"optimum at log2 lr {o['log2_lr']:.2f}, loss {o['loss']:.4f}{edge}); "
+                       f"{CARRIED[path.split('.')[0]]}")
     if len(tunes) > 1:
         reasons.append(f"the {len(tunes)} multipliers were each tuned with the others held; the "
                        f"base LR is the proxy's optimum at their centre (log2 "
                        f"{math.log2(proxy_lr):.2f}): confirm the combination with an LR sweep at "
                        "the proxy")
+    elif tunes:
+        reasons.append("the base LR is the joint optimum's")
     return reasons
+
+
+def _with_tuned(proxy: RunConfig, tunes: list[dict]) -> RunConfig:
+    """The proxy with each tuned field at its optimum, in the group that holds it."""
+    for t in tunes:
+        group, field = t.get("path", f"param.{t['field']}").split(".")
+        proxy = dataclasses.replace(proxy, **{group: dataclasses.replace(
+            getattr(proxy, group), **{field: t["optimum"]["value"]})})
+    return proxy
 
 
 def proxy_config(results: list[dict], shape: dict) -> RunConfig:
@@ -225,8 +258,8 @@ def transfer_from_sweep(results: list[dict], *, width: int | None = None,
                         depth: int | None = None, steps: int | None = None,
                         batch_size: int | None = None, param: str | None = None,
                         proxy_width: int | None = None, proxy_depth: int | None = None,
-                        data_exponent: float = DATA_EXPONENT,
-                        depth_exponent: float = DEPTH_EXPONENT,
+                        law: str | None = None, data_exponent: float | None = None,
+                        depth_exponent: float | None = None,
                         optim: str | None = None) -> tuple[dict, TransferResult]:
     """(proxy shape, transfer) from a sweep's `result.json` dicts, as `scaling-transfer` does:
     the proxy is the analysed optimum's own run config, never a default config."""
@@ -234,11 +267,11 @@ def transfer_from_sweep(results: list[dict], *, width: int | None = None,
     shape = proxy_shape(analysis, param=param, width=proxy_width, depth=proxy_depth, optim=optim)
     proxy, proxy_lr = proxy_config(results, shape), shape["optimum"]["lr"]
     tunes = tuned_multipliers(analysis, shape)
-    if tunes:  # every tuned multiplier replaces the centre's value in the proxy's config
-        proxy = dataclasses.replace(proxy, param=dataclasses.replace(
-            proxy.param, **{t["field"]: t["optimum"]["value"] for t in tunes}))
+    proxy = _with_tuned(proxy, tunes)  # each tuned value replaces the shape's own
+    if len(tunes) == 1:  # the LR at the tuned value, not at the shape's
+        proxy_lr = tunes[0]["optimum"]["lr"]
     result = transfer(proxy, proxy_lr, width=width, depth=depth, steps=steps,
-                      batch_size=batch_size, data_exponent=data_exponent,
+                      batch_size=batch_size, law=law, data_exponent=data_exponent,
                       depth_exponent=depth_exponent)
     reasons = [*result.reasons[:1], *_tuned_reasons(tunes, proxy_lr), *result.reasons[1:]]
     return shape, dataclasses.replace(result, reasons=reasons)

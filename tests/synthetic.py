@@ -19,22 +19,29 @@ def run_result(param: str, width: int, log2_lr: float, seed: int, loss: float, *
                batch: int = 8, seq_len: int = 64, depth: int = 2, base_width: int = 64,
                base_depth: int | None = None, group: str = "sweep", root: Path = Path("runs"),
                grid: tuple[float, float] | None = None, train_gap: float = 0.01,
-               diverged: bool = False, multipliers: dict[str, float] | None = None) -> dict:
+               diverged: bool = False, multipliers: dict[str, float] | None = None,
+               extra: dict[str, dict] | None = None) -> dict:
     """The result.json of one AdamW Transformer run in the sweep folder `root`: validation loss
     `loss`, training loss `loss + train_gap`, both None when `diverged`. Its config is a whole
     RunConfig with defaults filled in; `grid` is the sweep's log2 LR range, if it has one.
     `base_depth` defaults to `depth`: give it for runs of one depth sweep, which share it.
-    `multipliers` sets tunable param fields (param.output_mult, ...)."""
+    `multipliers` sets tunable param fields (param.output_mult, ...); `extra` any other fields,
+    by group ({"optim": {"name": "muonh", "adam_lr": 0.03}, "data": {...}})."""
     lr = 2.0**log2_lr
+    extra = extra or {}
     tuned = "".join(f"-{k}{v:g}" for k, v in sorted((multipliers or {}).items()) if v != 1)
-    name = f"transformer-w{width}-d{depth}-{param}-adamw-lr{lr:g}-s{seed}-t{steps}{tuned}"
+    tuned += "".join(f"-{k}{v}" for group in extra.values() for k, v in sorted(group.items()))
+    optim = extra.get("optim", {}).get("name", "adamw")
+    name = f"transformer-w{width}-d{depth}-{param}-{optim}-lr{lr:g}-s{seed}-t{steps}{tuned}"
     sweep = {} if grid is None else {"log2_lr_min": grid[0], "log2_lr_max": grid[1]}
     config = from_dict({  # validated, so it reads back as a RunConfig
-        "model": {"width": width, "depth": depth},
+        "model": {"width": width, "depth": depth, **extra.get("model", {})},
         "param": {"name": param, "base_width": base_width,
                   "base_depth": depth if base_depth is None else base_depth,
                   **(multipliers or {})},
-        "optim": {"lr": lr, "warmup_steps": 10},
+        "optim": {"lr": lr, "warmup_steps": 10, **extra.get("optim", {})},
+        **{group: values for group, values in extra.items()
+           if group not in ("model", "optim")},
         "train": {"steps": steps, "batch_size": batch, "seq_len": seq_len, "seed": seed,
                   "eval_every": 50, "log_every": 10, "checkpoint_every": 50, "out_dir": str(root)},
         "logging": {"wandb_mode": "offline", "group": group, "progress": False},

@@ -59,6 +59,10 @@ def test_every_config_file_composes(group, option):
         cfg = to_run_config(compose([f"+tune={option}", "sweep.multiplier=0.5"]))
         assert getattr(cfg.param, option) == 0.5
         return
+    if group == "path":  # added like an overlay: one point of a joint width–depth path
+        cfg = to_run_config(compose([f"+path={option}"]))
+        assert option == f"w{cfg.model.width}_d{cfg.model.depth}"
+        return
     cfg = to_run_config(compose([f"{group}={option}"]))
     assert isinstance(cfg, RunConfig)
     if group in ("model", "param", "optim"):  # their options are named by their kind

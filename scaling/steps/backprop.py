@@ -11,8 +11,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from models.tagged import tree_from_paths
 from optim import OptimizerConfig
 from optim.build import clip_thresholds
+from optim.muon import orthogonalized, rank_fraction
+from optim.trees import MatrixAxes, path_key
 from scaling.parametrization import Parametrization, build_optimizer
 from scaling.steps.loss import next_token_loss_and_stats
 from scaling.steps.state import TrainState, over_runs
@@ -27,13 +30,16 @@ class Measure:
     before clipping and the clip factor the optimizer applies (summed over the steps between
     logs in the state; with per-group clipping, the smallest group's factor, and each group's
     as 'clip_scale/<group>'); with `indicators`, the model's forward stats and the
-    update/weight RMS ratio of every parameter group."""
+    update/weight RMS ratio of every parameter group, and with `orthogonal` (a matrix
+    optimizer's direction and the fan axes of the matrices it steps) the rank fraction of each
+    such matrix's orthogonalized gradient."""
 
     labels: dict  # every parameter's group label, a tree like the parameters (group_label)
     # the clipping threshold: one number for a global clip (optim.clip_norm; 0: none), or
     # group -> threshold for optim.clip_scope=role (optim.build.clip_thresholds)
     clip: float | dict[str, float]
     indicators: bool = True
+    orthogonal: tuple[Callable, dict] | None = None  # (direction fn, {path: MatrixAxes})
 
     @classmethod
     def of(cls, cfg: OptimizerConfig, parametrization: Parametrization,
@@ -43,7 +49,11 @@ class Measure:
         groups = sorted(set(jax.tree.leaves(labels)))
         thresholds = clip_thresholds(cfg, groups, parametrization.clip_factors(cfg))
         clip = thresholds if cfg.clip_scope == "role" else next(iter(thresholds.values()))
-        return cls(labels, clip, indicators)
+        direction = cfg.bare_direction()
+        axes = {path: MatrixAxes(spec.fan_in_axes, spec.fan_out_axes)
+                for path, spec in parametrization.specs.items() if spec.role in cfg.matrix_roles}
+        orthogonal = (direction, axes) if direction is not None and axes else None
+        return cls(labels, clip, indicators, orthogonal)
 
 
 def clip_scale(grad_norm: jax.Array, clip_norm: float) -> jax.Array:
@@ -67,6 +77,24 @@ def update_ratios(updates, params, labels: dict) -> dict[str, jax.Array]:
     weights = _group_norms(params, labels)
     return {f"update_ratio/{label}": norm / weights[label]
             for label, norm in _group_norms(updates, labels).items()}
+
+
+def orth_ranks(grads, orthogonal: tuple[Callable, dict]) -> dict[str, jax.Array]:
+    """'orth_rank/<parameter>[/<layer>]': ‖O‖_F² / min(fan_in, fan_out) of the direction O of
+    each matrix's gradient (1: full rank; the share of directions a rank-limited update
+    fills, which a sphere step divided by ‖O‖_F spreads its fixed length over)."""
+    direction, axes = orthogonal
+    flat = {path_key(path): g for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]}
+    matrices = {path: flat[path] for path in axes}
+    directions = orthogonalized(tree_from_paths(matrices), tree_from_paths(axes), direction)
+    out = {}
+    for path, o in jax.tree_util.tree_flatten_with_path(directions)[0]:
+        key = path_key(path)
+        name = "orth_rank/" + "/".join(map(str, key))
+        fraction = rank_fraction(o, axes[key]).reshape(-1)
+        out |= ({name: fraction[0]} if fraction.size == 1 and o.ndim == 2 else
+                {f"{name}/{i}": f for i, f in enumerate(fraction)})
+    return out
 
 
 def clip_scales(grads, grad_norm: jax.Array, measure: Measure
@@ -122,6 +150,8 @@ def make_train_step(graphdef, tx_at: OptimizerAt, measure: Measure, runs: int | 
         measured = {"grad_norm": grad_norm, "clip_scale": scale, **group_scales}
         if measure.indicators:
             measured |= stats | update_ratios(updates, params, measure.labels)
+            if measure.orthogonal is not None:
+                measured |= orth_ranks(grads, measure.orthogonal)
         return new_state, measured
 
     return jax.jit(over_runs(train_step, runs, (0, None, None)), donate_argnums=0)

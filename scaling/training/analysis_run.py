@@ -20,7 +20,8 @@ SUMMARY_FIELDS = [("drift", "drift", "drift_octaves", NAMED_BY_DEPTH),
                   ("depth_drift", "depth_drift", "drift_octaves", NAMED_BY_WIDTH),
                   ("deeper_is_better", "deeper_is_better", "holds", NAMED_BY_WIDTH),
                   ("lr_vs_tokens", "lr_vs_tokens_exponent", "exponent", NAMED_BY_DEPTH),
-                  ("loss_vs_compute", "loss_vs_compute_exponent", "exponent", NAMED_BY_DEPTH)]
+                  ("loss_vs_compute", "loss_vs_compute_exponent", "exponent", NAMED_BY_DEPTH),
+                  ("path_drift", "path_drift", "drift_octaves", ("param",))]
 
 
 def log_analysis(analysis: dict, images: list[Path], *, project: str | None, group: str | None,
@@ -70,7 +71,7 @@ def _summary(analysis: dict) -> dict:
     'loss_vs_compute_exponent/sp'."""
     values = {}
     for section, prefix, field, named in SUMMARY_FIELDS:
-        entries = analysis[section]
+        entries = analysis.get(section, [])
         families = [e.get("family", e) for e in entries]  # loss_vs_compute rows are their family
         for entry, parts in zip(entries, family_names(families, named), strict=True):
             values[f"{prefix}/{'/'.join(parts)}"] = entry[field]
@@ -78,5 +79,10 @@ def _summary(analysis: dict) -> dict:
     for tune, parts in zip(tunes, family_names([t["family"] for t in tunes], ("param", "width")),
                            strict=True):
         values[f"tune/{tune['field']}/{'/'.join(parts)}"] = tune["optimum"]["value"]
+    paths = analysis.get("path_drift", [])  # per law, the slope it leaves along each path
+    for path, parts in zip(paths, family_names([p["family"] for p in paths], ("param",)),
+                           strict=True):
+        for law, left in path["laws"].items():
+            values[f"path_slope_left/{law}/{'/'.join(parts)}"] = left["slope"]
     values["unfinished"] = len(analysis["unfinished"])  # runs a partial sweep's analysis lacks
     return values

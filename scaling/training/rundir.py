@@ -6,18 +6,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from models.config import BLOCK_OPTIONS, ModelConfig
 from scaling.config import RunConfig, to_dict
-from scaling.rules import TUNABLE
-
-# Fields added after runs were finished: left out of the hash at their defaults, so those runs
-# keep their directories and are still found finished.
-LATER_DEFAULTS = {("data", "packages"): "all", ("data", "tokenizer"): "bytes",
-                  ("data", "text_field"): "text", ("init", "from_run"): None,
-                  ("optim", "clip_scope"): "global", ("optim", "clip_width_exponent"): 0.0,
-                  ("optim", "ns_sharding"): "stack",
-                  **{("model", name): getattr(ModelConfig(), name) for name in BLOCK_OPTIONS},
-                  **{("param", field): 1.0 for field in TUNABLE}}
+from scaling.shapes import without_later_defaults
 
 
 def config_hash(cfg: RunConfig, length: int = 8) -> str:
@@ -28,9 +18,7 @@ def config_hash(cfg: RunConfig, length: int = 8) -> str:
     values.pop("mesh")  # the same run on another mesh (or host count) resumes the same directory
     values["train"].pop("out_dir")
     values["data"].pop("cache_dir")  # where tokens are cached, not what they are
-    for (group, field), default in LATER_DEFAULTS.items():
-        if values[group].get(field, default) == default:  # some optimizers lack some fields
-            values[group].pop(field, None)
+    values = without_later_defaults(values)
     if not values["init"]:
         values.pop("init")
     else:  # the source's name hashes what it trained; its folder may be given any way
