@@ -56,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"k in η ∝ T^(−k) (default: the law's, {DATA_EXPONENT} as HyperP)")
     parser.add_argument("--depth-exponent", type=float,
                         help="d in η ∝ (L0/L)^d (default: the law's; an assumption to measure)")
+    parser.add_argument("--width-exponent", type=float,
+                        help="a in η ∝ (w0/w)^a (default: the law's)")
     parser.add_argument("--out-dir", default="runs/transfer", help="train.out_dir of the target")
     parser.add_argument("--out", type=Path, help="overrides file (default: "
                         "SWEEP_DIR/analysis/transfer-PARAM-wW-dL.yaml)")
@@ -87,13 +89,14 @@ def plan(sweep_dir: Path, *, width: int | None = None, depth: int | None = None,
          steps: int | None = None, batch_size: int | None = None, param: str | None = None,
          proxy_width: int | None = None, proxy_depth: int | None = None,
          law: str | None = None, data_exponent: float | None = None,
-         depth_exponent: float | None = None,
+         depth_exponent: float | None = None, width_exponent: float | None = None,
          optim: str | None = None) -> tuple[dict, TransferResult]:
     """(proxy shape, transfer) from the sweep's results; the target logs to the sweep's group."""
     return transfer_from_sweep(load_results(sweep_dir), width=width, depth=depth, steps=steps,
                                batch_size=batch_size, param=param, proxy_width=proxy_width,
                                proxy_depth=proxy_depth, law=law, data_exponent=data_exponent,
-                               depth_exponent=depth_exponent, optim=optim)
+                               depth_exponent=depth_exponent, width_exponent=width_exponent,
+                               optim=optim)
 
 
 def explain(shape: dict, result: TransferResult) -> str:
@@ -145,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
                              proxy_width=args.proxy_width, proxy_depth=args.proxy_depth,
                              law=args.law, data_exponent=args.data_exponent,
                              depth_exponent=args.depth_exponent,
+                             width_exponent=args.width_exponent,
                              optim=args.optim)
     except (FileNotFoundError, ValueError) as error:  # ConfigError is a ValueError
         _fail(str(error))

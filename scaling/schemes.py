@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-from scaling.laws import DEPTH_SQRT, TABLES, LRLaw
+from scaling.laws import ARCHSCALE, TABLES, LRLaw
 from scaling.rules import (
     HYPERP_DEPTH,
     HYPERP_WIDTH,
@@ -47,7 +47,13 @@ class Scheme:
     muon_lr: Mapping[str, W]  # Muon's width factor per update-scale convention
     flat_in: tuple[str, ...]  # axes along which it claims Θ(1) coordinates (WIDTH, DEPTH)
     lr_law: LRLaw = TABLES  # how scaling-transfer moves its base LR by default
+    # optimizer name -> the law measured for that optimizer under this scheme, where it differs
+    optimizer_laws: Mapping[str, LRLaw] = dataclasses.field(default_factory=dict)
     readout_on_sphere: bool = False  # its readout needs a normal init (a sphere to live on)
+
+    def law_for(self, optimizer: str) -> LRLaw:
+        """The base-LR law scaling-transfer applies to a proxy trained by `optimizer`."""
+        return self.optimizer_laws.get(optimizer, self.lr_law)
 
     def adam(self, role: str) -> StepRule:
         row = self.width[role]
@@ -77,7 +83,7 @@ SCHEMES: dict[str, Scheme] = {s.name: s for s in (
     Scheme("depth_mup", "Depth-μP",  MUP_WIDTH,    alpha_rule(0.5), -1.0, MUP_MUON_LR,        (WIDTH, DEPTH)),
     Scheme("completep", "CompleteP", MUP_WIDTH,    alpha_rule(1.0), -1.0, MUP_MUON_LR,        (WIDTH, DEPTH)),
     Scheme("hyperp",    "HyperP",    HYPERP_WIDTH, HYPERP_DEPTH,    -1.0, MUP_MUON_LR,        (WIDTH,),
-           lr_law=DEPTH_SQRT, readout_on_sphere=True),
+           lr_law=ARCHSCALE, readout_on_sphere=True),
 )}
 # fmt: on
 

@@ -121,31 +121,32 @@ def tokens(cfg: RunConfig) -> int:
     return cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len
 
 
-def chosen_law(proxy: RunConfig, law: str | None = None, data_exponent: float | None = None,
-               depth_exponent: float | None = None) -> LRLaw:
-    """The law named `law` (None: the proxy's scheme's), with any exponent given replacing its
-    own."""
+def chosen_law(proxy: RunConfig, law: str | None = None, *, data_exponent: float | None = None,
+               depth_exponent: float | None = None,
+               width_exponent: float | None = None) -> LRLaw:
+    """The law named `law` (None: the one the proxy's scheme names for its optimizer), with
+    any exponent given replacing its own."""
     if law is not None and law not in LAWS:
         raise ConfigError("law", law, f"one of {list(LAWS)}")
-    chosen = proxy.param.scheme.lr_law if law is None else LAWS[law]
-    for field, value, what in (("data_exponent", data_exponent, "k"),
-                               ("depth_exponent", depth_exponent, "d")):
+    chosen = proxy.param.scheme.law_for(proxy.optim.name) if law is None else LAWS[law]
+    given = {"data": data_exponent, "depth": depth_exponent, "width": width_exponent}
+    for axis, value in given.items():
         if value is not None and not value >= 0:
-            raise ConfigError(field, value, f"a non-negative exponent {what}")
-    return dataclasses.replace(
-        chosen, data=chosen.data if data_exponent is None else data_exponent,
-        depth=chosen.depth if depth_exponent is None else depth_exponent)
+            raise ConfigError(f"{axis}_exponent", value, "a non-negative exponent")
+    return dataclasses.replace(chosen, **{k: v for k, v in given.items() if v is not None})
 
 
 def transfer(proxy: RunConfig, proxy_lr: float, *, width: int | None = None,
              depth: int | None = None, steps: int | None = None, batch_size: int | None = None,
              law: str | None = None, data_exponent: float | None = None,
-             depth_exponent: float | None = None) -> TransferResult:
+             depth_exponent: float | None = None,
+             width_exponent: float | None = None) -> TransferResult:
     """The target config (width, depth, steps, batch; None keeps the proxy's) and its LR from
     the proxy's optimal LR, by the base-LR law `law` (a name in LAWS; None: the scheme's own)
     with any exponent given replacing the law's. An absolute Adam LR (optim.adam_lr) moves
     by the same factor as the base LR."""
-    chosen = chosen_law(proxy, law, data_exponent, depth_exponent)
+    chosen = chosen_law(proxy, law, data_exponent=data_exponent, depth_exponent=depth_exponent,
+                        width_exponent=width_exponent)
     model = dataclasses.replace(proxy.model, width=proxy.model.width if width is None else width,
                                 depth=proxy.model.depth if depth is None else depth)
     train = dataclasses.replace(
@@ -260,6 +261,7 @@ def transfer_from_sweep(results: list[dict], *, width: int | None = None,
                         proxy_width: int | None = None, proxy_depth: int | None = None,
                         law: str | None = None, data_exponent: float | None = None,
                         depth_exponent: float | None = None,
+                        width_exponent: float | None = None,
                         optim: str | None = None) -> tuple[dict, TransferResult]:
     """(proxy shape, transfer) from a sweep's `result.json` dicts, as `scaling-transfer` does:
     the proxy is the analysed optimum's own run config, never a default config."""
@@ -272,6 +274,6 @@ def transfer_from_sweep(results: list[dict], *, width: int | None = None,
         proxy_lr = tunes[0]["optimum"]["lr"]
     result = transfer(proxy, proxy_lr, width=width, depth=depth, steps=steps,
                       batch_size=batch_size, law=law, data_exponent=data_exponent,
-                      depth_exponent=depth_exponent)
+                      depth_exponent=depth_exponent, width_exponent=width_exponent)
     reasons = [*result.reasons[:1], *_tuned_reasons(tunes, proxy_lr), *result.reasons[1:]]
     return shape, dataclasses.replace(result, reasons=reasons)

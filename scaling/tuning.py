@@ -44,7 +44,9 @@ def tunes(shapes: list[tuple[dict, dict]]) -> list[dict]:
         for members in groups.values():
             if len({tuned_value(m, field) for m in members}) >= MIN_VALUES:
                 out.append(_tune(field, sorted(members, key=lambda m: tuned_value(m, field))))
-    return sorted(out, key=lambda t: (t["field"], *(str(t["family"][f]) for f in TUNE_FIELDS)))
+    # sizes as numbers (64 before 128), names as text
+    return sorted(out, key=lambda t: (t["field"], *(str(t["family"][f]) for f in TUNE_FIELDS[:3]),
+                                      *(t["family"][f] for f in TUNE_FIELDS[3:])))
 
 
 def _tune(field: str, members: list[dict]) -> dict:

@@ -142,7 +142,7 @@ def test_transfer_takes_the_tuned_adam_lr_and_the_joint_optimums_lr(adam_sweep):
     shape, result = plan(adam_sweep, width=256, steps=800)
     assert shape["width"] == 128
     lr_star, adam_star = _planted(128)
-    factor = 8**-0.32
+    factor = 8**-0.32 * (128 / 256) ** 0.5  # tokens ×8; HyperP's law: √(d0/d)
     assert math.log2(result.lr) == pytest.approx(lr_star + math.log2(factor), abs=1e-6)
     assert math.log2(result.config.optim.adam_lr) == pytest.approx(
         adam_star + math.log2(factor), abs=1e-6)

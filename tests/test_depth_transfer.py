@@ -91,11 +91,17 @@ def test_hyperp_depth_law(optim, exponent, factor):
     assert all(before == after for before, after in result.role_multipliers.values())
 
 
-def test_hyperp_keeps_its_base_lr_across_width():
+def test_hyperp_moves_its_base_lr_by_its_law_across_width():
+    """HyperP's default law is its reference code's √(d0/d): width 64 → 256 halves η; with the
+    tables alone (--law tables) the base LR stays, as HyperP's one-LR claim would have it."""
     result = transfer(_proxy("hyperp", "muonh"), PROXY_LR, width=256)
-
-    assert result.lr == PROXY_LR
+    assert result.lr == pytest.approx(PROXY_LR / 2, rel=1e-12)
     (width,) = [r for r in result.reasons if r.startswith("width")]
+    assert "the archscale law moves the base LR: η × (w0/w)^0.5 = ×0.5" in width
+
+    tables = transfer(_proxy("hyperp", "muonh"), PROXY_LR, width=256, law="tables")
+    assert tables.lr == PROXY_LR
+    (width,) = [r for r in tables.reasons if r.startswith("width")]
     assert "base LR stays" in width and "HyperP claims its base LR transfers across width" in width
 
 
@@ -154,7 +160,8 @@ def sweep(tmp_path) -> Path:
 
 @pytest.mark.parametrize("param, lr_factor, hidden", [
     ("completep", 1.0, r"hidden\.block\s+×0\.5\s+→\s+×0\.5\s"),
-    ("hyperp", 2**-0.5, r"hidden\.block\s+×1\s+→\s+×1\s"),  # depth 4 → 8: η × (4/8)^0.5
+    # HyperP's default law (archscale) has no depth factor: the base LR is copied
+    ("hyperp", 1.0, r"hidden\.block\s+×1\s+→\s+×1\s"),
     ("mup", 1.0, r"hidden\.block\s+×0\.5\s+→\s+×0\.5\s"),
 ])
 def test_cli_transfers_a_depth_sweep(param, lr_factor, hidden, sweep, capsys):
