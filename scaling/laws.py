@@ -56,4 +56,8 @@ ARCHSCALE = LRLaw("archscale", "HyperP's global law as its reference code applie
                   "Microsoft): η0·√(B/B0)·√(d0/d)·(T/T0)^−0.32 with d the model width, fitted "
                   "on a path where width = 128·depth; no separate depth factor", width=0.5)
 
-LAWS: dict[str, LRLaw] = {law.name: law for law in (TABLES, DEPTH_SQRT, ARCHSCALE)}
+MUON_MEASURED = LRLaw("muon_measured", "μP + Muon's optimum as measured on this project's width "
+                      "sweeps (bytes and BPE-4k, tied or fixed Adam LR, widths 64→256): "
+                      "η × (w0/w)^0.27", width=0.27)
+
+LAWS: dict[str, LRLaw] = {law.name: law for law in (TABLES, DEPTH_SQRT, ARCHSCALE, MUON_MEASURED)}

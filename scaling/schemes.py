@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-from scaling.laws import ARCHSCALE, TABLES, LRLaw
+from scaling.laws import ARCHSCALE, MUON_MEASURED, TABLES, LRLaw
 from scaling.rules import (
     HYPERP_DEPTH,
     HYPERP_WIDTH,
@@ -79,7 +79,8 @@ class Scheme:
 SCHEMES: dict[str, Scheme] = {s.name: s for s in (
     #      name         label        width         depth            attn  muon_lr             flat_in
     Scheme("sp",        "SP",        SP_WIDTH,     NO_DEPTH_RULE,   -0.5, NO_MUON_WIDTH_RULE, ()),
-    Scheme("mup",       "μP",        MUP_WIDTH,    NO_DEPTH_RULE,   -1.0, MUP_MUON_LR,        (WIDTH,)),
+    Scheme("mup",       "μP",        MUP_WIDTH,    NO_DEPTH_RULE,   -1.0, MUP_MUON_LR,        (WIDTH,),
+           optimizer_laws={"muon": MUON_MEASURED}),
     Scheme("depth_mup", "Depth-μP",  MUP_WIDTH,    alpha_rule(0.5), -1.0, MUP_MUON_LR,        (WIDTH, DEPTH)),
     Scheme("completep", "CompleteP", MUP_WIDTH,    alpha_rule(1.0), -1.0, MUP_MUON_LR,        (WIDTH, DEPTH)),
     Scheme("hyperp",    "HyperP",    HYPERP_WIDTH, HYPERP_DEPTH,    -1.0, MUP_MUON_LR,        (WIDTH,),

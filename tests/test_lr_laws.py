@@ -140,3 +140,12 @@ def test_the_cli_transfers_along_the_path_with_a_chosen_law(path_sweep, tmp_path
     assert "the archscale law has no depth factor" in printed
     target = to_run_config(compose(yaml.safe_load(out.read_text())))
     assert math.log2(target.optim.lr) == pytest.approx(-3.3 - 1.0 - 1.0, abs=1e-6)
+
+
+def test_each_optimizer_gets_the_law_measured_for_it():
+    """μP + Muon's default is its measured η × (w0/w)^0.27; μP + AdamW keeps the tables."""
+    muon = to_run_config(compose(["optim=muon", "model.width=64"]))
+    adamw = to_run_config(compose(["model.width=64"]))
+    assert transfer(muon, 0.02, width=256).lr == pytest.approx(0.02 * 4**-0.27, rel=1e-12)
+    assert transfer(adamw, 0.01, width=256).lr == 0.01
+    assert transfer(muon, 0.02, width=256, law="tables").lr == 0.02
