@@ -83,7 +83,8 @@ def optax_muon(cfg: MuonConfig, labels, lr: float) -> optax.GradientTransformati
     return optax.contrib.muon(
         learning_rate=lr, ns_coeffs=JORDAN, ns_steps=5, beta=cfg.momentum, eps=cfg.eps,
         nesterov=cfg.nesterov, adam_b1=cfg.b1, adam_b2=cfg.b2,
-        adam_learning_rate=dataclasses.replace(cfg, lr=lr).adam_base_lr(), muon_weight_dimension_numbers=dims)
+        adam_learning_rate=dataclasses.replace(cfg, lr=lr).adam_base_lr(),
+        muon_weight_dimension_numbers=dims)
 
 
 def orthogonalizer(cfg: MuonConfig | None, peer_eps: float) -> Callable[[jax.Array], jax.Array]:

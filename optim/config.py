@@ -304,8 +304,8 @@ class AuONConfig(MatrixOptimizerConfig):
 class OnSphere:
     """MuonH and AdamH: hidden and output matrices take a relative step along a direction and
     stay on their init spheres (Adam's direction unless the family steps the role as a
-    matrix); embeddings and vectors AdamW at adam_lr (or lr * adam_lr_ratio). weight_decay > 0 is applied,
-    with a warning."""
+    matrix); embeddings and vectors AdamW at adam_lr (or lr * adam_lr_ratio). weight_decay > 0
+    is applied, with a warning."""
 
     sphere_roles: ClassVar[tuple[str, ...]] = ("hidden", "output")
 
