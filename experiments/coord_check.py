@@ -166,7 +166,7 @@ def check_name(cfg: RunConfig, coord: CoordConfig) -> str:
     measured = {"run": values, "coord": dataclasses.asdict(coord) | {"check": None,
                                                                       "out_dir": None}}
     digest = hashlib.sha256(json.dumps(measured, sort_keys=True).encode()).hexdigest()[:8]
-    return (f"coord-{cfg.model.kind}-{cfg.model.readout_init}-{cfg.optim.name}"
+    return (f"coord-{cfg.model.label}-{cfg.model.readout_init}-{cfg.optim.name}"
             f"-lr{cfg.optim.lr:g}-{digest}")
 
 
@@ -208,7 +208,7 @@ def run_check(cfg: RunConfig, coord: CoordConfig) -> tuple[Path, list[Slope]]:
         axis_rows = slope_rows(stats[axis], axis, cfg.model.readout_init, coord.flat_in(axis))
         rows += axis_rows
         shape = (f"depth {cfg.model.depth}" if axis == WIDTH else f"width {cfg.model.width}")
-        title = f"{cfg.model.kind} at {shape}, {setup}"
+        title = f"{cfg.model.label} at {shape}, {setup}"
         for step in range(coord.steps + 1):
             figure = step_figure(stats[axis], axis_rows, axis, step, title, coord.tolerance)
             figures.append(save_png(figure, out / f"{axis}_step{step}.png"))

@@ -6,6 +6,7 @@ import jax
 from flax import nnx
 
 from models.config import ModelConfig, Runtime
+from models.factory import FactoryModel
 from models.mlp import ByteMLP
 from models.tagged import ParamSpec, label_tree, param_specs
 from models.transformer import Transformer
@@ -18,8 +19,9 @@ def create(cfg: ModelConfig, vocab_size: int, runtime: Runtime = Runtime(),
     """The model with unscaled parameters, built with `runtime`'s multipliers and activation
     placement; use `scaling.parametrization.build_model` for a parametrized one. `seed`: an
     integer or a key."""
-    return MODELS[cfg.kind](cfg, vocab_size, runtime, rngs=nnx.Rngs(seed))
+    model = FactoryModel if cfg.factory is not None else MODELS[cfg.kind]
+    return model(cfg, vocab_size, runtime, rngs=nnx.Rngs(seed))
 
 
-__all__ = ["ByteMLP", "ParamSpec", "Runtime", "Transformer", "create", "label_tree",
+__all__ = ["ByteMLP", "FactoryModel", "ParamSpec", "Runtime", "Transformer", "create", "label_tree",
            "param_specs"]

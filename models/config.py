@@ -39,6 +39,14 @@ class ModelConfig:
     # docs/performance.md), 1 keeps a rolled loop (compile time flat in depth), k unrolls by k
     scan_unroll: int | bool = True
     compute_dtype: ComputeDtype = "auto"
+    # 'package.module:function' building the user's own LM (models/factory.py) in place of
+    # `kind`; its parameters' roles are inferred from shapes (scaling/inference.py)
+    factory: str | None = None
+
+    @property
+    def label(self) -> str:
+        """How run names call the model: its kind, or its factory function's name."""
+        return self.kind if self.factory is None else self.factory.rpartition(":")[2]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +60,9 @@ class Runtime:
     # on a device mesh, where the residual stream lives (sequences split over the batch axes);
     # None: wherever the compiler puts it (models/layers.py, constrain)
     activation_sharding: jax.sharding.Sharding | None = None
+    # a factory model's modules on the readout's path (parameter-path prefixes), whose raw
+    # outputs grow with width by design: left out of its forward stats
+    readout_modules: tuple[tuple, ...] = ()
 
 
 def compute_dtype(name: str) -> jnp.dtype:

@@ -46,6 +46,41 @@ def tagged_param(
         logical_axes=logical_axes, residual=residual, init=init, init_scale=init_scale)
 
 
+# What a parameter's metadata may say about its scaling; tagged_param sets all of it, `annotate`
+# any part (scaling.inference infers the rest from shapes and layer types)
+SCALING_METADATA = ("role", "fan_in_axes", "fan_out_axes", "logical_axes", "residual", "init",
+                    "init_scale")
+
+
+def annotate(param: nnx.Param, **metadata) -> nnx.Param:
+    """Sets scaling metadata (SCALING_METADATA) on any Param, e.g. a ViT's position embedding
+    `annotate(nnx.Param(x), role="input")`: what is given always wins over inference."""
+    unknown = sorted(set(metadata) - set(SCALING_METADATA))
+    if unknown:
+        raise ValueError(f"annotate: unknown scaling metadata {unknown}: expected some of "
+                         f"{list(SCALING_METADATA)}")
+    if metadata.get("role", ROLES[0]) not in ROLES:
+        raise ValueError(f"annotate: role={metadata['role']!r}: expected one of {list(ROLES)}")
+    if metadata.get("init", INITS[0]) not in INITS:
+        raise ValueError(f"annotate: init={metadata['init']!r}: expected one of {list(INITS)}")
+    for key in ("fan_in_axes", "fan_out_axes"):
+        if key in metadata:
+            axes = metadata[key] = tuple(metadata[key])
+            if not all(isinstance(a, int) and a < 0 for a in axes):
+                raise ValueError(f"annotate: {key}={axes}: expected negative axes (counted "
+                                 "from the end, so a stacked layer axis never shifts them)")
+    param.set_metadata(**metadata)
+    return param
+
+
+def mark_residual(module: nnx.Module) -> nnx.Module:
+    """Marks every parameter of `module` as inside a residual block (whose branch output the
+    model multiplies by a models.multipliers.BranchMultiplier): depth rules scale them."""
+    for _, param in iter_params(module):
+        param.set_metadata(residual=True)
+    return module
+
+
 @dataclasses.dataclass(frozen=True)
 class ParamSpec:
     """Shape and scaling metadata of one parameter, read off a (possibly abstract) model."""
@@ -59,6 +94,9 @@ class ParamSpec:
     residual: bool
     init: Init
     init_scale: float
+    # drawn afresh by the parametrization (an inferred parameter: its value is the layer's own
+    # init), not a unit draw to rescale (tagged_param's)
+    redraw: bool = False
 
     @property
     def fan_in(self) -> int:
@@ -84,18 +122,20 @@ def iter_params(model: nnx.Module) -> Iterator[tuple[tuple[Any, ...], nnx.Param]
 
 def param_specs(model: nnx.Module) -> dict[tuple[Any, ...], ParamSpec]:
     """Every Param's spec by path; a Param without a role is a bug in the model."""
-    specs = {}
-    for path, p in iter_params(model):
-        meta = p.get_metadata()
-        missing = [k for k in ("role", "fan_in_axes", "fan_out_axes", "logical_axes") if k not in meta]
-        if missing:
-            raise ValueError(f"parameter {'/'.join(map(str, path))} lacks scaling metadata {missing}")
-        specs[path] = ParamSpec(
-            path=path, shape=tuple(p.shape), role=meta["role"],
-            fan_in_axes=tuple(meta["fan_in_axes"]), fan_out_axes=tuple(meta["fan_out_axes"]),
-            logical_axes=tuple(meta["logical_axes"]), residual=bool(meta["residual"]),
-            init=meta["init"], init_scale=float(meta["init_scale"]))
-    return specs
+    return {path: tagged_spec(path, p) for path, p in iter_params(model)}
+
+
+def tagged_spec(path: tuple[Any, ...], param: nnx.Param) -> ParamSpec:
+    """The spec tagged_param's metadata gives; an error naming what is missing."""
+    meta = param.get_metadata()
+    missing = [k for k in ("role", "fan_in_axes", "fan_out_axes", "logical_axes") if k not in meta]
+    if missing:
+        raise ValueError(f"parameter {'/'.join(map(str, path))} lacks scaling metadata {missing}")
+    return ParamSpec(
+        path=path, shape=tuple(param.shape), role=meta["role"],
+        fan_in_axes=tuple(meta["fan_in_axes"]), fan_out_axes=tuple(meta["fan_out_axes"]),
+        logical_axes=tuple(meta["logical_axes"]), residual=bool(meta.get("residual", False)),
+        init=meta.get("init", "normal"), init_scale=float(meta.get("init_scale", 1.0)))
 
 
 def tree_from_paths(values: dict[tuple[Any, ...], Any]) -> dict:

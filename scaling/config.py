@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from models.config import BLOCK_OPTIONS, ModelConfig
+from models.factory import load_factory
 from optim.config import OPTIMIZERS, AdamWConfig, OptimizerConfig, Problem, expected_field
 from scaling.rules import TUNABLE
 from scaling.schemes import SCHEMES, Scheme
@@ -159,6 +160,7 @@ class ShardingRules:
     head_dim: MeshAxis | None = None  # QK-norm's per-head gains: small, kept whole
     layers: MeshAxis | None = None
     context: MeshAxis | None = None
+    finite: MeshAxis | None = None  # an inferred axis that does not grow with width
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,6 +292,14 @@ def validate(cfg: RunConfig) -> RunConfig:
     m, p, o, d, t, lg = cfg.model, cfg.param, cfg.optim, cfg.data, cfg.train, cfg.logging
     for name in ("width", "depth", "head_dim", "mlp_ratio", "context"):
         _require(getattr(m, name) > 0, f"model.{name}", getattr(m, name), "a positive integer")
+    if m.factory is not None:
+        try:
+            load_factory(m.factory)
+        except (ValueError, TypeError) as error:
+            raise ConfigError("model.factory", m.factory, str(error).split(": ", 1)[1]) from None
+        _require(o.needs_gradient, "optim.name", o.name, "a gradient optimizer with "
+                 "model.factory (MeZO's step perturbs a model's layers lazily, which a "
+                 "factory model does not expose)")
     if m.kind == "transformer":
         _require(m.width % m.head_dim == 0, "model.width", m.width,
                  f"a multiple of model.head_dim={m.head_dim}")

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 import models
@@ -16,6 +17,7 @@ from models.config import ModelConfig, Runtime
 from models.tagged import ParamSpec, iter_params, param_specs, tree_from_paths
 from optim import MatrixAxes, OptimizerConfig, RoleMultipliers
 from scaling.config import ParamConfig
+from scaling.inference import infer_specs, is_fully_tagged
 from scaling.rules import (
     ATTENTION_MULTIPLIER,
     BASE_STD,
@@ -123,13 +125,22 @@ class Parametrization:
         return (self.base_head_dim**-0.5 * head_dim_mult**self.scheme.attention_exponent
                 * self.tuned_value(ATTENTION_MULTIPLIER))
 
+    @property
+    def readout_modules(self) -> tuple[tuple, ...]:
+        """Paths of the modules on the readout's path (holding an output-role parameter, below
+        the model itself): their raw outputs grow with width by design under μP."""
+        outputs = [path for path, spec in self.specs.items() if spec.role == "output"]
+        return tuple(sorted({path[:i] for path in outputs for i in range(1, len(path))},
+                            key=str))
+
     def runtime(self, activation_sharding: jax.sharding.Sharding | None = None) -> Runtime:
         """What the model is built with: this parametrization's forward multipliers, and
         where its activations live on a device mesh (None: no mesh)."""
         return Runtime(logit_multiplier=self.logit_multiplier,
                        attention_scale=self.attention_scale,
                        branch_multiplier=self.branch_multiplier,
-                       activation_sharding=activation_sharding)
+                       activation_sharding=activation_sharding,
+                       readout_modules=self.readout_modules)
 
     def optimizer_multipliers(self, cfg: OptimizerConfig) -> dict[str, RoleMultipliers]:
         """Group label -> the multipliers the optimizer `cfg` trains with: the table column it
@@ -198,34 +209,65 @@ class Parametrization:
                                  "(a zero matrix has no sphere to stay on)")
 
 
-def _abstract_specs(cfg: ModelConfig, vocab_size: int) -> dict[tuple, ParamSpec]:
-    return param_specs(nnx.eval_shape(lambda: models.create(cfg, vocab_size)))
+def _abstract(cfg: ModelConfig, vocab_size: int) -> nnx.Module:
+    return nnx.eval_shape(lambda: models.create(cfg, vocab_size))
+
+
+def _specs(cfg: ModelConfig, base_width: int, vocab_size: int) -> dict[tuple, ParamSpec]:
+    """The specs of cfg's model: its tags, or (a model.factory model) inferred from copies at
+    base_width and twice base_width, at cfg's depth, its readout initialized as
+    model.readout_init says."""
+    model = _abstract(cfg, vocab_size)
+    if is_fully_tagged(model):
+        return param_specs(model)
+    base, delta = (_abstract(dataclasses.replace(cfg, width=w), vocab_size)
+                   for w in (base_width, 2 * base_width))
+    return {path: dataclasses.replace(spec, init=cfg.readout_init)
+            if spec.role == "output" and spec.redraw else spec
+            for path, spec in infer_specs(model, base, delta).items()}
 
 
 def make_parametrization(model_cfg: ModelConfig, param_cfg: ParamConfig,
                          vocab_size: int) -> Parametrization:
-    base_cfg = dataclasses.replace(model_cfg, width=param_cfg.base_width,
-                                   depth=param_cfg.base_depth)
-    return Parametrization(param_cfg.scheme, _abstract_specs(model_cfg, vocab_size),
-                           _abstract_specs(base_cfg, vocab_size), model_cfg.head_dim,
+    """The base shape is the model at param.base_width and the model's own depth: widths set
+    every fan ratio, and depth rules read the depths as numbers (a model whose blocks are a list
+    has other parameters at another depth)."""
+    base_cfg = dataclasses.replace(model_cfg, width=param_cfg.base_width)
+    return Parametrization(param_cfg.scheme,
+                           _specs(model_cfg, param_cfg.base_width, vocab_size),
+                           _specs(base_cfg, param_cfg.base_width, vocab_size), model_cfg.head_dim,
                            base_cfg.head_dim, model_cfg.depth, param_cfg.base_depth,
                            {field: getattr(param_cfg, field) for field in TUNABLE})
 
 
 @functools.cache
-def _initializer(model_cfg: ModelConfig, vocab_size: int, normal: tuple):
+def _initializer(model_cfg: ModelConfig, vocab_size: int, normal: tuple, redraw: tuple):
     """(seed, stds) -> the parameters (a pure dict): unit draws scaled by stds[path] for each
-    path in `normal`. One function per model shape: jit compiles it once for every seed and
-    every parametrization of that shape (the stds are arguments, not constants)."""
+    path in `normal`; the `redraw` ones (inferred: the layer drew them its own way) drawn afresh
+    as their spec's init says. One function per model shape: jit compiles it once for every
+    seed and every parametrization of that shape (the stds are arguments, not constants)."""
 
     def init(seed, stds: dict):
         model = models.create(model_cfg, vocab_size, Runtime(), jax.random.key(seed))
-        for path, param in iter_params(model):
+        redrawn = dict(redraw)
+        for i, (path, param) in enumerate(iter_params(model)):
+            if path in redrawn:
+                param[...] = fresh_draw(redrawn[path], param.shape, jax.random.fold_in(
+                    jax.random.key(seed), i)).astype(param[...].dtype)
             if path in normal:
                 param[...] = param[...] * stds["/".join(map(str, path))]
         return nnx.split(model)[1].to_pure_dict()
 
     return init
+
+
+def fresh_draw(init: str, shape: tuple[int, ...], key: jax.Array) -> jax.Array:
+    """A unit draw of an inferred parameter: its spec's init, the std applied after."""
+    if init == "zero":
+        return jnp.zeros(shape, jnp.float32)
+    if init == "one":
+        return jnp.ones(shape, jnp.float32)
+    return jax.random.normal(key, shape, jnp.float32)
 
 
 def init_params(model_cfg: ModelConfig, parametrization: Parametrization, vocab_size: int,
@@ -235,7 +277,9 @@ def init_params(model_cfg: ModelConfig, parametrization: Parametrization, vocab_
     is created where a device mesh keeps it, so no host ever holds the whole model."""
     normal = tuple(path for path, spec in parametrization.specs.items() if spec.init == "normal")
     stds = {"/".join(map(str, path)): parametrization.init_std(path) for path in normal}
-    init = _initializer(model_cfg, vocab_size, normal)
+    redraw = tuple((path, spec.init) for path, spec in parametrization.specs.items()
+                   if spec.redraw)
+    init = _initializer(model_cfg, vocab_size, normal, redraw)
     return jax.jit(init, out_shardings=shardings)(seed, stds)
 
 

@@ -24,7 +24,7 @@ LATER_DEFAULTS = {("data", "packages"): "all", ("data", "tokenizer"): "bytes",
                   ("data", "text_field"): "text", ("init", "from_run"): None,
                   ("optim", "clip_scope"): "global", ("optim", "clip_width_exponent"): 0.0,
                   ("optim", "ns_sharding"): "stack", ("optim", "adam_lr"): None,
-                  ("optim", "sphere_norm"): "frobenius",
+                  ("optim", "sphere_norm"): "frobenius", ("model", "factory"): None,
                   **{("model", name): getattr(ModelConfig(), name) for name in BLOCK_OPTIONS},
                   **{("param", field): 1.0 for field in TUNABLE}}
 

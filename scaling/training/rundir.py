@@ -29,5 +29,5 @@ def config_hash(cfg: RunConfig, length: int = 8) -> str:
 
 def run_name(cfg: RunConfig) -> str:
     m, o = cfg.model, cfg.optim
-    return (f"{m.kind}-w{m.width}-d{m.depth}-{cfg.param.name}-{o.name}-lr{o.lr:g}"
+    return (f"{m.label}-w{m.width}-d{m.depth}-{cfg.param.name}-{o.name}-lr{o.lr:g}"
             f"-s{cfg.train.seed}-{config_hash(cfg)}")

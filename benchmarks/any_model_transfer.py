@@ -1,0 +1,113 @@
+"""Learning-rate transfer across width for the three user-model examples (docs/examples/):
+an MLP on a teacher's regression, a CNN and a ViT on a teacher's classes, each under SP and μP
+with the same optimizer (Muon by default), on an LR grid at several widths and seeds. Prints the
+optimal log2 LR per width and its drift per width doubling, and writes the curves as JSON.
+
+    python benchmarks/any_model_transfer.py --out runs/any_model_transfer.json
+
+The LR is an argument of one compiled step per shape: every family's update is linear in its
+LR (the Adam groups' at their ratio, decoupled weight decay included), so the step applies the
+optimizer built at LR 1 and scales its update.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "docs" / "examples"))
+
+import cnn
+import mlp_teacher
+import vit
+
+import optim
+from scaling.any_model import parametrize
+from scaling.files import write_json_atomic
+from scaling.fits import fit_optimum
+from scaling.parametrization import build_optimizer
+
+EXAMPLES = {"mlp": (mlp_teacher, mlp_teacher.MLP), "cnn": (cnn, cnn.CNN),
+            "vit": (vit, vit.ViT)}
+OPTIMIZERS = {"muon": optim.MuonConfig, "adamw": optim.AdamWConfig}
+
+
+def final_loss(module, make, scheme, optimizer, width, base_width, lrs, seed, steps, batch):
+    """The held-out loss after `steps` steps at each LR of `lrs`, for one seed."""
+    x, y = module.data(2048, seed=100)  # one task for every run; seeds vary init and batches
+    x_val, y_val = module.data(512, seed=101)
+    model, parametrization = parametrize(make, scheme=scheme, width=width,
+                                         base_width=base_width, seed=seed)
+    graphdef, state = nnx.split(model)
+    tx = build_optimizer(optimizer(lr=1.0, warmup_steps=steps // 10), parametrization,
+                         total_steps=steps)
+
+    def loss_of(params, xb, yb):
+        return module.loss_fn(nnx.merge(graphdef, params), xb, yb)
+
+    @jax.jit
+    def run(params, lr, key):
+        def body(carry, k):
+            params, opt_state = carry
+            index = jax.random.randint(k, (batch,), 0, x.shape[0])
+            grads = jax.grad(loss_of)(params, x[index], y[index])
+            updates, opt_state = tx.update(grads, opt_state, params)
+            updates = jax.tree.map(lambda u: lr * u, updates)
+            return (optax.apply_updates(params, updates), opt_state), None
+
+        (params, _), _ = jax.lax.scan(body, (params, tx.init(params)),
+                                      jax.random.split(key, steps))
+        return loss_of(params, x_val, y_val)
+
+    params = state.to_pure_dict()
+    return [float(run(params, lr, jax.random.key(seed))) for lr in lrs]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--examples", nargs="+", default=list(EXAMPLES), choices=EXAMPLES)
+    parser.add_argument("--optimizer", default="muon", choices=OPTIMIZERS)
+    parser.add_argument("--widths", nargs="+", type=int, default=[64, 128, 256])
+    parser.add_argument("--log2-lrs", nargs="+", type=float,
+                        default=[-10, -9, -8, -7, -6, -5, -4, -3, -2])
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--out", default="runs/any_model_transfer.json")
+    args = parser.parse_args(argv)
+    lrs = [2.0**e for e in args.log2_lrs]
+    results = {}
+    for name in args.examples:
+        module, make = EXAMPLES[name]
+        for scheme in ("sp", "mup"):
+            optima = []
+            for width in args.widths:
+                start = time.time()
+                losses = np.mean([final_loss(module, make, scheme, OPTIMIZERS[args.optimizer],
+                                             width, args.widths[0], lrs, seed, args.steps,
+                                             args.batch)
+                                  for seed in range(args.seeds)], axis=0)
+                best = fit_optimum(args.log2_lrs, losses)
+                optima.append(best.log2_lr)
+                results[f"{name}/{scheme}/{width}"] = {
+                    "log2_lr": args.log2_lrs, "loss": losses.tolist(),
+                    "optimum_log2_lr": best.log2_lr, "on_edge": best.on_edge}
+                print(f"{name} {scheme} w{width}: optimum log2 LR {best.log2_lr:+.2f}"
+                      f"{' (edge)' if best.on_edge else ''}, loss {best.loss:.4f} "
+                      f"({time.time() - start:.0f} s)", flush=True)
+            slope = float(np.polyfit(np.log2(args.widths), optima, 1)[0])
+            results[f"{name}/{scheme}/drift"] = slope
+            print(f"{name} {scheme}: drift {slope:+.2f} octaves of LR per width doubling",
+                  flush=True)
+    write_json_atomic(Path(args.out), {"args": vars(args), "results": results})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""The coordinate check for any NNX model (scaling.any_model): the RMS of every module's output,
+captured with nnx.capture (as the `mup` library hooks every module), at init and after each of
+a few steps on one fixed batch, across widths; judged by the slopes of scaling/coord_check.py.
+
+The model's own output is 'logits' (and its change since init 'logits_delta'); modules on the
+readout's path (those holding an output-role parameter, and the ReadoutMultiplier) are left out:
+under μP the raw readout grows with width by design and only its multiplied output is Θ(1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+
+from models.capture import module_outputs
+from models.layers import rms
+from optim import OptimizerConfig
+from scaling.any_model import ModelFn, make_train_step, parametrize
+from scaling.coord_check import CoordStats, Slope, slope_rows, slopes, update_rms
+from scaling.parametrization import build_optimizer
+from scaling.rules import ONE
+from scaling.schemes import SCHEMES, WIDTH
+
+LOGITS = "logits"
+# logits_delta's slope after one step above this: the readout's update reaches the output
+# unscaled (Adam: grows like m, SGD like m²; with μP's 1/m multiplier it is flat)
+UNSCALED_READOUT_SLOPE = 0.5
+
+
+def _one_shape(make: ModelFn, loss_fn, scheme: str, optimizer: OptimizerConfig, width: int,
+               base_width: int, batch, steps: int, seeds: Sequence[int]
+               ) -> dict[int, dict[str, float]]:
+    """The mean over `seeds` of every quantity at init and after each step; one compiled
+    forward and step serve every seed (the graph is the same, the parameters differ)."""
+    models = [parametrize(make, scheme=scheme, width=width, base_width=base_width, seed=seed)
+              for seed in seeds]
+    parametrization = models[0][1]
+    graphdef = nnx.split(models[0][0])[0]
+    skipped = set(parametrization.readout_modules)
+    forward = jax.jit(lambda p, x: module_outputs(nnx.merge(graphdef, p), x, skipped=skipped))
+    tx = build_optimizer(optimizer, parametrization, total_steps=max(steps, 1))
+    step = make_train_step(graphdef, tx, loss_fn)
+    updates = jax.jit(lambda a, b: update_rms(a, b, parametrization.specs))
+    x, y = batch
+    runs = []
+    for model, _ in models:
+        params = nnx.split(model)[1].to_pure_dict()
+        opt_state = tx.init(params)
+        out0, stats0 = forward(params, x)
+        trajectory = {0: {LOGITS: rms(out0), **stats0}}
+        for t in range(1, steps + 1):
+            before = params
+            params, opt_state, _ = step(params, opt_state, x, y)
+            out, stats = forward(params, x)
+            trajectory[t] = {LOGITS: rms(out), "logits_delta": rms(out - out0), **stats,
+                             **updates(before, params)}
+        runs.append(jax.device_get(trajectory))
+    return {t: {name: float(np.mean([np.mean(run[t][name]) for run in runs]))
+                for name in runs[0][t]}
+            for t in runs[0]}
+
+
+def coordinate_check(make: ModelFn, loss_fn: Callable, batch, optimizer: OptimizerConfig, *,
+                     widths: Sequence[int], base_width: int,
+                     schemes: Sequence[str] = ("sp", "mup"), steps: int = 3, seeds: int = 2,
+                     seed: int = 0) -> dict[str, CoordStats]:
+    """scheme -> width -> step -> quantity -> RMS (the mean over `seeds` initializations),
+    training `make`'s model with `optimizer` on `batch` = (x, y) under `loss_fn(model, x, y)`."""
+    return {scheme: {width: _one_shape(make, loss_fn, scheme, optimizer, width, base_width,
+                                       batch, steps, list(range(seed, seed + seeds)))
+                     for width in widths}
+            for scheme in schemes}
+
+
+def rows(stats: dict[str, CoordStats], readout_init: str = "normal") -> list[Slope]:
+    """Every fitted slope across width (scaling.coord_check.slope_rows): each scheme held to
+    the flatness its record claims."""
+    return slope_rows(stats, WIDTH, readout_init)
+
+
+def readout_warnings(stats: dict[str, CoordStats]) -> list[str]:
+    """One line per scheme with a readout multiplier (μP's 1/m) whose output's change after one
+    step grows with width as if the multiplier were missing (measured, not looked up)."""
+    out = []
+    for scheme, by_width in stats.items():
+        if SCHEMES[scheme].width["output"].forward == ONE:
+            continue
+        slope = slopes(by_width, WIDTH).get(1, {}).get("logits_delta")
+        if slope is not None and slope > UNSCALED_READOUT_SLOPE:
+            out.append(f"{scheme}: the output's change after one step grows like "
+                       f"width^{slope:.2f}; is the readout's output multiplied by "
+                       "models.multipliers.ReadoutMultiplier?")
+    return out
