@@ -7,7 +7,8 @@ optimal log2 LR per width and its drift per width doubling, and writes the curve
 
 The LR is an argument of one compiled step per shape: every family's update is linear in its
 LR (the Adam groups' at their ratio, decoupled weight decay included), so the step applies the
-optimizer built at LR 1 and scales its update.
+optimizer built at LR 1 and scales its update. The held-out loss is on 512 fresh samples of the
+same teacher.
 """
 
 from __future__ import annotations
@@ -53,21 +54,24 @@ def final_loss(module, make, scheme, optimizer, width, base_width, lrs, seed, st
         return module.loss_fn(nnx.merge(graphdef, params), xb, yb)
 
     @jax.jit
-    def run(params, lr, key):
-        def body(carry, k):
-            params, opt_state = carry
-            index = jax.random.randint(k, (batch,), 0, x.shape[0])
-            grads = jax.grad(loss_of)(params, x[index], y[index])
-            updates, opt_state = tx.update(grads, opt_state, params)
-            updates = jax.tree.map(lambda u: lr * u, updates)
-            return (optax.apply_updates(params, updates), opt_state), None
+    def step(params, opt_state, lr, key):
+        index = jax.random.randint(key, (batch,), 0, x.shape[0])
+        grads = jax.grad(loss_of)(params, x[index], y[index])
+        updates, opt_state = tx.update(grads, opt_state, params)
+        updates = jax.tree.map(lambda u: lr * u, updates)
+        return optax.apply_updates(params, updates), opt_state
 
-        (params, _), _ = jax.lax.scan(body, (params, tx.init(params)),
-                                      jax.random.split(key, steps))
-        return loss_of(params, x_val, y_val)
-
-    params = state.to_pure_dict()
-    return [float(run(params, lr, jax.random.key(seed))) for lr in lrs]
+    evaluate = jax.jit(lambda params: loss_of(params, x_val, y_val))
+    losses = []
+    for lr in lrs:
+        # a Python loop of one compiled step: XLA's CPU convolutions ran ~100x slower inside
+        # a lax.scan body here
+        params = state.to_pure_dict()
+        opt_state = tx.init(params)
+        for key in jax.random.split(jax.random.key(seed), steps):
+            params, opt_state = step(params, opt_state, lr, key)
+        losses.append(float(evaluate(params)))
+    return losses
 
 
 def main(argv=None) -> None:

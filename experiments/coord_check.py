@@ -183,7 +183,7 @@ def csv_text(rows: list[Slope], tolerance: float) -> str:
 def run_check(cfg: RunConfig, coord: CoordConfig) -> tuple[Path, list[Slope]]:
     """Measures, writes the figures, tables and stats.json, and logs them to W&B; returns the
     output folder and every slope."""
-    from scaling.coord_check import coordinate_check, depth_check, slope_rows
+    from scaling.coord_check import coordinate_check, depth_check, readout_warnings, slope_rows
     from scaling.coord_plots import save_png, step_figure
     from scaling.files import atomic_open, write_json_atomic
     from scaling.training import data
@@ -206,6 +206,9 @@ def run_check(cfg: RunConfig, coord: CoordConfig) -> tuple[Path, list[Slope]]:
                 coord.steps, batch, vocab_size=splits.vocab_size, seed=cfg.train.seed,
                 seeds=coord.seeds)
         axis_rows = slope_rows(stats[axis], axis, cfg.model.readout_init, coord.flat_in(axis))
+        if axis == WIDTH:
+            for warning in readout_warnings(stats[axis]):
+                print(f"{PROG}: warning: {warning}", flush=True)
         rows += axis_rows
         shape = (f"depth {cfg.model.depth}" if axis == WIDTH else f"width {cfg.model.width}")
         title = f"{cfg.model.label} at {shape}, {setup}"

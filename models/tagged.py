@@ -14,6 +14,7 @@ Role = Literal["input", "hidden", "output", "vector"]
 Init = Literal["normal", "zero", "one"]  # a unit normal (scaled by the parametrization), 0 or 1
 ROLES, INITS = get_args(Role), get_args(Init)
 LAYER_AXIS = "layers"  # the logical axis of a stacked leaf: the models scan over it
+UNIT_DRAW = "unit_draw"  # tagged_param's mark: a unit draw that the parametrization rescales
 
 
 def tagged_param(
@@ -43,7 +44,8 @@ def tagged_param(
         value = jnp.ones(shape, jnp.float32)
     return nnx.Param(
         value, role=role, fan_in_axes=fan_in_axes, fan_out_axes=fan_out_axes,
-        logical_axes=logical_axes, residual=residual, init=init, init_scale=init_scale)
+        logical_axes=logical_axes, residual=residual, init=init, init_scale=init_scale,
+        **{UNIT_DRAW: True})
 
 
 # What a parameter's metadata may say about its scaling; tagged_param sets all of it, `annotate`

@@ -19,11 +19,17 @@ from flax import nnx
 
 from models.multipliers import AttentionScale, BranchMultiplier, apply_runtime, multiplier_modules
 from models.tagged import iter_params
+from optim import OptimizerConfig, learning_rate, zo_gradient
 from scaling.inference import infer_specs
 from scaling.parametrization import Parametrization, fresh_draw
+from scaling.parametrization import build_optimizer as parametrization_optimizer
 from scaling.schemes import SCHEMES, Scheme
+from scaling.steps.zeroth_order import probe_plan
 
 ModelFn = Callable[..., nnx.Module]  # make(width) or make(width, depth) -> the model
+# MeZO fields only the training step implements (optim/mezo.py's lazy step), at their defaults
+ZO_OPTAX_DEFAULTS = {"sparsity": 0.0, "curvature": False, "safe_lr": None,
+                     "param_dtype": "float32", "clip_norm": 0.0, "objective": "cross_entropy"}
 
 
 def _scheme(scheme: str | Scheme) -> Scheme:
@@ -130,17 +136,50 @@ def parametrize(make: ModelFn, *, scheme: str | Scheme = "mup", width: int, base
     return initialize(model, parametrization, seed), parametrization
 
 
+def _decay(plan, weight_decay: float) -> optax.GradientTransformation:
+    """+ λ·(the leaf's weight-decay multiplier)·θ, as the MeZO step decays (vectors: none)."""
+
+    def update(updates, state, params=None):
+        return jax.tree.map(lambda u, p, probe: u + weight_decay * probe.weight_decay * p,
+                            updates, params, plan), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def build_optimizer(cfg: OptimizerConfig, parametrization: Parametrization, *,
+                    total_steps: int, seed: int = 0) -> optax.GradientTransformation:
+    """The optimizer `cfg` under the parametrization, for every family: a gradient family as
+    scaling.parametrization.build_optimizer builds it; MeZO (a family that needs no gradient)
+    as optim.zo_gradient with the run's probe plan, then SGD's per-leaf weight decay and
+    schedule: update(grads or None, state, params, value_fn=loss of params)."""
+    if cfg.needs_gradient:
+        return parametrization_optimizer(cfg, parametrization, total_steps=total_steps)
+    for field, default in ZO_OPTAX_DEFAULTS.items():
+        if getattr(cfg, field) != default:
+            raise ValueError(f"optim.{field}={getattr(cfg, field)!r}: expected {default!r} "
+                             "for MeZO through optax (the training step's alone)")
+    plan = probe_plan(parametrization, cfg)
+    return optax.chain(zo_gradient(eps=cfg.eps, n_probes=cfg.n_probes, seed=seed, plan=plan),
+                       _decay(plan, cfg.weight_decay),
+                       optax.scale_by_learning_rate(learning_rate(cfg, total_steps)))
+
+
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    loss_fn: Callable[[nnx.Module, jax.Array, jax.Array], jax.Array]):
+                    loss_fn: Callable[[nnx.Module, jax.Array, jax.Array], jax.Array], *,
+                    gradient: bool = True):
     """A compiled step (params, opt_state, x, y) -> (params, opt_state, loss) on the pure-dict
-    parameters of `nnx.split(model)`, for `loss_fn(model, x, y)`."""
+    parameters of `nnx.split(model)`, for `loss_fn(model, x, y)`; `gradient=False` (MeZO)
+    passes no gradient, only the loss as `value_fn`, so the loss need not be differentiable."""
 
     def loss_of(params, x, y):
         return loss_fn(nnx.merge(graphdef, params), x, y)
 
     @jax.jit
     def step(params, opt_state, x, y):
-        loss, grads = jax.value_and_grad(loss_of)(params, x, y)
+        if gradient:
+            loss, grads = jax.value_and_grad(loss_of)(params, x, y)
+        else:
+            loss, grads = loss_of(params, x, y), None
         updates, opt_state = tx.update(grads, opt_state, params,
                                        value_fn=lambda p: loss_of(p, x, y))
         return optax.apply_updates(params, updates), opt_state, loss

@@ -35,6 +35,7 @@ from models.tagged import LAYER_AXIS, ParamSpec, leaf_at
 from optim import OptimizerConfig
 from scaling.config import ConfigError, ParamConfig
 from scaling.parametrization import build_model
+from scaling.rules import ONE
 from scaling.schemes import DEPTH, SCHEMES, WIDTH
 from scaling.steps import make_step
 
@@ -402,3 +403,23 @@ def markdown_table(rows: list[Slope], axis: str, tolerance: float) -> str:
     for q in quantities:
         lines.append(f"| {q} | " + " | ".join(cells.get((q, *c), "") for c in columns) + " |")
     return "\n".join(lines)
+
+
+# logits_delta's slope after one step above this: the readout's update reaches the output
+# unscaled (Adam: grows like m, SGD like m²; with μP's 1/m multiplier it is flat)
+UNSCALED_READOUT_SLOPE = 0.5
+
+
+def readout_warnings(stats: dict[str, CoordStats]) -> list[str]:
+    """One line per scheme with a readout multiplier (μP's 1/m) whose output's change after one
+    step grows with width as if the multiplier were missing (measured, not looked up)."""
+    out = []
+    for scheme, by_width in stats.items():
+        if SCHEMES[scheme].width["output"].forward == ONE:
+            continue
+        slope = slopes(by_width, WIDTH).get(1, {}).get("logits_delta")
+        if slope is not None and slope > UNSCALED_READOUT_SLOPE:
+            out.append(f"{scheme}: the output's change after one step grows like "
+                       f"width^{slope:.2f}; is the readout's output multiplied by "
+                       "models.multipliers.ReadoutMultiplier?")
+    return out

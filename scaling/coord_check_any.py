@@ -18,16 +18,11 @@ from flax import nnx
 from models.capture import module_outputs
 from models.layers import rms
 from optim import OptimizerConfig
-from scaling.any_model import ModelFn, make_train_step, parametrize
-from scaling.coord_check import CoordStats, Slope, slope_rows, slopes, update_rms
-from scaling.parametrization import build_optimizer
-from scaling.rules import ONE
-from scaling.schemes import SCHEMES, WIDTH
+from scaling.any_model import ModelFn, build_optimizer, make_train_step, parametrize
+from scaling.coord_check import CoordStats, Slope, readout_warnings, slope_rows, update_rms
+from scaling.schemes import WIDTH
 
 LOGITS = "logits"
-# logits_delta's slope after one step above this: the readout's update reaches the output
-# unscaled (Adam: grows like m, SGD like m²; with μP's 1/m multiplier it is flat)
-UNSCALED_READOUT_SLOPE = 0.5
 
 
 def _one_shape(make: ModelFn, loss_fn, scheme: str, optimizer: OptimizerConfig, width: int,
@@ -42,7 +37,7 @@ def _one_shape(make: ModelFn, loss_fn, scheme: str, optimizer: OptimizerConfig, 
     skipped = set(parametrization.readout_modules)
     forward = jax.jit(lambda p, x: module_outputs(nnx.merge(graphdef, p), x, skipped=skipped))
     tx = build_optimizer(optimizer, parametrization, total_steps=max(steps, 1))
-    step = make_train_step(graphdef, tx, loss_fn)
+    step = make_train_step(graphdef, tx, loss_fn, gradient=optimizer.needs_gradient)
     updates = jax.jit(lambda a, b: update_rms(a, b, parametrization.specs))
     x, y = batch
     runs = []
@@ -81,16 +76,4 @@ def rows(stats: dict[str, CoordStats], readout_init: str = "normal") -> list[Slo
     return slope_rows(stats, WIDTH, readout_init)
 
 
-def readout_warnings(stats: dict[str, CoordStats]) -> list[str]:
-    """One line per scheme with a readout multiplier (μP's 1/m) whose output's change after one
-    step grows with width as if the multiplier were missing (measured, not looked up)."""
-    out = []
-    for scheme, by_width in stats.items():
-        if SCHEMES[scheme].width["output"].forward == ONE:
-            continue
-        slope = slopes(by_width, WIDTH).get(1, {}).get("logits_delta")
-        if slope is not None and slope > UNSCALED_READOUT_SLOPE:
-            out.append(f"{scheme}: the output's change after one step grows like "
-                       f"width^{slope:.2f}; is the readout's output multiplied by "
-                       "models.multipliers.ReadoutMultiplier?")
-    return out
+__all__ = ["coordinate_check", "module_outputs", "readout_warnings", "rows"]

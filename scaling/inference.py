@@ -20,13 +20,14 @@ metadata explains is an error naming its path and shape and how to annotate it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Callable
 from typing import Any
 
 from flax import nnx
 
-from models.tagged import LAYER_AXIS, ROLES, ParamSpec, iter_params, tagged_spec
+from models.tagged import LAYER_AXIS, ROLES, UNIT_DRAW, ParamSpec, iter_params, tagged_spec
 
 ANNOTATE_HINT = ("annotate it: models.tagged.annotate(nnx.Param(...), role=..., fan_in_axes=..., "
                  "fan_out_axes=...)")
@@ -201,7 +202,7 @@ def _spec(path, param, entry, owner, infinite, meta) -> ParamSpec:
                      if role != "vector" else "vector")
     role = role or inferred_role
     if isinstance(entry, Weight) and entry.dense and role == "input" and "init_scale" not in meta:
-        init_scale = _prod(shape, fan_in) ** -0.5  # a first layer on features: fan-in init
+        init_scale = math.prod(shape[a] for a in fan_in) ** -0.5  # features: fan-in init
     stacked = _stacked(ndim, owner, entry, fan_in, fan_out)
     logical = tuple(meta.get("logical_axes")
                     or _logical_axes(role, ndim, fan_in, fan_out, infinite, stacked))
@@ -210,15 +211,10 @@ def _spec(path, param, entry, owner, infinite, meta) -> ParamSpec:
                      init=init or "normal", init_scale=init_scale, redraw=True)
 
 
-def _prod(shape, axes) -> int:
-    out = 1
-    for a in axes:
-        out *= shape[a]
-    return out
-
-
 def _is_tagged(meta: dict) -> bool:
-    return all(k in meta for k in ("role", "fan_in_axes", "fan_out_axes", "logical_axes"))
+    """Made by tagged_param: complete metadata, and a unit draw the parametrization rescales
+    (an annotated Param holds its layer's own draw, so it is drawn afresh)."""
+    return bool(meta.get(UNIT_DRAW))
 
 
 def infer_specs(model: nnx.Module, base: nnx.Module, delta: nnx.Module

@@ -5,6 +5,7 @@ forward-multiplier helpers, the Python path (scaling.any_model) and the command 
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -18,13 +19,13 @@ import models
 import optim
 from models.config import ModelConfig
 from models.multipliers import AttentionScale, BranchMultiplier
-from models.tagged import annotate, iter_params, param_specs
-from scaling import coord_check_any
+from models.tagged import UNIT_DRAW, annotate, iter_params, param_specs
+from scaling import any_model, coord_check_any
 from scaling.any_model import infer_parametrization, make_train_step, parametrize
 from scaling.config import ParamConfig
 from scaling.coord_check import failures
 from scaling.inference import InferenceError
-from scaling.parametrization import build_optimizer, make_parametrization
+from scaling.parametrization import make_parametrization
 from scaling.schemes import SCHEMES
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "docs" / "examples"))
@@ -88,7 +89,8 @@ def test_explicit_metadata_wins_and_an_unknown_parameter_is_an_error():
             if tag:
                 annotate(self.w, role="output", fan_in_axes=(-2,), fan_out_axes=(-1,))
 
-    assert infer_parametrization(Custom, width=64, base_width=32).specs[("w",)].role == "output"
+    spec = infer_parametrization(Custom, width=64, base_width=32).specs[("w",)]
+    assert spec.role == "output" and spec.redraw  # annotated: its own draw, drawn afresh
     with pytest.raises(InferenceError, match=r"parameter w \(64, 64\): not a parameter of a "
                                              r"known layer.*annotate it"):
         infer_parametrization(lambda w: Custom(w, tag=False), width=64, base_width=32)
@@ -110,8 +112,8 @@ def test_the_transformer_inferred_equals_its_tags():
     def stripped(width, depth):
         model = models.create(dataclasses.replace(cfg, width=width, depth=depth), 256)
         for _, param in iter_params(model):
-            param.del_metadata("role")
-            param.del_metadata("logical_axes")
+            for key in ("role", "logical_axes", UNIT_DRAW):
+                param.del_metadata(key)
         return model
 
     tagged_specs = param_specs(nnx.eval_shape(lambda: models.create(cfg, 256)))
@@ -144,19 +146,33 @@ def test_forward_multipliers_are_set_and_depth_rules_need_branches():
                     base_width=32, depth=4, base_depth=2)
 
 
-@pytest.mark.parametrize("family", sorted(set(optim.OPTIMIZERS) - {"mezo"}))
-def test_every_gradient_family_trains_a_user_model(family):
+# MeZO: SGD's LR scale (an estimate of the gradient along 8 probes, 60 steps to show it)
+FAMILY_SETTINGS = {"mezo": dict(lr=0.05, n_probes=8), "sgd": dict(lr=0.1)}
+
+
+@pytest.mark.parametrize("family", sorted(optim.OPTIMIZERS))
+def test_every_family_trains_a_user_model(family):
+    cfg = optim.OPTIMIZERS[family](**{"lr": 0.01, "warmup_steps": 0,
+                                      **FAMILY_SETTINGS.get(family, {})})
     model, p = parametrize(mlp_teacher.MLP, scheme="mup", width=64, base_width=32)
     graphdef, state = nnx.split(model)
     params = state.to_pure_dict()
-    tx = build_optimizer(optim.OPTIMIZERS[family](lr=0.01, warmup_steps=0), p, total_steps=20)
-    step, opt_state = make_train_step(graphdef, tx, mlp_teacher.loss_fn), tx.init(params)
+    steps = 60 if family == "mezo" else 20
+    tx = any_model.build_optimizer(cfg, p, total_steps=steps)
+    step = make_train_step(graphdef, tx, mlp_teacher.loss_fn, gradient=cfg.needs_gradient)
+    opt_state = tx.init(params)
     x, y = mlp_teacher.data(64)
     losses = []
-    for _ in range(20):
+    for _ in range(steps):
         params, opt_state, loss = step(params, opt_state, x, y)
         losses.append(float(loss))
-    assert losses[-1] < losses[0]
+    assert losses[-1] < 0.9 * losses[0]
+
+
+def test_mezo_through_optax_refuses_what_only_its_step_does():
+    _, p = parametrize(mlp_teacher.MLP, scheme="mup", width=64, base_width=32)
+    with pytest.raises(ValueError, match=r"optim.sparsity=0.8: expected 0.0"):
+        any_model.build_optimizer(optim.MeZOConfig(sparsity=0.8), p, total_steps=10)
 
 
 def _check(module, make, widths, base, lr=0.003):
@@ -191,19 +207,23 @@ def test_a_missing_readout_multiplier_is_measured():
     assert warning.startswith("mup:") and "ReadoutMultiplier" in warning
 
 
-def test_factory_model_trains_from_the_command_line(tmp_path):
+def test_factory_model_trains_from_the_command_line_sharded_by_inferred_axes(tmp_path):
+    """`model.factory=` under μP + Muon on the 8 simulated devices (mesh=fsdp): the inferred
+    logical axes place each matrix, a growing fan-in split over fsdp."""
     import experiments.train
 
     experiments.train.main([
         "model.factory=user_lm:make_lm", "model.width=64", "model.depth=2",
-        "param.base_width=32", "param=mup", "optim=muon", "train.steps=6",
-        "train.batch_size=4", "train.seq_len=16", "optim.warmup_steps=1",
+        "param.base_width=32", "param=mup", "optim=muon", "train.steps=6", "mesh=fsdp",
+        "train.batch_size=8", "train.seq_len=16", "optim.warmup_steps=1",
         "train.eval_every=6", "train.eval_batches=1", "logging.wandb_mode=disabled",
         "logging.progress=false", f"train.out_dir={tmp_path}"])
     (run,) = tmp_path.iterdir()
     assert run.name.startswith("make_lm-w64-d2-mup-muon")
-    metrics = (run / "metrics.jsonl").read_text().splitlines()
-    assert np.isfinite(float(__import__("json").loads(metrics[-1])["train_loss"]))
+    result = json.loads((run / "result.json").read_text())
+    assert result["sharding"]["params"]["net/blocks/0/up/kernel"] == ["fsdp", None]
+    assert result["sharding"]["params"]["net/head/kernel"] == ["fsdp", None]
+    assert np.isfinite(result["val_loss"]) and result["val_loss"] < 6.0
 
 
 def test_bad_factory_is_a_one_line_error(capsys, tmp_path, monkeypatch):
@@ -229,3 +249,52 @@ def test_inferred_axes_shard_on_a_mesh():
     for spec in p.specs.values():
         layout.spec(spec.logical_axes, spec.shape)  # every inferred name has a rule
     assert p.specs[("hidden", 0, "kernel")].logical_axes == ("embed", "mlp")
+
+
+def test_scaling_coord_check_on_a_factory_model(tmp_path, restore_root_logging):
+    """`scaling-coord-check model.factory=...` (AdamW 0.01, zero readout, 2 steps, 2 inits,
+    widths 64 and 256): every module output of the user's LM is flat under μP (the check
+    passes) and SP's logits grow (measured 1.75 per doubling)."""
+    from synthetic import call_main
+
+    import experiments.coord_check
+
+    code, out = call_main(experiments.coord_check.main, [
+        "model.factory=user_lm:make_lm", "model.depth=2", "param.base_width=64",
+        "coord.widths=[64,256]", "coord.seeds=2", "coord.steps=2", "coord.check=true",
+        f"coord.out_dir={tmp_path}", "logging.wandb_mode=disabled", "optim=adamw",
+        "optim.lr=0.01", "optim.warmup_steps=0", "optim.schedule=constant"])
+    assert code == 0, out
+    assert "warning" not in out
+    assert "width mup (checked): flat" in out and "width sp (not required flat): not flat" in out
+    (check,) = tmp_path.iterdir()
+    assert check.name.startswith("coord-make_lm-")
+    assert "blocks.1.down" in (check / "slopes.md").read_text()  # the user's modules, by path
+
+
+def test_scaling_coord_check_warns_of_a_forgotten_readout_multiplier(tmp_path,
+                                                                     restore_root_logging):
+    from synthetic import call_main
+
+    import experiments.coord_check
+
+    code, out = call_main(experiments.coord_check.main, [
+        "model.factory=user_lm:make_unscaled_lm", "model.depth=1", "param.base_width=64",
+        "coord.widths=[64,256]", "coord.seeds=1", "coord.steps=1", "coord.params=[mup]",
+        f"coord.out_dir={tmp_path}", "logging.wandb_mode=disabled", "optim=adamw",
+        "optim.lr=0.01", "optim.warmup_steps=0", "optim.schedule=constant"])
+    assert code == 0
+    (line,) = [x for x in out.splitlines() if "warning" in x]
+    assert line.startswith("scaling-coord-check: warning: mup:") and "ReadoutMultiplier" in line
+
+
+@pytest.mark.parametrize("layer, expected", [
+    (lambda w: nnx.ConvTranspose(3, w, kernel_size=(2, 2), rngs=nnx.Rngs(0)),
+     {"kernel": ("input", (-4, -3, -2), (-1,), "normal"), "bias": ("vector", (), (-1,), "zero")}),
+    (lambda w: nnx.GroupNorm(w, num_groups=4, rngs=nnx.Rngs(0)),
+     {"scale": ("vector", (), (-1,), "one"), "bias": ("vector", (), (-1,), "zero")}),
+    (lambda w: nnx.BatchNorm(w, rngs=nnx.Rngs(0)),
+     {"scale": ("vector", (), (-1,), "one"), "bias": ("vector", (), (-1,), "zero")}),
+])
+def test_more_layer_types(layer, expected):
+    assert _roles(infer_parametrization(layer, width=64, base_width=32)) == expected

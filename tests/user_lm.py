@@ -36,3 +36,17 @@ class UserLM(nnx.Module):
 
 def make_lm(cfg, vocab_size, *, rngs):
     return UserLM(cfg.width, cfg.depth, vocab_size, rngs)
+
+
+class Unscaled(UserLM):
+    """The same LM with its readout multiplier forgotten."""
+
+    def __call__(self, tokens_BxT):
+        h = self.embed(tokens_BxT)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h)
+
+
+def make_unscaled_lm(cfg, vocab_size, *, rngs):
+    return Unscaled(cfg.width, cfg.depth, vocab_size, rngs)
