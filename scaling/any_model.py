@@ -4,7 +4,7 @@
 infers every parameter's role from a base and a delta copy (scaling/inference.py), draws the
 initial values the scheme asks for, sets the forward multipliers the model applies through the
 helpers of models/multipliers.py, and returns the model with its Parametrization: the object the
-project's own models get, so `scaling.parametrization.build_optimizer` (every family), the
+project's own models get, so the optimizers (`build_optimizer`: every family, MeZO included), the
 coordinate check (scaling.coord_check_any) and sharding work on it unchanged.
 """
 
