@@ -108,6 +108,8 @@ class Parametrization:
         width, is the readout's fan-in) under the input role's init."""
         roles = {spec.role for spec in self.specs.values()}
         role = "output" if "output" in roles else "input"
+        if role not in roles:  # no readout and no embedding (a block alone): nothing to scale
+            return (1.0, 1.0), 1.0
         (mults,) = {self.fan_mults(path) for path, spec in self.specs.items()
                     if spec.role == role}
         std = self.table[role].init_std(*mults)

@@ -298,3 +298,18 @@ def test_scaling_coord_check_warns_of_a_forgotten_readout_multiplier(tmp_path,
 ])
 def test_more_layer_types(layer, expected):
     assert _roles(infer_parametrization(layer, width=64, base_width=32)) == expected
+
+
+def test_attention_scale_is_the_default_under_sp_and_one_over_d_under_mup():
+    def attention(width, fn=None):
+        extra = {} if fn is None else {"attention_fn": fn}
+        return nnx.MultiHeadAttention(num_heads=2, in_features=width, decode=False,
+                                      rngs=nnx.Rngs(0), **extra)
+
+    x = jax.random.normal(jax.random.key(1), (2, 5, 64))
+    plain, scaled = attention(64), attention(64, AttentionScale(32))
+    np.testing.assert_allclose(scaled(x), plain(x), rtol=1e-5, atol=1e-6)  # 1/√32 both
+    # heads fixed, head dim grows with width: μP's 1/d, from the base's 1/√d0
+    _, p = parametrize(lambda w: attention(w, AttentionScale(w // 2)), scheme="mup",
+                       width=256, base_width=64)
+    assert p.attention_scale == pytest.approx(32**-0.5 * (128 / 32) ** -1)
