@@ -105,7 +105,8 @@ class Parametrization:
     def readout(self) -> tuple[tuple[float, float], float]:
         """The readout's (fan-in, fan-out) growth and its init std's growth: the output
         matrix's, or with tied embeddings the embedding's read transposed (its fan-out, the
-        width, is the readout's fan-in) under the input role's init."""
+        width, is the readout's fan-in) under the input role's init; growth 1 for a model
+        with neither."""
         roles = {spec.role for spec in self.specs.values()}
         role = "output" if "output" in roles else "input"
         if role not in roles:  # no readout and no embedding (a block alone): nothing to scale

@@ -147,7 +147,7 @@ def test_forward_multipliers_are_set_and_depth_rules_need_branches():
 
 
 # MeZO: SGD's LR scale (an estimate of the gradient along 8 probes, 60 steps to show it)
-FAMILY_SETTINGS = {"mezo": dict(lr=0.05, n_probes=8), "sgd": dict(lr=0.1)}
+FAMILY_SETTINGS = {"mezo": {"lr": 0.05, "n_probes": 8}, "sgd": {"lr": 0.1}}
 
 
 @pytest.mark.parametrize("family", sorted(optim.OPTIMIZERS))
