@@ -31,6 +31,7 @@ from scaling.schemes import SCHEMES
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "docs" / "examples"))
 import cnn
 import mlp_teacher
+import run_example
 import vit
 
 
@@ -313,3 +314,9 @@ def test_attention_scale_is_the_default_under_sp_and_one_over_d_under_mup():
     _, p = parametrize(lambda w: attention(w, AttentionScale(w // 2)), scheme="mup",
                        width=256, base_width=64)
     assert p.attention_scale == pytest.approx(32**-0.5 * (128 / 32) ** -1)
+
+
+@pytest.mark.parametrize("example", [mlp_teacher, cnn, vit], ids=["mlp", "cnn", "vit"])
+def test_examples_train_under_mup_and_muon_in_their_dozen_lines(example):
+    losses = run_example.train(example, width=64, base_width=32, steps=60, lr=2**-4)
+    assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10])

@@ -37,3 +37,6 @@ def data(n: int = 256, seed: int = 0):
 
 def loss_fn(model, x, y):
     return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+
+MODEL = CNN

@@ -35,3 +35,6 @@ def data(n: int = 256, seed: int = 0):
 
 def loss_fn(model, x, y):
     return jnp.mean(jnp.square(model(x) - y))
+
+
+MODEL = MLP

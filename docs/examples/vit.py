@@ -48,3 +48,6 @@ class ViT(nnx.Module):
         for block in self.blocks:
             h = block(h)
         return self.readout(self.head(self.norm(h).mean(axis=1)))
+
+
+MODEL = ViT
