@@ -97,11 +97,17 @@ def _metric(result: dict, metric: str) -> float:
     return float(value)
 
 
+def _model_label(model: dict) -> str:
+    """ModelConfig.label of a result's model: its kind, or its factory function's name."""
+    factory = model.get("factory")
+    return model["kind"] if factory is None else factory.rpartition(":")[2]
+
+
 def _run_row(result: dict) -> dict:
     cfg = result["config"]
     lr = cfg["optim"]["lr"]
     return {"name": result["name"], "param": cfg["param"]["name"], "optim": cfg["optim"]["name"],
-            "kind": cfg["model"]["kind"], "width": cfg["model"]["width"],
+            "kind": _model_label(cfg["model"]), "width": cfg["model"]["width"],
             "depth": cfg["model"]["depth"], "tokens": result["tokens"],
             "batch_size": cfg["train"]["batch_size"], "seed": cfg["train"]["seed"], "lr": lr,
             "log2_lr": math.log2(lr), "train_loss": _number(result.get("train_loss")),

@@ -320,3 +320,15 @@ def test_attention_scale_is_the_default_under_sp_and_one_over_d_under_mup():
 def test_examples_train_under_mup_and_muon_in_their_dozen_lines(example):
     losses = run_example.train(example, width=64, base_width=32, steps=60, lr=2**-4)
     assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10])
+
+
+def test_analysis_names_a_factory_model_by_its_function():
+    from synthetic import run_result
+
+    from scaling.analysis import analyze
+
+    results = [run_result("mup", width, x, 0, 0.05 * (x + 8) ** 2 + 2,
+                          extra={"model": {"factory": "user_lm:make_lm"}})
+               for width in (64, 128) for x in (-10, -9, -8, -7, -6)]
+    (drift,) = analyze(results)["drift"]
+    assert drift["family"]["kind"] == "make_lm"
