@@ -88,9 +88,11 @@ def update_rms(before, after, specs: dict[tuple, ParamSpec]) -> dict[str, jax.Ar
     return out
 
 
-def _trajectory(forward, train_step, updates, state: dict, steps: int, inputs_BxT: jax.Array,
-                targets_BxT: jax.Array) -> dict[int, dict[str, float]]:
-    """Every quantity at init and after each of `steps` steps on the one batch."""
+def trajectory(forward, train_step, updates, state, steps: int, inputs_BxT: jax.Array,
+               targets_BxT: jax.Array) -> dict[int, dict[str, float]]:
+    """Every quantity at init and after each of `steps` steps on the one batch: `forward(params,
+    inputs) -> (logits, stats)`, `train_step(state, inputs, targets) -> (state, _)` on a state
+    with `.params`, `updates(before, after)` the parameter updates' RMS."""
     logits0_BxTxV = forward(state.params, inputs_BxT)[0]
 
     def measure(p) -> dict[str, float]:
@@ -123,9 +125,14 @@ def _one_shape(model_cfg: ModelConfig, param_cfg: ParamConfig, optim_cfg: Optimi
     for seed in seeds:
         if seed != seeds[0]:
             params = nnx.split(build_model(model_cfg, param_cfg, vocab_size, seed)[0])[1]
-        runs.append(_trajectory(forward, train_step, updates,
-                                train_step.init_state(params.to_pure_dict(), optim_cfg.lr),
-                                steps, inputs_BxT, targets_BxT))
+        runs.append(trajectory(forward, train_step, updates,
+                               train_step.init_state(params.to_pure_dict(), optim_cfg.lr),
+                               steps, inputs_BxT, targets_BxT))
+    return mean_over_runs(runs)
+
+
+def mean_over_runs(runs: list[dict[int, dict[str, float]]]) -> dict[int, dict[str, float]]:
+    """Each quantity's mean over the runs (initializations) at every step."""
     return {step: {name: float(np.mean([run[step][name] for run in runs]))
                    for name in runs[0][step]}
             for step in runs[0]}

@@ -10,19 +10,32 @@ under μP the raw readout grows with width by design and only its multiplied out
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
-import numpy as np
 from flax import nnx
 
 from models.capture import module_outputs
 from models.layers import rms
 from optim import OptimizerConfig
 from scaling.any_model import ModelFn, build_optimizer, make_train_step, parametrize
-from scaling.coord_check import CoordStats, Slope, readout_warnings, slope_rows, update_rms
+from scaling.coord_check import (
+    CoordStats,
+    Slope,
+    mean_over_runs,
+    readout_warnings,
+    slope_rows,
+    trajectory,
+    update_rms,
+)
 from scaling.schemes import WIDTH
 
 LOGITS = "logits"
+
+
+class _State(NamedTuple):
+    params: dict
+    opt_state: Any
 
 
 def _one_shape(make: ModelFn, loss_fn, scheme: str, optimizer: OptimizerConfig, width: int,
@@ -35,27 +48,25 @@ def _one_shape(make: ModelFn, loss_fn, scheme: str, optimizer: OptimizerConfig, 
     parametrization = models[0][1]
     graphdef = nnx.split(models[0][0])[0]
     skipped = set(parametrization.readout_modules)
-    forward = jax.jit(lambda p, x: module_outputs(nnx.merge(graphdef, p), x, skipped=skipped))
+
+    @jax.jit
+    def forward(params, x):
+        output, stats = module_outputs(nnx.merge(graphdef, params), x, skipped=skipped)
+        return output, {**stats, LOGITS: rms(output)}
+
     tx = build_optimizer(optimizer, parametrization, total_steps=max(steps, 1))
     step = make_train_step(graphdef, tx, loss_fn, gradient=optimizer.needs_gradient)
+
+    def train_step(state: _State, x, y):
+        return _State(*step(state.params, state.opt_state, x, y)[:2]), None
+
     updates = jax.jit(lambda a, b: update_rms(a, b, parametrization.specs))
-    x, y = batch
     runs = []
     for model, _ in models:
         params = nnx.split(model)[1].to_pure_dict()
-        opt_state = tx.init(params)
-        out0, stats0 = forward(params, x)
-        trajectory = {0: {LOGITS: rms(out0), **stats0}}
-        for t in range(1, steps + 1):
-            before = params
-            params, opt_state, _ = step(params, opt_state, x, y)
-            out, stats = forward(params, x)
-            trajectory[t] = {LOGITS: rms(out), "logits_delta": rms(out - out0), **stats,
-                             **updates(before, params)}
-        runs.append(jax.device_get(trajectory))
-    return {t: {name: float(np.mean([np.mean(run[t][name]) for run in runs]))
-                for name in runs[0][t]}
-            for t in runs[0]}
+        runs.append(trajectory(forward, train_step, updates, _State(params, tx.init(params)),
+                               steps, *batch))
+    return mean_over_runs(runs)
 
 
 def coordinate_check(make: ModelFn, loss_fn: Callable, batch, optimizer: OptimizerConfig, *,
