@@ -236,6 +236,10 @@ def test_bad_factory_is_a_one_line_error(capsys, tmp_path, monkeypatch):
     assert_one_line_cli_error(experiments.train.main, ["model.factory=no_such_module:f"],
                               capsys, "scaling-train", ["model.factory", "no_such_module"],
                               tmp_path)
+    assert_one_line_cli_error(experiments.train.main, ["model.factory=user_lm:make_lm",
+                                                       "optim=mezo"],
+                              capsys, "scaling-train", ["optim.name", "mezo", "model.factory"],
+                              tmp_path)
 
 
 def test_inferred_axes_shard_on_a_mesh():
