@@ -3,7 +3,6 @@ need, all of it. `python docs/examples/run_example.py vit 256` (from the reposit
 
 import sys
 
-import jax
 from flax import nnx
 
 from optim import MuonConfig
@@ -21,11 +20,10 @@ def train(example, width: int = 256, base_width: int = 64, steps: int = 100,
     step = make_train_step(graphdef, tx, example.loss_fn)
     params = state.to_pure_dict()
     opt_state = tx.init(params)
-    x, y = example.data(2048)
+    x, y = example.data(steps * batch)  # fresh samples at every step
     losses = []
-    for key in jax.random.split(jax.random.key(0), steps):
-        index = jax.random.randint(key, (batch,), 0, len(x))
-        params, opt_state, loss = step(params, opt_state, x[index], y[index])
+    for t in range(0, steps * batch, batch):
+        params, opt_state, loss = step(params, opt_state, x[t:t + batch], y[t:t + batch])
         losses.append(float(loss))
     return losses
 
