@@ -37,6 +37,7 @@ from scaling.parametrization import build_optimizer
 
 EXAMPLES = {"mlp": (mlp_teacher, mlp_teacher.MLP), "cnn": (cnn, cnn.CNN),
             "vit": (vit, vit.ViT)}
+STEPS = {"mlp": 150, "cnn": 150, "vit": 300}  # the ViT's loss plateaus at chance first
 OPTIMIZERS = {"muon": optim.MuonConfig, "adamw": optim.AdamWConfig}
 
 
@@ -84,7 +85,8 @@ def main(argv=None) -> None:
     parser.add_argument("--log2-lrs", nargs="+", type=float,
                         default=[-10, -9, -8, -7, -6, -5, -4, -3, -2])
     parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"steps per run (default per example: {STEPS})")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--out", default="runs/any_model_transfer.json")
     args = parser.parse_args(argv)
@@ -97,8 +99,8 @@ def main(argv=None) -> None:
             for width in args.widths:
                 start = time.time()
                 losses = np.mean([final_loss(module, make, scheme, OPTIMIZERS[args.optimizer],
-                                             width, args.widths[0], lrs, seed, args.steps,
-                                             args.batch)
+                                             width, args.widths[0], lrs, seed,
+                                             args.steps or STEPS[name], args.batch)
                                   for seed in range(args.seeds)], axis=0)
                 best = fit_optimum(args.log2_lrs, losses)
                 optima.append(best.log2_lr)

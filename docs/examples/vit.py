@@ -3,7 +3,7 @@ Width grows the heads (fixed head dim); each block is residual, for the depth ru
 
 import jax
 import jax.numpy as jnp
-from cnn import CHANNELS, CLASSES, SIZE, data, loss_fn  # noqa: F401  (the same task)
+from cnn import CHANNELS, CLASSES, SIZE, loss_fn  # noqa: F401  (the same loss)
 from flax import nnx
 
 from models.multipliers import AttentionScale, BranchMultiplier, ReadoutMultiplier
@@ -11,6 +11,18 @@ from models.tagged import annotate, mark_residual
 
 PATCH, HEAD_DIM = 4, 16
 TOKENS = (SIZE // PATCH) ** 2
+
+
+def data(n: int = 256, seed: int = 0):
+    """`n` random images drawn at `seed`, labelled by the class whose fixed random patch filter
+    has the most energy above its expectation over the patches (a task a patch embedding can
+    see, where the CNN's is 3×3 filters)."""
+    x = jax.random.normal(jax.random.key(seed), (n, SIZE, SIZE, CHANNELS))
+    w = jax.random.normal(jax.random.key(12345), (PATCH * PATCH * CHANNELS, CLASSES))
+    patches = x.reshape(n, SIZE // PATCH, PATCH, SIZE // PATCH, PATCH, CHANNELS)
+    patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(n, TOKENS, -1)
+    energy = jnp.square(patches @ w).mean(axis=1) - jnp.square(w).sum(axis=0)
+    return x, jnp.argmax(energy, axis=-1)
 
 
 class Block(nnx.Module):
