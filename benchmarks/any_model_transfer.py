@@ -14,6 +14,7 @@ task (no sample is seen twice, so nothing is memorized), and the loss is on 512 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -77,6 +78,50 @@ def final_loss(module, make, scheme, optimizer, width, base_width, lrs, seed, st
     return losses
 
 
+def plot(paths: list[str], figure: str) -> None:
+    """Held-out loss against log2 LR: a row per example, a column per result file (optimizer),
+    SP dashed and μP solid, darker for wider."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    examples = list(dict.fromkeys(k.split("/")[0] for run in runs for k in run["results"]))
+    fig, axes = plt.subplots(len(examples), len(runs), figsize=(4.2 * len(runs),
+                                                                 3.2 * len(examples)),
+                             squeeze=False)
+    for col, run in enumerate(runs):
+        widths = run["args"]["widths"]
+        for row, name in enumerate(examples):
+            ax = axes[row][col]
+            for scheme, style in (("sp", "--"), ("mup", "-")):
+                for i, width in enumerate(widths):
+                    curve = run["results"].get(f"{name}/{scheme}/{width}")
+                    if curve is None:
+                        continue
+                    shade = plt.cm.viridis(0.15 + 0.7 * i / max(1, len(widths) - 1))
+                    ax.plot(curve["log2_lr"], curve["loss"], style, color=shade, marker=".",
+                            label=f"{'μP' if scheme == 'mup' else 'SP'} w{width}")
+                    ax.axvline(curve["optimum_log2_lr"], color=shade, ls=style, lw=0.6)
+            ax.set_title(f"{name}, {run['args']['optimizer']}: drift SP "
+                         f"{run['results'].get(f'{name}/sp/drift', float('nan')):+.2f}, μP "
+                         f"{run['results'].get(f'{name}/mup/drift', float('nan')):+.2f}",
+                         fontsize=9)
+            ax.set_xlabel("log2 LR")
+            ax.set_ylabel("held-out loss")
+            ax.set_yscale("log")
+            plain = FuncFormatter(lambda value, _: f"{value:g}")
+            ax.yaxis.set_major_formatter(plain)
+            ax.yaxis.set_minor_formatter(plain)
+            ax.tick_params(axis="y", which="minor", labelsize=6)
+            ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    Path(figure).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(figure, dpi=110)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--examples", nargs="+", default=list(EXAMPLES), choices=EXAMPLES)
@@ -89,7 +134,13 @@ def main(argv=None) -> None:
                         help=f"steps per run (default per example: {STEPS})")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--out", default="runs/any_model_transfer.json")
+    parser.add_argument("--plot", nargs="+", metavar="RESULT_JSON",
+                        help="draw these result files (a column each) instead of training")
+    parser.add_argument("--figure", default="runs/any_model_transfer.png")
     args = parser.parse_args(argv)
+    if args.plot:
+        plot(args.plot, args.figure)
+        return
     lrs = [2.0**e for e in args.log2_lrs]
     results = {}
     for name in args.examples:
