@@ -18,10 +18,9 @@ import optax
 from flax import nnx
 
 from models.multipliers import AttentionScale, BranchMultiplier, apply_runtime, multiplier_modules
-from models.tagged import iter_params
 from optim import OptimizerConfig, learning_rate, zo_gradient
 from scaling.inference import infer_specs
-from scaling.parametrization import Parametrization, fresh_draw
+from scaling.parametrization import Parametrization, draw_params
 from scaling.parametrization import build_optimizer as parametrization_optimizer
 from scaling.schemes import SCHEMES, Scheme
 from scaling.steps.zeroth_order import probe_plan
@@ -106,14 +105,7 @@ def initialize(model: nnx.Module, parametrization: Parametrization, seed: int = 
     """Draws every parameter as the parametrization says (in place; returns the model): an
     inferred one afresh (zero, one, or a normal of its init std), a tagged one's unit draw
     rescaled to its std; and sets the forward multipliers."""
-    key = jax.random.key(seed)
-    for i, (path, param) in enumerate(iter_params(model)):
-        spec = parametrization.specs[path]
-        value = (fresh_draw(spec.init, spec.shape, jax.random.fold_in(key, i)) if spec.redraw
-                 else param[...])
-        if spec.init == "normal":
-            value = value * parametrization.init_std(path)
-        param[...] = value.astype(param[...].dtype)
+    draw_params(model, parametrization.specs, parametrization.init_std, jax.random.key(seed))
     check_multipliers(model, parametrization)
     apply_runtime(model, parametrization.runtime())
     return model

@@ -18,7 +18,13 @@ from flax import nnx
 from models.capture import module_outputs
 from models.layers import rms
 from optim import OptimizerConfig
-from scaling.any_model import ModelFn, build_optimizer, make_train_step, parametrize
+from scaling.any_model import (
+    ModelFn,
+    build_optimizer,
+    infer_parametrization,
+    initialize,
+    make_train_step,
+)
 from scaling.coord_check import (
     CoordStats,
     Slope,
@@ -43,10 +49,10 @@ def _one_shape(make: ModelFn, loss_fn, scheme: str, optimizer: OptimizerConfig, 
                ) -> dict[int, dict[str, float]]:
     """The mean over `seeds` of every quantity at init and after each step; one compiled
     forward and step serve every seed (the graph is the same, the parameters differ)."""
-    models = [parametrize(make, scheme=scheme, width=width, base_width=base_width, seed=seed)
-              for seed in seeds]
-    parametrization = models[0][1]
-    graphdef = nnx.split(models[0][0])[0]
+    parametrization = infer_parametrization(make, scheme=scheme, width=width,
+                                            base_width=base_width)
+    models = [initialize(make(width), parametrization, seed) for seed in seeds]
+    graphdef = nnx.split(models[0])[0]
     skipped = set(parametrization.readout_modules)
 
     @jax.jit
@@ -62,7 +68,7 @@ def _one_shape(make: ModelFn, loss_fn, scheme: str, optimizer: OptimizerConfig, 
 
     updates = jax.jit(lambda a, b: update_rms(a, b, parametrization.specs))
     runs = []
-    for model, _ in models:
+    for model in models:
         params = nnx.split(model)[1].to_pure_dict()
         runs.append(trajectory(forward, train_step, updates, _State(params, tx.init(params)),
                                steps, *batch))

@@ -216,52 +216,60 @@ def _abstract(cfg: ModelConfig, vocab_size: int) -> nnx.Module:
     return nnx.eval_shape(lambda: models.create(cfg, vocab_size))
 
 
-def _specs(cfg: ModelConfig, base_width: int, vocab_size: int) -> dict[tuple, ParamSpec]:
-    """The specs of cfg's model: its tags, or (a model.factory model) inferred from copies at
-    base_width and twice base_width, at cfg's depth, its readout initialized as
-    model.readout_init says."""
-    model = _abstract(cfg, vocab_size)
-    if is_fully_tagged(model):
-        return param_specs(model)
-    base, delta = (_abstract(dataclasses.replace(cfg, width=w), vocab_size)
-                   for w in (base_width, 2 * base_width))
-    return {path: dataclasses.replace(spec, init=cfg.readout_init)
-            if spec.role == "output" and spec.redraw else spec
-            for path, spec in infer_specs(model, base, delta).items()}
+def _readout_init(specs: dict[tuple, ParamSpec], readout_init: str) -> dict[tuple, ParamSpec]:
+    """Inferred readouts initialized as model.readout_init says (a tagged model sets its own)."""
+    return {path: dataclasses.replace(spec, init=readout_init)
+            if spec.role == "output" and spec.redraw else spec for path, spec in specs.items()}
 
 
 def make_parametrization(model_cfg: ModelConfig, param_cfg: ParamConfig,
                          vocab_size: int) -> Parametrization:
     """The base shape is the model at param.base_width and the model's own depth: widths set
     every fan ratio, and depth rules read the depths as numbers (a model whose blocks are a list
-    has other parameters at another depth)."""
+    has other parameters at another depth). A model.factory model's specs are inferred from the
+    base and a delta copy at twice the base width."""
     base_cfg = dataclasses.replace(model_cfg, width=param_cfg.base_width)
-    return Parametrization(param_cfg.scheme,
-                           _specs(model_cfg, param_cfg.base_width, vocab_size),
-                           _specs(base_cfg, param_cfg.base_width, vocab_size), model_cfg.head_dim,
+    model, base = _abstract(model_cfg, vocab_size), _abstract(base_cfg, vocab_size)
+    if is_fully_tagged(model):
+        specs, base_specs = param_specs(model), param_specs(base)
+    else:
+        delta = _abstract(dataclasses.replace(base_cfg, width=2 * param_cfg.base_width),
+                          vocab_size)
+        specs, base_specs = (_readout_init(infer_specs(m, base, delta), model_cfg.readout_init)
+                             for m in (model, base))
+    return Parametrization(param_cfg.scheme, specs, base_specs, model_cfg.head_dim,
                            base_cfg.head_dim, model_cfg.depth, param_cfg.base_depth,
                            {field: getattr(param_cfg, field) for field in TUNABLE})
 
 
 @functools.cache
-def _initializer(model_cfg: ModelConfig, vocab_size: int, normal: tuple, redraw: tuple):
-    """(seed, stds) -> the parameters (a pure dict): unit draws scaled by stds[path] for each
-    path in `normal`; the `redraw` ones (inferred: the layer drew them its own way) drawn afresh
-    as their spec's init says. One function per model shape: jit compiles it once for every
-    seed and every parametrization of that shape (the stds are arguments, not constants)."""
+def _initializer(model_cfg: ModelConfig, vocab_size: int, specs: tuple[ParamSpec, ...]):
+    """(seed, stds) -> the parameters (a pure dict), drawn as `draw_params` says with
+    stds["<path>"]. One function per model shape: jit compiles it once for every seed and every
+    parametrization of that shape (the stds are arguments, not constants)."""
+    by_path = {spec.path: spec for spec in specs}
 
     def init(seed, stds: dict):
         model = models.create(model_cfg, vocab_size, Runtime(), jax.random.key(seed))
-        redrawn = dict(redraw)
-        for i, (path, param) in enumerate(iter_params(model)):
-            if path in redrawn:
-                param[...] = fresh_draw(redrawn[path], param.shape, jax.random.fold_in(
-                    jax.random.key(seed), i)).astype(param[...].dtype)
-            if path in normal:
-                param[...] = param[...] * stds["/".join(map(str, path))]
+        draw_params(model, by_path, lambda path: stds["/".join(map(str, path))],
+                    jax.random.key(seed))
         return nnx.split(model)[1].to_pure_dict()
 
     return init
+
+
+def draw_params(model: nnx.Module, specs: dict[tuple, ParamSpec], std_of, key: jax.Array
+                ) -> None:
+    """Every parameter of `model` set in place as its spec says: an inferred one (`redraw`: the
+    layer drew it its own way) drawn afresh, a tagged one's unit draw kept; a normal one then
+    × std_of(path)."""
+    for i, (path, param) in enumerate(iter_params(model)):
+        spec = specs[path]
+        value = (fresh_draw(spec.init, spec.shape, jax.random.fold_in(key, i)) if spec.redraw
+                 else param[...])
+        if spec.init == "normal":
+            value = value * std_of(path)
+        param[...] = value.astype(param[...].dtype)
 
 
 def fresh_draw(init: str, shape: tuple[int, ...], key: jax.Array) -> jax.Array:
@@ -278,11 +286,9 @@ def init_params(model_cfg: ModelConfig, parametrization: Parametrization, vocab_
     """The parameters at `seed`, initialized inside one compiled program (every path that
     starts a model gets the same numbers); with `shardings` (a tree like the parameters) each
     is created where a device mesh keeps it, so no host ever holds the whole model."""
-    normal = tuple(path for path, spec in parametrization.specs.items() if spec.init == "normal")
-    stds = {"/".join(map(str, path)): parametrization.init_std(path) for path in normal}
-    redraw = tuple((path, spec.init) for path, spec in parametrization.specs.items()
-                   if spec.redraw)
-    init = _initializer(model_cfg, vocab_size, normal, redraw)
+    stds = {"/".join(map(str, path)): parametrization.init_std(path)
+            for path, spec in parametrization.specs.items() if spec.init == "normal"}
+    init = _initializer(model_cfg, vocab_size, tuple(parametrization.specs.values()))
     return jax.jit(init, out_shardings=shardings)(seed, stds)
 
 
