@@ -218,7 +218,7 @@ def build(args) -> Setup:
     model, parametrization = build_model(model_cfg, ParamConfig("mup", args.base_width), VOCAB,
                                          seed=0)
     graphdef, _ = nnx.split(model)
-    opt_cfg = AdamWConfig(lr=args.lr, clip_norm=1.0, schedule="cosine")
+    opt_cfg = AdamWConfig(lr=args.lr, clip_norm=1.0, schedule="cosine", warmup_steps=20)
     tx = optimizer_at(opt_cfg, parametrization, total_steps=TOTAL_STEPS)
     mults = parametrization.optimizer_multipliers(opt_cfg)
     reference = Reference(

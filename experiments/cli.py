@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-from experiments.compose import ConfigError
+from experiments.compose import ConfigError, parse_overrides, split_command
 
 HELP_FLAGS = {"-h", "--help"}  # ours; Hydra's own help stays at --hydra-help
 
@@ -34,6 +34,7 @@ def run_command(prog: str, argv: list[str] | None, help_text: Callable[[], str],
         print(help_text())
         return
     try:
+        parse_overrides(split_command(argv)[0])  # Hydra would print a traceback
         argv = precheck(argv)
     except ConfigError as error:
         fail(prog, error)

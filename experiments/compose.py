@@ -12,7 +12,8 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import HydraException
+from hydra.core.override_parser.types import Override
+from hydra.errors import HydraException, OverrideParseException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -34,6 +35,23 @@ COMMANDS = {"config": "scaling-train", "finetune": "scaling-finetune",
             "coord_check": "scaling-coord-check"}  # the command of each primary config
 COMPOSE_ERRORS = (HydraException, OmegaConfBaseException, ValueError)
 
+
+
+def parse_overrides(overrides: list[str]) -> list[Override]:
+    """Hydra's parse of each override; the first that does not parse is a ConfigError naming it
+    (Hydra itself would print a traceback)."""
+    parser, parsed = OverridesParser.create(), []
+    for override in overrides:
+        try:
+            parsed += parser.parse_overrides([override])
+        except OverrideParseException as error:
+            key, _, value = override.partition("=")
+            reason = str(error).strip().splitlines()[0]
+            hint = (f"; quote each list item that holds '=' or ',': \"{key}=['a=1','b']\""
+                    if value.startswith("[") else "")
+            raise ConfigError(key, value, f"a value in Hydra's override grammar ({reason})"
+                              f"{hint}") from None
+    return parsed
 
 def group_options(group: str) -> list[str] | None:
     """Option names of a config group, or None if `group` is not a group."""
@@ -58,7 +76,7 @@ def to_run_config(values: dict[str, Any]) -> RunConfig:
 def expand_sweep(overrides: list[str]) -> list[list[str]]:
     """Every point of a Hydra sweep (`a=1,2 b=range(3)`) as a list of plain overrides."""
     choices = []
-    for o in OverridesParser.create().parse_overrides(overrides):
+    for o in parse_overrides(overrides):
         if o.is_sweep_override():
             choices.append([f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()])
         else:
@@ -68,7 +86,7 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
 
 def configured_sweep(overrides: list[str], config_name: str = "config") -> dict[str, str]:
     """`hydra.sweeper.params` of the config the overrides select (e.g. from +experiment=...)."""
-    plain = [o.input_line for o in OverridesParser.create().parse_overrides(overrides)
+    plain = [o.input_line for o in parse_overrides(overrides)
              if not o.is_sweep_override()]
     GlobalHydra.instance().clear()
     try:
@@ -86,14 +104,14 @@ def sweep_points(overrides: list[str], config_name: str = "config") -> list[list
     configured = configured_sweep(overrides, config_name)
     # keyed without `+`: the config's `+tune` and the command line's `+tune` are one key
     by_key = {key.lstrip("+"): f"{key}={value}" for key, value in configured.items()}
-    for o in OverridesParser.create().parse_overrides(overrides):
+    for o in parse_overrides(overrides):
         by_key[o.key_or_group] = o.input_line
     return expand_sweep(list(by_key.values()))
 
 
 def check_groups(overrides: list[str]) -> None:
     """Each GROUP=OPTION (or sweep of options) names options of the group that exist."""
-    for o in OverridesParser.create().parse_overrides(overrides):
+    for o in parse_overrides(overrides):
         options = group_options(o.key_or_group)
         if options is None or o.is_delete():
             continue
@@ -136,7 +154,7 @@ def compose_or_explain(point: list[str], config_name: str) -> dict[str, Any]:
                 compose(groups if override in groups else [*groups, override], config_name)
             except COMPOSE_ERRORS as error:
                 key, _, value = override.partition("=")
-                parsed = OverridesParser.create().parse_overrides([override])[0]
+                parsed = parse_overrides([override])[0]
                 typed = value if parsed.is_sweep_override() else parsed.value()
                 raise ConfigError(key, typed, _expected(key, value, error, point, config_name)) from None
         raise ConfigError("overrides", " ".join(point),

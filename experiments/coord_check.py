@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 
 import hydra
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.cli import fail, run_command
@@ -29,6 +28,7 @@ from experiments.compose import (
     ConfigError,
     compose_or_explain,
     group_options,
+    parse_overrides,
     split_command,
     sweep_points,
     to_run_config,
@@ -94,7 +94,7 @@ def help_text() -> str:
 
 def _param_chosen(overrides: list[str]) -> str | None:
     """The command line's choice of param or param.name, which coord.params replaces."""
-    for o in OverridesParser.create().parse_overrides(overrides):
+    for o in parse_overrides(overrides):
         if o.key_or_group in ("param", "param.name"):
             return o.input_line
     return None
@@ -139,7 +139,7 @@ def precheck(argv: list[str]) -> list[str]:
         raise ConfigError(key, value, "coord.params=[...] (the parametrizations compared side "
                                       "by side); param.base_width and param.base_depth set "
                                       "the base shape")
-    for o in OverridesParser.create().parse_overrides(overrides):
+    for o in parse_overrides(overrides):
         options = group_options(o.key_or_group)
         values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
         if options is not None and not o.is_delete() and not set(values) <= set(options):
@@ -231,8 +231,8 @@ def report(cfg: RunConfig, coord: CoordConfig, rows: list[Slope]) -> str:
     for axis in (WIDTH, DEPTH):
         if not any(r.axis == axis for r in rows):
             continue
-        checked = what_is_checked(axis, cfg.model.readout_init, coord.tolerance,
-                                  coord.flat_in(axis))
+        ran = tuple(p for p in coord.flat_in(axis) if p in coord.params)
+        checked = what_is_checked(axis, cfg.model.readout_init, coord.tolerance, ran)
         parts += [markdown_table(rows, axis, coord.tolerance), "",
                   (f"Checked {checked}. Parenthesized slopes are reported, not checked; ✗ "
                    "marks a checked slope beyond the tolerance."), ""]

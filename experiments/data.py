@@ -37,9 +37,11 @@ for tokenized text, trains the tokenizer on the training split, encodes both spl
 the tokens, so that the runs start from the cache. Prints each split's tokens, the vocabulary,
 tokens per byte, the time taken and the cache folder."""
 FIELDS = {
-    "data.path": "a text file or folder, a .jsonl file, or a .bin of tokens (default: stdlib)",
+    "data.path": "a text file or folder, a .jsonl file, or a .npy/.bin of token ids (default: "
+                 "stdlib)",
+    "data.dtype": "a .bin's ids: uint16 or uint32 (default: its FILE.bin.json's, else uint16)",
     "data.tokenizer": "bytes (default), bpe, or the path of a tokenizer.json",
-    "data.vocab_size": "the BPE's vocabulary, 512 to 65536 (data=bpe4k: 4096)",
+    "data.vocab_size": "the BPE's vocabulary, 512 to 65536 (data=bpe4k: 4096), or a token file's",
     "data.text_field": "the string field of each .jsonl record (default: text)",
     "data.cache_dir": "the token caches' folder (default: data_cache, in the working directory)",
 }
@@ -55,11 +57,11 @@ def report(splits: TokenSplits, seconds: float) -> str:
     """What a source holds and where its tokens are, as printed lines."""
     total = len(splits.train) + len(splits.val)
     if splits.text_bytes is None:
-        per_byte = "n/a (a .bin file of tokens)"
+        per_byte = "n/a (a file of token ids)"
     else:
         per_byte = f"{total / splits.text_bytes:.4f} ({splits.text_bytes:,} bytes of text)"
     vocab, how = f"{splits.vocab_size}", "read"
-    where = "none (bytes and .bin tokens are read as they are)"
+    where = "none (bytes and token files are read as they are)"
     if splits.cache is not None:
         meta = splits.cache.meta
         if meta["tokenizer"] == "bpe":

@@ -55,14 +55,17 @@ STORIES = {"width": Story("width", {False: "demo", True: "demo_quick"}, "mup", "
 TARGET_MULT = 4  # the target is this much wider (deeper) than the widest (deepest) proxy
 # The verdict's thresholds on |slope|, the optimum's drift in octaves per width (depth) doubling:
 # they read the same over one doubling (--quick) or several. μP (CompleteP) predicts 0; SP under
-# Adam −1 (η ∝ 1/m), and μP across depth, idealised, −1 too (L blocks' equal steps add up).
+# Adam −1 (η ∝ 1/m), and μP across depth, idealised, −1 too (L blocks' equal steps add up), though
+# measured only −0.3 at depths 1→4: there deeper getting worse, not the drift, is what shows.
 STAYS_PUT = 0.5  # at most this: nearer the rule's 0 than the baseline's 1
 MOVES = 0.75  # at least this: most of an octave, beyond an optimum's 0.1–0.2 octave seed spread
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scaling-demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="the short version (about a minute on 2 idle CPU cores)")
+    parser.add_argument("--quick", action="store_true",
+                        help="the short version (about a minute on 2 idle CPU cores, two with "
+                        "--axis depth)")
     parser.add_argument("--axis", choices=tuple(STORIES), default="width",
                         help="what the target scales: width (SP vs μP, default) or depth "
                         "(μP vs CompleteP)")
@@ -167,12 +170,17 @@ def verdict(analysis: dict, targets: dict[str, dict], story: Story = STORIES["wi
         scaled, baseline = schemes.label(story.scaled), schemes.label(story.baseline)
         per_doubling = f"octave per {axis} doubling"
         transfers = abs(drift[story.scaled]["slope"]) <= STAYS_PUT
-        moves = (abs(drift[story.baseline]["slope"]) >= MOVES
-                 or not better[story.baseline]["holds"])
+        moves = abs(drift[story.baseline]["slope"]) >= MOVES
         scaled_says = (f"stays put (≤ {STAYS_PUT} {per_doubling})" if transfers
                        else f"moves by more than {STAYS_PUT} {per_doubling}")
-        baseline_says = (f"moves (≥ {MOVES} {per_doubling}) or {bigger} gets worse" if moves
-                         else f"does not move by {MOVES} {per_doubling} here")
+        # which sign of the missing rule showed, if any: a moving optimum, or bigger getting worse
+        if moves:
+            baseline_says = f"moves (≥ {MOVES} {per_doubling})"
+        elif not better[story.baseline]["holds"]:
+            baseline_says = (f"moves by less than {MOVES} {per_doubling}, but {bigger} gets worse "
+                             "at its transferred LR")
+        else:
+            baseline_says = f"does not move by {MOVES} {per_doubling} here, and {bigger} is better"
         lines.append(f"{scaled}'s optimum {scaled_says}; {baseline}'s {baseline_says}")
         ours, theirs = targets.get(story.scaled), targets.get(story.baseline)
         if ours and theirs and not ours["diverged"]:

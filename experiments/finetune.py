@@ -19,7 +19,6 @@ from typing import NamedTuple
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 
@@ -29,6 +28,7 @@ from experiments.compose import (
     ConfigError,
     compose_or_explain,
     group_options,
+    parse_overrides,
     split_command,
     sweep_points,
     to_run_config,
@@ -91,9 +91,9 @@ def plan(values: dict, overrides: list[str]) -> Plan:
     """The fine-tune (model and param from its source) and the source run to pretrain, from a
     composed finetune config and the command line's overrides."""
     values = copy.deepcopy(values)
-    pretrain_list = values.pop("pretrain")
+    parsed = parse_overrides(overrides)
+    pretrain_list = with_pretrain_defaults(values.pop("pretrain"), parsed)
     to_run_config(values)  # the command line's own mistakes first, named as given
-    parsed = OverridesParser.create().parse_overrides(overrides)
     given = [o for o in parsed if o.key_or_group.split(".")[0] in SOURCE_GROUPS]
     pretrain, pretrain_overrides = None, []
     if values["init"]["from_run"] is None:
@@ -117,13 +117,26 @@ def plan(values: dict, overrides: list[str]) -> Plan:
     return Plan(finetune, pretrain, pretrain_overrides)
 
 
+def with_pretrain_defaults(pretrain: list[str], parsed: list) -> list[str]:
+    """A command line's `pretrain=[...]` added to the config's own list rather than replacing
+    it: its defaults stay but for the keys the given list sets (so train.out_dir=.../pretrain
+    stays unless the list moves it)."""
+    if not any(o.key_or_group == "pretrain" for o in parsed):
+        return pretrain
+    others = [o.input_line for o in parsed if o.key_or_group != "pretrain"]
+    defaults = compose_or_explain(others, CONFIG_NAME)["pretrain"]
+    named = {o.key_or_group for o in parse_overrides(pretrain)}
+    return [*(d for d in defaults if parse_overrides([d])[0].key_or_group not in named),
+            *pretrain]
+
+
 def precheck(argv: list[str]) -> list[str]:
     """Composes every fine-tune the command line asks for, with its source, and reads their data;
     returns argv for Hydra (a multirun gets a W&B group named after the command)."""
     if any(a in INFO_FLAGS or a.split("=")[0] in INFO_FLAGS for a in argv):
         return argv
     overrides, multirun, _ = split_command(argv)
-    for o in OverridesParser.create().parse_overrides(overrides):
+    for o in parse_overrides(overrides):
         options = group_options(o.key_or_group)
         values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
         if options is not None and not o.is_delete() and not set(values) <= set(options):

@@ -77,7 +77,10 @@ class OptimizerConfig:
     weight_decay: float = 0.0  # LR-coupled: p -= lr * (u + weight_decay * p)
     wd_width_exponent: float | None = None  # hidden λ ∝ width_mult**γ; None: the table's rule
     schedule: Schedule = "cosine"
-    warmup_steps: int = 20
+    # linear warmup: warmup_steps when set, else warmup_fraction of the run's steps (rounded
+    # down), so a default warmup fits a run of any length
+    warmup_steps: int | None = None
+    warmup_fraction: float = 0.05
     decay_fraction: float = 0.2  # wsd: fraction of steps spent decaying
     final_lr_fraction: float = 0.1
     clip_norm: float = 1.0  # 0 disables gradient clipping
@@ -98,6 +101,12 @@ class OptimizerConfig:
         (a MatrixAxes tree) for the roles it steps as matrices; `stack`: Muon's placement on a
         device mesh."""
         raise NotImplementedError
+
+    def warmup_for(self, total_steps: int) -> int:
+        """The steps of linear warmup in a run of `total_steps`."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return math.floor(self.warmup_fraction * total_steps)
 
     def scaled_lr(self, factor: float) -> OptimizerConfig:
         """This optimizer with every learning rate it holds multiplied by `factor` (what a
@@ -123,9 +132,11 @@ class OptimizerConfig:
             yield "optim.lr", self.lr, "a positive learning rate"
         if not self.weight_decay >= 0:
             yield "optim.weight_decay", self.weight_decay, "a non-negative number"
-        if not 0 <= self.warmup_steps < steps:
+        if self.warmup_steps is not None and not 0 <= self.warmup_steps < steps:
             yield ("optim.warmup_steps", self.warmup_steps,
-                   f"a non-negative integer below train.steps={steps}")
+                   (f"a non-negative integer below train.steps={steps}, or null for "
+                    f"optim.warmup_fraction={self.warmup_fraction} of the steps"))
+        yield from _fraction("optim.warmup_fraction", self.warmup_fraction, False, True)
         yield from _fraction("optim.decay_fraction", self.decay_fraction, True, False)
         yield from _fraction("optim.final_lr_fraction", self.final_lr_fraction, False, False)
         if not self.clip_norm >= 0:

@@ -14,7 +14,7 @@ Schedule = Literal["cosine", "wsd", "constant"]  # optim.schedule
 
 def relative_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
     """Linear warmup to 1, then cosine decay, warmup-stable-decay, or constant."""
-    warmup = cfg.warmup_steps
+    warmup = cfg.warmup_for(total_steps)
     if cfg.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(
             init_value=0.0, peak_value=1.0, warmup_steps=warmup, decay_steps=total_steps,

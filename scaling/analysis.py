@@ -417,10 +417,13 @@ def format_table(analysis: dict) -> str:
         edge = "*" if o["on_edge"] else " "
         tuned = " ".join(part for part in (setting_label(s), *(
             f"{k}={v}" for k, v in s.get("setting", {}).items())) if part)
-        lines.append(head + f"{o['log2_lr']:>7.2f} ± {s['log2_lr_std']:<4.2f} "
-                     f"{o['argmin_log2_lr']:>7.2f}{edge} {s['best_loss']:>9.4f}"
-                     + (f"  {tuned}" if tuned else ""))
-    lines.append("(* optimum at the edge of the LR grid: the true optimum may lie outside it)")
+        # n/a: no parabola through < 3 LRs around the best, no spread from < 2 seeds
+        log2_lr = f"{o['log2_lr']:>7.2f}" if o["fitted"] else f"{'n/a':>7}"
+        std = f"{s['log2_lr_std']:<4.2f}" if len(s["seed_optima"]) >= 2 else "n/a "
+        lines.append(head + f"{log2_lr} ± {std} {o['argmin_log2_lr']:>7.2f}{edge} "
+                     f"{s['best_loss']:>9.4f}" + (f"  {tuned}" if tuned else ""))
+    if any(s["optimum"] is not None and s["optimum"]["on_edge"] for s in analysis["shapes"]):
+        lines.append("(* optimum at the edge of the LR grid: the true optimum may lie outside it)")
     lines += [line for axis in DRIFT_KEYS for line in _drift_lines(analysis, axis)]
     lines += _path_lines(analysis.get("path_drift", []))
     lines += tune_lines(analysis)

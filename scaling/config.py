@@ -51,8 +51,9 @@ class ParamConfig:
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     path: str | None = None  # None: the interpreter's standard library
-    dtype: Literal["uint16", "uint32"] = "uint16"  # .bin token files only
-    vocab_size: int = 256  # bytes give 256; set it for .bin token files and tokenizer=bpe
+    # a .bin file's token ids; None: the dtype of its sidecar FILE.bin.json, else uint16
+    dtype: Literal["uint16", "uint32"] | None = None
+    vocab_size: int = 256  # bytes give 256; set it for .bin/.npy token files and tokenizer=bpe
     # the standard library's top-level packages and modules: all, or one of two halves (by the
     # CRC-32 of the name), e.g. pretrain on one and fine-tune on the other; data.path=null only
     packages: Literal["all", "half_a", "half_b"] = "all"
@@ -63,10 +64,15 @@ class DataConfig:
     cache_dir: str = "data_cache"  # tokenized text's token caches, relative to the working dir
 
     @property
+    def holds_tokens(self) -> bool:
+        """data.path is a file of token ids (.bin or .npy), read without a tokenizer."""
+        return self.path is not None and Path(self.path).suffix in (".bin", ".npy")
+
+    @property
     def source_vocab_size(self) -> int:
-        """The vocabulary the source has, without reading it: bytes, data.vocab_size (a .bin
-        file, or a BPE trained here), or the ids of a tokenizer.json."""
-        if self.path is not None and self.path.endswith(".bin"):
+        """The vocabulary the source has, without reading it: bytes, data.vocab_size (a .bin or
+        .npy file, or a BPE trained here), or the ids of a tokenizer.json."""
+        if self.holds_tokens:
             return self.vocab_size
         if self.tokenizer == "bytes":
             return BYTE_VOCAB
@@ -95,8 +101,11 @@ def tokenizer_file_vocab(path: str) -> int:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     steps: int = 300
-    batch_size: int = 32
+    batch_size: int = 32  # sequences per optimizer step (the global batch)
     seq_len: int = 128
+    # micro-batches the batch is split into, their gradients accumulated inside the compiled
+    # step: the same update as the whole batch, with 1/grad_accum of its activation memory
+    grad_accum: int = 1
     seed: int = 0
     eval_every: int = 50
     eval_batches: int = 8
@@ -345,9 +354,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     _require(t.steps > 0, "train.steps", t.steps, "a positive integer")
     _raise_first(o.problems(t.steps))
     _require(d.vocab_size > 1, "data.vocab_size", d.vocab_size, "an integer above 1")
-    if d.path is not None and d.path.endswith(".bin"):
+    if d.holds_tokens:
         _require(d.tokenizer == "bytes", "data.tokenizer", d.tokenizer,
-                 "bytes (the default) with a .bin file, which holds tokens already")
+                 f"bytes (the default) with a {Path(d.path).suffix} file, which holds tokens "
+                 "already")
     if d.tokenizer == "bpe":
         low, high = BPE_VOCAB_RANGE
         _require(low <= d.vocab_size <= high, "data.vocab_size", d.vocab_size,
@@ -359,9 +369,15 @@ def validate(cfg: RunConfig) -> RunConfig:
         _require(d.packages == "all", "data.packages", d.packages,
                  "'all' when data.path is set (the halves split the standard library, "
                  "data.path=null; data=default selects all)")
-    for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "log_every",
-                 "checkpoint_every"):
+    for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches",
+                 "log_every", "checkpoint_every"):
         _require(getattr(t, name) > 0, f"train.{name}", getattr(t, name), "a positive integer")
+    _require(t.batch_size % t.grad_accum == 0, "train.grad_accum", t.grad_accum,
+             f"a divisor of train.batch_size={t.batch_size} (equal micro-batches)")
+    if t.grad_accum > 1:
+        _require(o.needs_gradient, "train.grad_accum", t.grad_accum,
+                 f"1 with optim.name={o.name} (it steps from loss values, not accumulated "
+                 "gradients)")
     _require(t.seed >= 0, "train.seed", t.seed, "a non-negative integer")
     _require(lg.spectral_every >= 0, "logging.spectral_every", lg.spectral_every,
              "a non-negative integer (steps between spectral logs; 0: off)")

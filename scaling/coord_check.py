@@ -317,6 +317,9 @@ def what_is_checked(axis: str, readout_init: str, tolerance: float,
     """One sentence on what the check covers along `axis` (for `flat_params`, else the schemes
     that claim it)."""
     flat = ", ".join(claimed_flat(axis) if flat_params is None else flat_params)
+    if not flat:
+        return (f"nothing across {axis}: no parametrization that ran claims flat coordinates "
+                "along it, so every slope is reported, not checked")
     if axis == WIDTH:
         left_out = ("; logits and logits_delta are reported, not checked: with "
                     "model.readout_init=normal they shrink with width by design"

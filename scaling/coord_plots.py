@@ -11,7 +11,6 @@ from pathlib import Path
 
 import matplotlib
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter
 
 from scaling.coord_check import (
     DEPTH,
@@ -23,11 +22,10 @@ from scaling.coord_check import (
     is_update,
 )
 from scaling.files import atomic_open
+from scaling.log_axes import label_log_axis, span_log_y
 
 DPI = 100
 FIGURE_WIDTH, FIGURE_HEIGHT, LEGEND = 5.4, 3.6, 1.7  # inches per column and row; legend width
-# log2 ticks as text (mathtext's 2^k draws slowly): plain numbers, small ones as 2^k
-PLAIN = FuncFormatter(lambda v, _: f"{v:g}" if v >= 1 / 16 else f"2^{math.log2(v):.0f}")
 LINESTYLES = ("-", "--", ":", "-.")  # successive layers of one module or parameter
 
 
@@ -55,7 +53,8 @@ def step_figure(stats_by_param: dict[str, CoordStats], rows: list[Slope], axis: 
                 title: str, tolerance: float) -> Figure:
     """Module outputs (top row) and, after a step, parameter updates (bottom row) against the
     axis values, a column per parametrization; each line's fitted slope in its legend, ✗ where
-    a checked slope is beyond the tolerance."""
+    a checked slope is beyond the tolerance. Each row spans a factor of 4 at least
+    (scaling/log_axes.py), so that a flat line reads flat however close its values."""
     slope_of = {(r.param, r.quantity): r for r in rows if r.axis == axis and r.step == step}
     kinds = ["module outputs"] + (["parameter updates"] if step > 0 else [])
     params = list(stats_by_param)
@@ -68,6 +67,7 @@ def step_figure(stats_by_param: dict[str, CoordStats], rows: list[Slope], axis: 
                             FIGURE_HEIGHT * len(kinds)), hspace=0.35)
     # one scale per row, so that a column's growth reads against the other's flat lines
     axes = fig.subplots(len(kinds), len(params), squeeze=False, sharey="row")
+    row_values = [[] for _ in kinds]
     for column, (param, stats) in enumerate(stats_by_param.items()):
         series = _series(stats, axis, step)
         for row, kind in enumerate(kinds):
@@ -83,15 +83,18 @@ def step_figure(stats_by_param: dict[str, CoordStats], rows: list[Slope], axis: 
                 label = short if fit is None else f"{short}  {fit.slope:+.2f}{mark}"
                 ax.plot(sorted(stats), series[name], marker="o", ms=3, lw=1.2, label=label,
                         **styles[name])
+                row_values[row] += series[name]
             ax.set_xscale("log", base=2)
             ax.set_yscale("log", base=2)
-            ax.yaxis.set_major_formatter(PLAIN)  # mathtext tick labels (2^k) draw slowly
-            ax.set_xticks(sorted(stats), [str(v) for v in sorted(stats)])
+            label_log_axis(ax.xaxis, sorted(stats))
             ax.set(title=f"{param}: {kind}", xlabel=axis, ylabel="RMS" if column == 0 else None)
             ax.grid(True, which="major", alpha=0.3)
             if ax.lines:
                 ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5),
                           title="slope", title_fontsize=6, frameon=False)
+    for row, values in enumerate(row_values):
+        if values:  # the row's axes share y: one range and one set of ticks serve them all
+            span_log_y(axes[row][0], values)
     fig.suptitle(f"{title}: RMS against {axis} at step {step}" + (" (init)" if step == 0 else ""))
     return fig
 

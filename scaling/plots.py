@@ -14,13 +14,12 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
-from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
-from matplotlib.ticker import NullLocator
 
 from scaling import schemes
 from scaling.analysis import exponent_text
 from scaling.files import atomic_open
+from scaling.log_axes import label_log_axis, span_log_y, span_octaves_y
 from scaling.shapes import optim_label, setting_label
 from scaling.tuning_plots import tune_contours
 
@@ -32,7 +31,6 @@ FAMILY_FIELDS = ("param", "optim", "probes", "kind", "width", "depth", "tokens",
                  "adam_lr", "setting")
 FIELD_PREFIXES = {"width": "w", "depth": "d", "tokens": "t", "batch_size": "b",
                   "adam_lr": "adam_lr="}
-MAX_LOG_TICKS = 6  # data values labelled on a log axis; more would crowd it
 PANEL_COLUMNS = 4  # loss-vs-LR panels per row
 
 
@@ -98,10 +96,6 @@ def _tokens_label(tokens: float, digits: int = 3) -> str:
     return f"{tokens:.{digits}g}"
 
 
-def _plain(value: float, digits: int) -> str:
-    return f"{value:.{digits}g}"
-
-
 def _seed_note(seed_counts: list[int]) -> str:
     """What a plotted value is: a mean ± std over seeds, or one seed's value (no spread)."""
     most = max(seed_counts)
@@ -119,39 +113,12 @@ def _line_with_spread(ax, x: list, y: list, spread: list, seed_counts: list[int]
                     ls="none", capsize=capsize)
 
 
-def _label_log_axis(axis, values: list[float], label=_plain) -> None:
-    """Ticks at the data's values: over less than two decades a log axis's own ticks can leave a
-    single label, or none. `label(value, digits)` writes one, with the fewest digits (≥ 3) that
-    tell the ticks apart."""
-    ticks = _log_ticks(values)
-    for digits in range(3, 8):
-        labels = [label(v, digits) for v in ticks]
-        if len(set(labels)) == len(labels):
-            break
-    axis.set_ticks(ticks, labels)
-    axis.set_minor_locator(NullLocator())
-
-
-def _log_ticks(values: list[float]) -> list[float]:
-    """Distinct values at least 1/(MAX_LOG_TICKS − 1) of their log range apart, smallest first, so
-    labels do not overlap; a lone value gets a neighbour an octave to each side."""
-    distinct = sorted(set(values))
-    if len(distinct) == 1:
-        return [distinct[0] / 2, distinct[0], distinct[0] * 2]
-    gap = math.log(distinct[-1] / distinct[0]) / (MAX_LOG_TICKS - 1)
-    ticks = [distinct[0]]
-    for value in distinct[1:]:
-        if math.log(value / ticks[-1]) >= gap:
-            ticks.append(value)
-    return ticks
-
-
-def _size_colors(sizes: list[int]) -> dict[int, tuple]:
-    """Sequential colours by log width (or depth); the palest end of viridis is cut off for
-    contrast."""
-    norm = LogNorm(min(sizes), max(sizes) * (1 + 1e-9))  # a single size still spans a range
+def _size_colors(sizes: list[tuple[int, int]]) -> dict[tuple[int, int], tuple]:
+    """Sequential colours by (width, depth), or (depth, width): one width's depths get
+    neighbouring shades of their own, so that no shape hides behind another of its width. The
+    palest end of viridis is cut off for contrast."""
     cmap = matplotlib.colormaps["viridis"]
-    return {w: cmap(0.85 * norm(w)) for w in sizes}
+    return {size: cmap(0.85 * i / max(len(sizes) - 1, 1)) for i, size in enumerate(sizes)}
 
 
 def _other_axis(axis: str) -> str:
@@ -170,10 +137,10 @@ def _varying(shapes: list[dict], fields: tuple[str, ...]) -> list[str]:
 
 def _loss_vs_lr(analysis: dict, axis: str) -> Figure | None:
     """One panel per recipe and setting (param, optim, MeZO probes, tuned values, any other
-    config field that differs), a curve per shape in it, coloured by width (or depth): every
-    shape of the sweep is drawn. The depth figure only where some panel holds several depths
-    at one width, since most sweeps have one depth (a joint width–depth path is drawn by width).
-    """
+    config field that differs), a curve per shape in it, coloured by width (or depth), then by
+    the other size: every shape of the sweep is drawn and told apart. The depth figure only
+    where some panel holds several depths at one width, since most sweeps have one depth (a
+    joint width–depth path is drawn by width)."""
     panels = defaultdict(list)
     for s in analysis["shapes"]:
         panels[_panel_key(s)].append(s)
@@ -184,8 +151,8 @@ def _loss_vs_lr(analysis: dict, axis: str) -> Figure | None:
     if not panels:
         return None
     keys = sorted(panels, key=lambda k: (schemes.order(k[0]), k))
-    colors = _size_colors(sorted({s[axis] for s in analysis["shapes"]}))
     fixed = _other_axis(axis)
+    colors = _size_colors(sorted({(s[axis], s[fixed]) for s in analysis["shapes"]}))
     columns = min(len(keys), PANEL_COLUMNS)
     rows = math.ceil(len(keys) / columns)
     fig = Figure(figsize=(5.2 * columns, 4.4 * rows), layout="constrained")
@@ -195,7 +162,8 @@ def _loss_vs_lr(analysis: dict, axis: str) -> Figure | None:
         extra = _varying(shapes, (fixed, "tokens", "batch_size"))
         for i, s in enumerate(shapes):
             same_size = sum(t[axis] == s[axis] for t in shapes[:i])
-            _plot_curve(ax, s, colors[s[axis]], axis, extra, MARKERS[same_size % len(MARKERS)])
+            _plot_curve(ax, s, colors[s[axis], s[fixed]], axis, extra,
+                        MARKERS[same_size % len(MARKERS)])
         first = shapes[0]
         probes = f" · {key[2]} probes" if key[2] else ""
         held = [f"{first['kind']}"] + [
@@ -215,24 +183,35 @@ def _loss_vs_lr(analysis: dict, axis: str) -> Figure | None:
         ax.set_ylabel(f"{analysis['metric']} ({_seed_note(seed_counts)})")
     group = f" — {analysis['group']}" if analysis["group"] else ""
     some_seed = " (some seed)" if max(seed_counts) > 1 else ""
-    fig.suptitle(f"{analysis['metric']} vs learning rate by {axis}{group}\n"
-                 f"★ fitted optimum   × diverged{some_seed} at that LR")
+    drawn = [s for key in keys for s in panels[key]]
+    key_lines = [text for text, applies in (
+        ("★ fitted optimum", any(_fitted(s) for s in drawn)),
+        (f"× diverged{some_seed} at that LR", any(p["diverged"] for s in drawn
+                                                  for p in s["curve"]))) if applies]
+    fig.suptitle("\n".join([f"{analysis['metric']} vs learning rate by {axis}{group}",
+                            *(["   ".join(key_lines)] if key_lines else [])]))
     return fig
+
+
+def _fitted(shape: dict) -> bool:
+    """Whether the shape has an optimum fitted through ≥ 3 LRs around it, not a bare argmin."""
+    return shape["optimum"] is not None and shape["optimum"]["fitted"]
 
 
 def _plot_curve(ax, shape: dict, color: tuple, axis: str, extra: list[str] = (),
                 marker: str = "o") -> None:
-    """Seed-mean curve with std bars, its fitted optimum, and diverged LRs as x at the top;
-    labelled by its size and the `extra` fields that vary in its panel."""
+    """Seed-mean curve with std bars, its fitted optimum (optimum n/a in the label where too few
+    LRs fit one), and diverged LRs as x at the top; labelled by its size and the `extra` fields
+    that vary in its panel."""
     finite = [p for p in shape["curve"] if p["mean"] is not None]
     label = " ".join([f"{axis} {shape[axis]}", *(
         f"{FIELD_PREFIXES[f]}{_tokens_label(shape[f]) if f == 'tokens' else shape[f]}"
-        for f in extra)])
+        for f in extra), *([] if _fitted(shape) else ["(optimum n/a)"])])
     _line_with_spread(ax, [p["log2_lr"] for p in finite], [p["mean"] for p in finite],
                       [p["std"] for p in finite], [p["n"] for p in finite], capsize=2,
                       color=color, marker=marker, ms=3, lw=1.3, label=label)
-    optimum = shape["optimum"]
-    if optimum is not None:  # None when every run of the shape diverged
+    if _fitted(shape):
+        optimum = shape["optimum"]
         ax.plot(optimum["log2_lr"], optimum["loss"], marker="*", ms=13, color=color,
                 mec="black", mew=0.8, ls="none", zorder=5)
     diverged = [p["log2_lr"] for p in shape["curve"] if p["diverged"]]
@@ -255,6 +234,7 @@ def _optimum_vs(drift: list[dict], axis: str) -> Figure | None:
         _line_with_spread(ax, d[f"{axis}s"], d["log2_lr"], d["log2_lr_std"], d["n_seeds"],
                           capsize=3, marker="o", label=f"{label}{edge}")
         summaries.append(f"{label} {_octaves(d['drift_octaves'], d['drift_uncertainty'])}")
+    span_octaves_y(ax, [v for d in drift for v in _bar_ends(d)])
     sizes = sorted({w for d in drift for w in d[f"{axis}s"]})
     ax.set_xscale("log", base=2)
     ax.set_xticks(sizes, [str(w) for w in sizes])
@@ -268,6 +248,12 @@ def _optimum_vs(drift: list[dict], axis: str) -> Figure | None:
     ax.grid(alpha=0.3)
     fig.legend(loc="outside right center")
     return fig
+
+
+def _bar_ends(drift: dict) -> list[float]:
+    """Both ends of each optimum's std bar; the optimum itself where one seed gives no bar."""
+    return [v + sign * (std if n >= 2 else 0.0) for v, std, n in zip(
+        drift["log2_lr"], drift["log2_lr_std"], drift["n_seeds"], strict=True) for sign in (-1, 1)]
 
 
 def _optimum_along_path(paths: list[dict]) -> Figure | None:
@@ -285,6 +271,8 @@ def _optimum_along_path(paths: list[dict]) -> Figure | None:
             ax.plot(widths, law["predicted_log2_lr"], ls="--", marker=MARKERS[i + 1],
                     mfc="none", color=f"C{i}",
                     label=f"{name} law (slope left {law['slope']:+.2f}/doubling)")
+        span_octaves_y(ax, [*_bar_ends(d), *(v for law in d["laws"].values()
+                                             for v in law["predicted_log2_lr"])])
         ax.set_xscale("log", base=2)
         ax.set_xticks(widths, [f"w{w}\nd{depth}" for w, depth in zip(widths, d["depths"],
                                                                       strict=True)])
@@ -332,8 +320,8 @@ def _loss_vs_compute(metric: str, fits: list[dict]) -> Figure | None:
         _plot_power_law(ax, fit["compute"], fit, color, f"{name} fit")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    _label_log_axis(ax.xaxis, [c for fit in fits for c in fit["compute"]])
-    _label_log_axis(ax.yaxis, [loss for fit in fits for loss in fit["loss"]])
+    label_log_axis(ax.xaxis, [c for fit in fits for c in fit["compute"]])
+    span_log_y(ax, [loss for fit in fits for loss in fit["loss"]])
     ax.set_xlabel("compute (FLOPs)")
     ax.set_ylabel(f"best {metric}")
     fig.suptitle(f"Best {metric} vs compute")
@@ -356,8 +344,8 @@ def _optimum_vs_tokens(fits: list[dict]) -> Figure | None:
         _plot_power_law(ax, fit["tokens"], fit, color, f"{label} fit")
     ax.set_xscale("log")
     ax.set_yscale("log", base=2)
-    _label_log_axis(ax.xaxis, [t for fit in fits for t in fit["tokens"]], label=_tokens_label)
-    _label_log_axis(ax.yaxis, [2.0 ** v for fit in fits for v in fit["log2_lr"]])
+    label_log_axis(ax.xaxis, [t for fit in fits for t in fit["tokens"]], label=_tokens_label)
+    span_log_y(ax, [2.0 ** v for fit in fits for v in fit["log2_lr"]])
     ax.set_xlabel("training tokens")
     ax.set_ylabel("optimal learning rate")
     fig.suptitle("Optimal LR vs training tokens")

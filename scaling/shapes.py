@@ -12,7 +12,7 @@ from scaling.rules import TUNABLE
 
 # What a sweep varies within one shape (LR, seed) and bookkeeping that does not change training.
 NOT_SHAPE = ("optim.lr", "train.seed", "logging", "sweep", "train.out_dir", "train.eval_every",
-             "train.log_every", "train.checkpoint_every")
+             "train.log_every", "train.checkpoint_every", "train.grad_accum")
 # MeZO's probe and update scalings, part of a MeZO family's identity: they set how its optimum
 # moves with width, so isotropic and matched runs are never one family.
 PROBE_FIELDS = ("probe_scaling", "update_scaling")
@@ -24,7 +24,8 @@ LATER_DEFAULTS = {("data", "packages"): "all", ("data", "tokenizer"): "bytes",
                   ("data", "text_field"): "text", ("init", "from_run"): None,
                   ("optim", "clip_scope"): "global", ("optim", "clip_width_exponent"): 0.0,
                   ("optim", "ns_sharding"): "stack", ("optim", "adam_lr"): None,
-                  ("optim", "sphere_norm"): "frobenius", ("model", "factory"): None,
+                  ("optim", "sphere_norm"): "frobenius",
+                  ("optim", "warmup_fraction"): 0.05, ("model", "factory"): None,
                   **{("model", name): getattr(ModelConfig(), name) for name in BLOCK_OPTIONS},
                   **{("param", field): 1.0 for field in TUNABLE}}
 
@@ -32,7 +33,7 @@ LATER_DEFAULTS = {("data", "packages"): "all", ("data", "tokenizer"): "bytes",
 def without_later_defaults(config: dict) -> dict:
     """A copy of a run config (as a dict) without the LATER_DEFAULTS fields at their defaults
     (some optimizers lack some fields: a missing field counts as its default)."""
-    values = copy.deepcopy(config)
+    values = _old_defaults(config)
     for (group, field), default in LATER_DEFAULTS.items():
         if group in values and values[group].get(field, default) == default:
             values[group].pop(field, None)
@@ -42,10 +43,24 @@ def without_later_defaults(config: dict) -> dict:
 def with_later_defaults(config: dict) -> dict:
     """A copy of a run config (as a dict) with every LATER_DEFAULTS field its group lacks set
     to its default, so a run from before a field existed reads as the default's."""
-    values = copy.deepcopy(config)
+    values = _old_defaults(config)
     for (group, field), default in LATER_DEFAULTS.items():
         if group in values and field not in values[group]:
             values[group][field] = default
+    return values
+
+
+# Defaults that became None (the data decides: data.dtype is a .bin sidecar's, else uint16): None
+# reads as the old default in run hashes and shape ids, so runs from before keep both.
+OLD_DEFAULTS = {("data", "dtype"): "uint16"}
+
+
+def _old_defaults(config: dict) -> dict:
+    """A copy of a run config (as a dict) with each OLD_DEFAULTS field that is None set to it."""
+    values = copy.deepcopy(config)
+    for (group, field), old in OLD_DEFAULTS.items():
+        if values.get(group, {}).get(field, old) is None:
+            values[group][field] = old
     return values
 
 

@@ -123,11 +123,14 @@ class Layout:
         """`shardings` of one run for runs stacked on a new leading axis (kept whole)."""
         return jax.tree.map(lambda s: self.named(PartitionSpec(None, *s.spec)), shardings)
 
-    def check_batch(self, batch_size: int) -> None:
-        if batch_size % self.batch_shards:
+    def check_batch(self, batch_size: int, grad_accum: int = 1) -> None:
+        """Each micro-batch (the whole batch without accumulation) splits evenly."""
+        if (batch_size // grad_accum) % self.batch_shards:
+            rows = "" if grad_accum == 1 else f" in each of train.grad_accum={grad_accum} parts"
             raise ConfigError("train.batch_size", batch_size,
-                              f"a multiple of {self.batch_shards}, the devices the batch is split "
-                              f"over (mesh data × fsdp = {dict(self.mesh.shape)})")
+                              f"a multiple of {self.batch_shards * grad_accum}: {self.batch_shards}"
+                              f" rows{rows}, one block per device the batch is split over "
+                              f"(mesh data × fsdp = {dict(self.mesh.shape)})")
 
     def describe(self, specs: dict[tuple, ParamSpec]) -> dict:
         """The mesh and every parameter's mesh axis per dimension (null: whole), for result.json."""

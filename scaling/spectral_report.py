@@ -21,7 +21,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
-from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
 
 import optim
 from models.config import ModelConfig
@@ -34,6 +33,7 @@ from scaling.config import (
     from_dict,
 )
 from scaling.files import atomic_open
+from scaling.log_axes import label_log_axis, span_log_y
 from scaling.parametrization import make_parametrization
 from scaling.spectral import init_vectors, matrix_paths, sigma_names, top_singular_values
 
@@ -317,13 +317,15 @@ def plot_comparison(rows: list[dict], label_a: str, label_b: str, path: Path) ->
         values = [np.nan if r[key] is None else r[key] for r in rows]
         top.plot(x, values, marker, mfc="none", label=label)
     top.set_yscale("log")
+    span_log_y(top, [r[key] for r in rows for key in ("sigma_a", "sigma_b") if r[key] is not None])
     top.set_ylabel("top singular value σ_max")
     top.legend(fontsize=7, loc="best")
     ratios = [np.nan if r["ratio"] is None else r["ratio"] for r in rows]
     colour = {role: f"C{i + 2}" for i, role in enumerate(ROLE_ORDER)}
     bottom.bar(x, ratios, color=[colour.get(r["role"], "C7") for r in rows])
     bottom.axhline(1.0, color="k", lw=0.8, ls="--")
-    _ratio_axis(bottom)
+    bottom.set_yscale("log", base=2)
+    span_log_y(bottom, [1.0, *(r["ratio"] for r in rows if r["ratio"] is not None)])
     bottom.set_ylabel("B / A")
     bottom.set_xticks(x, [r["matrix"] for r in rows], rotation=70, fontsize=7)
     fig.legend(handles=[Patch(color=c, label=role) for role, c in colour.items()
@@ -333,33 +335,28 @@ def plot_comparison(rows: list[dict], label_a: str, label_b: str, path: Path) ->
     return _save(fig, path)
 
 
-def _ratio_axis(ax) -> None:
-    """A log-2 axis labelled with plain ratios (0.5, 0.75, 1, 1.5, 2, ...)."""
-    ax.set_yscale("log", base=2)
-    ax.yaxis.set_major_locator(LogLocator(base=2, subs=(1.0, 1.5)))
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.yaxis.set_minor_locator(NullLocator())
-
-
 def plot_sweep(report: dict, path: Path) -> Path:
     """σ_max against width relative to the narrowest width, per role (geometric mean over the
-    role's matrices and seeds), one line per family: a flat line is a width-invariant σ."""
+    role's matrices and seeds), one line per family: a flat line is a width-invariant σ, and
+    reads flat on the shared y axis, which spans a factor of 4 at least."""
     roles = _ordered({role for f in report["families"] for role in f["roles"]})
     fig = Figure(figsize=(3.6 * len(roles), 3.4))
     axes = fig.subplots(1, len(roles), squeeze=False, sharey=True)[0]
+    ratios = [1.0]
     for ax, role in zip(axes, roles, strict=True):
         for i, f in enumerate(report["families"]):
             if role in f["roles"]:
                 sigma = f["roles"][role]["sigma"]
+                ratios += [v / sigma[0] for v in sigma]
                 ax.plot(f["widths"], [v / sigma[0] for v in sigma], marker="os^vDP<>"[i % 8],
                         mfc="none", color=f"C{i}", label=f["label"])
         ax.axhline(1.0, color="k", lw=0.8, ls="--")
         ax.set_xscale("log", base=2)
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.xaxis.set_minor_locator(NullLocator())
-        _ratio_axis(ax)
+        label_log_axis(ax.xaxis, [w for f in report["families"] for w in f["widths"]])
+        ax.set_yscale("log", base=2)
         ax.set_xlabel("width")
         ax.set_title(f"{role} matrices", fontsize=9)
+    span_log_y(axes[0], ratios)  # the panels share y: one range and one set of ticks
     axes[0].set_ylabel("σ_max / σ_max at the narrowest width")
     fig.legend(*axes[-1].get_legend_handles_labels(), fontsize=7, loc="lower center",
                ncols=min(3, len(report["families"])), bbox_to_anchor=(0.5, -0.02 - 0.05 * (

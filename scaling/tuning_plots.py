@@ -27,7 +27,8 @@ def tune_contours(tunes: list[dict]) -> Figure | None:
         _panel(fig, ax, tune)
     for ax in axes[len(tunes):]:
         ax.set_visible(False)
-    fig.suptitle("Loss over LR × multiplier (○ best LR per multiplier value, ★ joint optimum)")
+    star = ", ★ joint optimum" if any(t["optimum"]["fitted"] for t in tunes) else ""
+    fig.suptitle(f"Loss over LR × multiplier (○ best LR per multiplier value{star})")
     return fig
 
 
@@ -45,10 +46,12 @@ def _panel(fig: Figure, ax, tune: dict) -> None:
     ax.scatter(x, y, s=4, c="k", alpha=0.3)
     ax.plot(tune["log2_lr"], tune["log2_values"], "o-", color="w", mec="k", ms=5, lw=1)
     o = tune["optimum"]
-    ax.plot([o["log2_lr"]], [o["log2_value"]], "*", color="r", mec="k", ms=14)
+    if o["fitted"]:  # a vertex through ≥ 3 multiplier values around the best, not a grid argmin
+        ax.plot([o["log2_lr"]], [o["log2_value"]], "*", color="r", mec="k", ms=14)
     f = tune["family"]
     edge = " (grid edge)" if o["on_edge"] else ""
+    optimum = f"{o['value']:.3g}{edge}" if o["fitted"] else "optimum n/a"
     ax.set_title(textwrap.fill(f"{tune['field']} — {f['param']} {f['optim']} w{f['width']} "
-                               f"d{f['depth']}: {o['value']:.3g}{edge}", 44), fontsize=9)
+                               f"d{f['depth']}: {optimum}", 44), fontsize=9)
     ax.set_xlabel("log₂ learning rate")
     ax.set_ylabel(f"log₂ {tune['field']}")

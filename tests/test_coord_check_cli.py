@@ -149,6 +149,13 @@ def test_writes_figures_tables_and_stats(mlp):
     assert_writes_figures_tables_and_stats(mlp, ("sp", "mup"))
 
 
+def test_summary_names_only_the_parametrizations_that_ran(mlp):
+    """sp and mup ran: the width check is μP's alone, and across depth neither claims flat."""
+    assert "Checked across width, for mup: every module output's" in mlp.report
+    assert "Checked nothing across depth: no parametrization that ran" in mlp.report
+    assert "completep" not in mlp.report and "hyperp" not in mlp.report
+
+
 def test_depth_check_compares_the_last_layer(mlp):
     """coord.depths adds a check across depth at model.width: figures, and rows named for the
     last layer ('block_out/last'); neither SP nor μP must be flat in depth."""

@@ -56,13 +56,15 @@ def test_pretrains_its_source_then_fine_tunes_and_reports_the_start(tmp_path, ru
     """No init.from_run: the source is scaling-train's run of the `pretrain` overrides (plus the
     command line's model, param and logging), trained first; the fine-tune (MeZO on half_b) starts from
     its weights, logs their validation loss at step 0 and reports start and end. Again: both
-    are reported as finished, nothing is trained."""
+    are reported as finished, nothing is trained. The given `pretrain` list keeps the
+    defaults it does not name: the source still lands in OUT_DIR/pretrain."""
     out_dir = tmp_path / "runs"
-    pretrain = ["data=half_a", *TRAIN, f"train.out_dir={out_dir}/pretrain"]
+    pretrain = ["data=half_a", *TRAIN]
     argv = [*TINY_RUN, f"train.out_dir={out_dir}", f"pretrain={_hydra_list(pretrain)}"]
     code, out = run_main(argv)
 
     assert code == 0, out
+    pretrain = [f"train.out_dir={out_dir}/pretrain", *pretrain]  # the kept default first
     source_cfg = to_run_config(compose([*MODEL, *pretrain]))  # what scaling-train would train
     source_dir = out_dir / "pretrain" / run_name(source_cfg)
     source_result = json.loads((source_dir / "result.json").read_text())

@@ -149,3 +149,20 @@ def test_gradient_optimizer_builders_refuse_mezo():
         build_optimizer(MeZOConfig(), parametrization, total_steps=10)
     with pytest.raises(ValueError, match=message):
         optimizer_at(MeZOConfig(), parametrization, total_steps=10)(1e-3)
+
+
+def test_default_warmup_fits_a_run_of_any_length():
+    """Warmup defaults to 5% of the steps (rounded down): a 10-step run validates with none, a
+    300-step run gets 15; the schedule reaches its peak right after; an explicit warmup_steps
+    wins and must stay below train.steps."""
+    ten = to_run_config(compose(["train.steps=10"]))
+    assert ten.optim.warmup_steps is None and ten.optim.warmup_for(10) == 0
+    assert AdamWConfig().warmup_for(300) == 15
+    lr_at = optim.learning_rate(dataclasses.replace(AdamWConfig(), schedule="constant"), 300)
+    assert float(lr_at(14)) < AdamWConfig().lr == pytest.approx(float(lr_at(15)))
+    assert AdamWConfig(warmup_steps=7).warmup_for(300) == 7
+    with pytest.raises(ConfigError, match=r"optim.warmup_steps=20: expected a non-negative "
+                                          r"integer below train.steps=20, or null"):
+        to_run_config(compose(["train.steps=20", "optim.warmup_steps=20"]))
+    with pytest.raises(ConfigError, match=r"optim.warmup_fraction=1.0: expected a value in "):
+        to_run_config(compose(["optim.warmup_fraction=1"]))

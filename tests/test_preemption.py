@@ -34,7 +34,10 @@ def whole(tmp_path_factory) -> dict:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR2])
-def test_preempted_run_checkpoints_and_resumes_exactly(tmp_path, monkeypatch, signum, whole):
+def test_preempted_run_checkpoints_and_resumes_exactly(tmp_path, monkeypatch, capsys, signum,
+                                                       whole):
+    """...and says so: one line when it stops (the signal, step and checkpoint), one when it
+    resumes (from which step)."""
     cfg = _config(tmp_path / "runs")
     handled = []
 
@@ -61,7 +64,13 @@ def test_preempted_run_checkpoints_and_resumes_exactly(tmp_path, monkeypatch, si
     assert not (run_dir / "result.json").exists()
     steps = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [PREEMPTED_AT]  # not a checkpoint_every step: saved for the preemption
+    said = capsys.readouterr().err
+    assert (f"{run_dir.name}: stopped by {signum.name} after step {PREEMPTED_AT}, checkpointed "
+            f"to {run_dir}/checkpoints; the same command resumes from step {PREEMPTED_AT}") in said
+    assert f"{run_dir.name}: starting, 12 steps, batches of 4×32 tokens, on 1 device (cpu)" in said
     resumed = train(cfg)  # the requeued job
+    assert (f"{run_dir.name}: resuming from the checkpoint of step {PREEMPTED_AT} in {run_dir}/"
+            f"checkpoints, {12 - PREEMPTED_AT} of 12 steps to go") in capsys.readouterr().err
     assert resumed["steps"] == whole["steps"]
     assert resumed["val_loss"] == whole["val_loss"] and resumed["train_loss"] == whole["train_loss"]
     logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

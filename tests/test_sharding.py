@@ -23,7 +23,7 @@ from scaling.sharding import Layout, layout_of, mesh_shape, place
 from scaling.steps import make_step
 from scaling.training import data
 from scaling.training.checkpoint import Checkpointer
-from scaling.training.loop import model_on_mesh
+from scaling.training.loop import _Member, _start_line, model_on_mesh
 
 MESH_4x2 = ("mesh.fsdp=4", "mesh.tensor=2")
 STEPS = 2
@@ -43,7 +43,8 @@ def _trained(optim: str, mesh: tuple[str, ...], steps: int = STEPS):
     cfg = _config(optim, mesh)
     run = model_on_mesh(cfg, 256)
     layout, specs = run.layout, run.parametrization.specs
-    kwargs = {"total_steps": cfg.train.steps, "seed": cfg.train.seed}
+    kwargs = {"total_steps": cfg.train.steps, "seed": cfg.train.seed,
+              "grad_accum": cfg.train.grad_accum}
     state = make_step(cfg.optim, run.parametrization, run.graphdef, **kwargs).init_state(
         run.params, cfg.optim.lr)
     shardings = None if layout is None else layout.state(state, specs)
@@ -101,12 +102,24 @@ def test_sharded_step_equals_single_device_step(optim):
         np.testing.assert_allclose(np.asarray(sharded.opt_state.g),
                                    np.asarray(single.opt_state.g), rtol=0, atol=G_ATOL)
         atol["params"] = _mezo_update_atol(optim)
+    _assert_states_close(sharded, single, atol)
+
+
+def _assert_states_close(got, expected, atol: dict[str, float]) -> None:
     for name in ("params", "opt_state"):
-        flat = jax.tree_util.tree_flatten_with_path(getattr(single, name))[0]
-        for (path, b), a in zip(flat, jax.tree.leaves(getattr(sharded, name)), strict=True):
+        flat = jax.tree_util.tree_flatten_with_path(getattr(expected, name))[0]
+        for (path, b), a in zip(flat, jax.tree.leaves(getattr(got, name)), strict=True):
             tolerance = G_ATOL if jax.tree_util.keystr(path).endswith(".g") else atol[name]
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=RTOL, atol=tolerance,
                                        err_msg=jax.tree_util.keystr(path))
+
+
+def test_accumulated_sharded_step_equals_single_device_step():
+    """train.grad_accum=2 on the 4×2 mesh (each micro-batch still split over the 4 fsdp
+    devices) takes the single-device whole-batch steps, to float reassociation."""
+    single, _ = _trained("adamw", ())
+    accumulated, _ = _trained("adamw", (*MESH_4x2, "train.grad_accum=2"))
+    _assert_states_close(accumulated, single, {"params": ATOL, "opt_state": ATOL})
 
 
 def test_parameters_and_optimizer_state_are_sharded_as_configured():
@@ -231,6 +244,15 @@ def test_scaling_train_mesh_fsdp_with_an_lr_grid(tmp_path):
         assert result["sharding"]["params"]["blocks/w_up"] == [None, "fsdp", None]
         assert result["config"]["mesh"]["fsdp"] == -1
         assert result["lrs_trained_together"] == 2 and result["val_loss"] < 5.0
+
+
+def test_start_line_names_the_mesh(tmp_path):
+    """What a run prints as it starts on a mesh: its axes, devices and processes."""
+    cfg = _config("adamw", (*MESH_4x2, "train.grad_accum=2"))
+    member = _Member(cfg, tmp_path)
+    assert _start_line([member, member], 0, layout_of(cfg.mesh)) == (
+        f"{member.name} (+1 LRs): starting, 12 steps, batches of 8×16 tokens in 2 "
+        "micro-batches, on mesh fsdp=4 tensor=2 (8 cpu devices, 1 process)")
 
 
 def test_muon_stack_keeps_each_matrix_on_one_device():

@@ -29,6 +29,9 @@ class Step(Protocol):
     def __call__(self, state: TrainState, inputs_BxT: jax.Array, targets_BxT: jax.Array
                  ) -> tuple[TrainState, dict]: ...
 
+    def compile(self, state: TrainState, inputs_BxT: jax.ShapeDtypeStruct,
+                targets_BxT: jax.ShapeDtypeStruct): ...  # the memory analysis, or None
+
     def step_records(self, state: TrainState, step: int) -> list[dict] | None: ...
 
     def log_values(self, state: TrainState, inputs_BxT: jax.Array, measured: dict) -> dict: ...
@@ -36,14 +39,15 @@ class Step(Protocol):
 
 def make_step(cfg: OptimizerConfig, parametrization: Parametrization, graphdef, *,
               total_steps: int, runs: int | None = None, indicators: bool = True,
-              shardings=None, stack=None, seed: int = 0) -> Step:
+              shardings=None, stack=None, seed: int = 0, grad_accum: int = 1) -> Step:
     """The step kind of `cfg`: backprop, or zeroth-order for an optimizer that needs no
     gradient. `runs`: states stacked on a leading axis and trained together (None: one
     state); `shardings`: one run's state layout on a device mesh; `stack`: Muon's placement
-    there; `seed`: MeZO's probes."""
+    there; `seed`: MeZO's probes; `grad_accum`: micro-batches per gradient (backprop only)."""
     kind = BackpropStep if cfg.needs_gradient else ZerothOrderStep
     return kind(cfg, parametrization, graphdef, total_steps=total_steps, runs=runs,
-                indicators=indicators, shardings=shardings, stack=stack, seed=seed)
+                indicators=indicators, shardings=shardings, stack=stack, seed=seed,
+                grad_accum=grad_accum)
 
 
 __all__ = ["Step", "TrainState", "make_step"]

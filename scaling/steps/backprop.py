@@ -121,8 +121,37 @@ def init_train_state(params, tx_at: OptimizerAt, lr: float) -> TrainState:
     return TrainState.start(params, tx_at(lr).init(params), lr)
 
 
+def micro_batches(x_BxT: jax.Array, grad_accum: int) -> jax.Array:
+    """The batch as `grad_accum` micro-batches (KxB/KxT), micro-batch j taking rows j, j+K, ...:
+    every device's block of rows (on a mesh) feeds every micro-batch, so none waits idle."""
+    batch, *rest = x_BxT.shape
+    return jnp.swapaxes(x_BxT.reshape(batch // grad_accum, grad_accum, *rest), 0, 1)
+
+
+def accumulated(loss_and_grad, grad_accum: int):
+    """loss_and_grad(params, inputs, targets) -> ((loss, stats), grads) over the whole batch,
+    taken over `grad_accum` equal micro-batches one at a time and averaged: the gradient of the
+    full batch's mean loss, with one micro-batch's activations alive at once (the forward stats:
+    the mean of the micro-batches')."""
+    if grad_accum == 1:
+        return loss_and_grad
+
+    def over_micro_batches(params, inputs_BxT, targets_BxT):
+        parts = (micro_batches(inputs_BxT, grad_accum), micro_batches(targets_BxT, grad_accum))
+        shapes = jax.eval_shape(loss_and_grad, params, *(x[0] for x in parts))
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+        def add_one(total, micro):
+            return jax.tree.map(jnp.add, total, loss_and_grad(params, *micro)), None
+
+        total, _ = jax.lax.scan(add_one, zeros, parts)
+        return jax.tree.map(lambda x: x / grad_accum, total)
+
+    return over_micro_batches
+
+
 def make_train_step(graphdef, tx_at: OptimizerAt, measure: Measure, runs: int | None = None,
-                    shardings=None):
+                    shardings=None, grad_accum: int = 1):
     """(state, inputs, targets) -> (state, measured), with the optimizer `tx_at(state.lr)`;
     measured: what `measure` lists, of this step.
 
@@ -132,14 +161,16 @@ def make_train_step(graphdef, tx_at: OptimizerAt, measure: Measure, runs: int | 
     linear in the LR. Measuring only reads the gradients, updates and activations: the new
     state is the unmeasured step's, bit for bit. `shardings` (a tree like one run's state): on
     a device mesh, where the new state is kept, so every step compiles and runs with the same
-    layout. The state is donated.
+    layout. `grad_accum`: the batch's gradient summed over that many micro-batches (accumulated).
+    The state is donated.
     """
+    loss_and_grad = accumulated(jax.value_and_grad(
+        lambda p, x_BxT, y_BxT: next_token_loss_and_stats(graphdef, p, x_BxT, y_BxT),
+        has_aux=True), grad_accum)
 
     def train_step(state: TrainState, inputs_BxT, targets_BxT):
         params = state.params
-        (loss, stats), grads = jax.value_and_grad(
-            lambda p: next_token_loss_and_stats(graphdef, p, inputs_BxT, targets_BxT),
-            has_aux=True)(params)
+        (loss, stats), grads = loss_and_grad(params, inputs_BxT, targets_BxT)
         updates, opt_state = tx_at(state.lr).update(grads, state.opt_state, params)
         grad_norm = optax.global_norm(grads)
         scale, group_scales = clip_scales(grads, grad_norm, measure)
@@ -173,18 +204,24 @@ class BackpropStep:
 
     def __init__(self, cfg: OptimizerConfig, parametrization: Parametrization, graphdef, *,
                  total_steps: int, runs: int | None = None, indicators: bool = True,
-                 shardings=None, stack=None, seed: int = 0):
+                 shardings=None, stack=None, seed: int = 0, grad_accum: int = 1):
         del seed  # a backprop step draws nothing
         self.tx_at = optimizer_at(cfg, parametrization, total_steps=total_steps, stack=stack)
         self._step = make_train_step(graphdef, self.tx_at,
                                      Measure.of(cfg, parametrization, indicators), runs,
-                                     shardings)
+                                     shardings, grad_accum)
 
     def init_state(self, params, lr: float) -> TrainState:
         return init_train_state(params, self.tx_at, lr)
 
     def __call__(self, state: TrainState, inputs_BxT, targets_BxT):
         return self._step(state, inputs_BxT, targets_BxT)
+
+    def compile(self, state, inputs_BxT, targets_BxT):
+        """Compiles the step for these shapes and placements (jax.ShapeDtypeStruct trees) before
+        its first call, which then runs it; the compiled program's memory analysis."""
+        self._step = self._step.lower(state, inputs_BxT, targets_BxT).compile()
+        return self._step.memory_analysis()
 
     def step_records(self, state: TrainState, step: int) -> list[dict] | None:
         return None

@@ -252,8 +252,10 @@ class ZerothOrderStep:
 
     def __init__(self, cfg: MeZOConfig, parametrization: Parametrization, graphdef, *,
                  total_steps: int, runs: int | None = None, indicators: bool = True,
-                 shardings=None, stack=None, seed: int = 0):
+                 shardings=None, stack=None, seed: int = 0, grad_accum: int = 1):
         del stack  # nothing to orthogonalize
+        if grad_accum != 1:  # validate() says so in the config's words first
+            raise ValueError(f"grad_accum={grad_accum}: a zeroth-order step takes no gradient")
         self.cfg, self.runs = cfg, runs
         self.setup = zo_setup(cfg, parametrization, total_steps=total_steps, seed=seed)
         self._step = make_zo_step(graphdef, self.setup, runs,
@@ -265,6 +267,11 @@ class ZerothOrderStep:
 
     def __call__(self, state: TrainState, inputs_BxT, targets_BxT):
         return self._step(state, inputs_BxT, targets_BxT), {}
+
+    def compile(self, state, inputs_BxT, targets_BxT) -> None:
+        """Nothing ahead: the step is two programs (estimate, update), each compiled at its first
+        call; it holds a forward's activations at most, as inference does."""
+        del state, inputs_BxT, targets_BxT
 
     def _per_run(self, values) -> list:
         return [values] if self.runs is None else list(values)

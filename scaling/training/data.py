@@ -2,13 +2,14 @@
 
 Sources: the running interpreter's standard library (default; all of it, or one of two halves of
 its top-level packages), a local text file or directory (files in sorted order; a `.jsonl` file
-gives the `data.text_field` string of each record, each followed by a newline), or a
-pre-tokenized `.bin` file of uint16/uint32 tokens. Text becomes tokens as its bytes
-(`data.tokenizer=bytes`, vocab 256), or through a tokenizer (scaling/training/tokens.py): a
-byte-level BPE trained here (`bpe`) or a user's tokenizer.json, with the tokens cached on disk
-(scaling/training/token_cache.py).
+gives the `data.text_field` string of each record, each followed by a newline), or a file of
+token ids: a `.npy` integer array, or a `.bin` of raw uint16/uint32 ids whose dtype is its
+sidecar's (FILE.bin.json), data.dtype's or uint16, checked against the file. Text becomes tokens
+as its bytes (`data.tokenizer=bytes`, vocab 256), or through a tokenizer
+(scaling/training/tokens.py): a byte-level BPE trained here (`bpe`) or a user's tokenizer.json,
+with the tokens cached on disk (scaling/training/token_cache.py).
 
-The split. Bytes and `.bin` tokens: the stream is cut into blocks of VAL_BLOCK tokens and every
+The split. Bytes and token files: the stream is cut into blocks of VAL_BLOCK tokens and every
 VAL_EVERY-th block is held out for validation (a source shorter than VAL_EVERY blocks keeps its
 last 1/VAL_EVERY instead). Tokenized text is split before it is tokenized, so that the tokenizer
 never sees validation text: the same rule on the text's bytes, each cut moved forward to the next
@@ -34,6 +35,7 @@ import numpy as np
 
 from scaling.config import BYTE_VOCAB, ConfigError, DataConfig
 from scaling.training import token_cache
+from scaling.training.source_files import sidecar, source_files, source_path
 from scaling.training.token_cache import TokenCache
 from scaling.training.tokens import encode, read_tokenizer, train_bpe
 
@@ -43,6 +45,7 @@ VAL_EVERY = 20
 SPLIT_RULE = 1  # the version of text_split's rule, recorded in token caches
 NEWLINE = ord("\n")
 UTF8_CONTINUATION = (0x80, 0xC0)  # bytes 10xxxxxx continue a character
+DEFAULT_DTYPE = "uint16 by default"  # a .bin's dtype with neither a sidecar nor data.dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,10 +53,22 @@ class TokenSplits:
     train: np.ndarray
     val: np.ndarray
     vocab_size: int
-    description: str
-    text_bytes: int | None = None  # the bytes of text tokenized (None for a .bin of tokens)
+    source: str  # what was read: the standard library or the path
+    reader: str  # how it became tokens: bytes, bpe-4096 tokens, .npy int32 tokens, ...
+    text_bytes: int | None = None  # the bytes of text tokenized (None for a file of tokens)
     cache: TokenCache | None = None  # where tokenized text's tokens are kept
-    val_text_bytes: int | None = None  # the validation text's bytes (None for a .bin)
+    val_text_bytes: int | None = None  # the validation text's bytes (None for a file of tokens)
+
+    @property
+    def description(self) -> str:
+        return f"{self.source} as {self.reader}"
+
+    @property
+    def summary(self) -> str:
+        """One line: the source, its reader, the tokens of each split and the vocabulary."""
+        total = len(self.train) + len(self.val)
+        return (f"data: {self.description}: {total:,} tokens ({len(self.train):,} train + "
+                f"{len(self.val):,} validation), vocabulary {self.vocab_size}")
 
     @property
     def val_tokens_per_byte(self) -> float | None:
@@ -159,14 +174,13 @@ def load(cfg: DataConfig, seq_len: int) -> TokenSplits:
     """Reads the configured source, tokenizing text (or finding its tokens cached) unless it
     is read as bytes; raises ConfigError for a missing, empty or short source or a bad
     tokenizer."""
-    if cfg.path is not None and Path(cfg.path).expanduser().suffix == ".bin":
+    if cfg.holds_tokens:
         splits = _token_file(cfg)
     else:
         text, what = _read_text(cfg)
         if cfg.tokenizer == "bytes":
-            what = what if cfg.path is None else f"bytes of {what}"
             train, val = split(text)
-            splits = TokenSplits(train, val, BYTE_VOCAB, what, text_bytes=len(text),
+            splits = TokenSplits(train, val, BYTE_VOCAB, what, "bytes", text_bytes=len(text),
                                  val_text_bytes=len(val))
         else:
             splits = _tokenized(cfg, text, what)
@@ -179,38 +193,83 @@ def load(cfg: DataConfig, seq_len: int) -> TokenSplits:
     return splits
 
 
-def _source_path(cfg: DataConfig) -> Path:
-    path = Path(cfg.path).expanduser()
-    if not path.exists():
-        raise ConfigError("data.path", cfg.path,
-                          "an existing text file, directory, .jsonl or .bin file")
-    return path
-
-
 def _token_file(cfg: DataConfig) -> TokenSplits:
-    path = _source_path(cfg)
-    ids = np.fromfile(path, dtype=np.dtype(cfg.dtype))
-    what = f"{cfg.dtype} tokens from {path}"
+    """A .npy or .bin file's token ids, memory-mapped, each below data.vocab_size."""
+    path = source_path(cfg)
+    if path.stat().st_size == 0:
+        raise ConfigError("data.path", cfg.path, f"a source with data ({path} is empty)")
+    ids, reader = _npy_tokens(cfg, path) if path.suffix == ".npy" else _bin_tokens(cfg, path)
     if len(ids) == 0:
-        raise ConfigError("data.path", cfg.path, f"a source with data ({what} is empty)")
+        raise ConfigError("data.path", cfg.path, f"a source with data ({path} has no tokens)")
+    if ids.dtype.kind == "i" and int(ids.min()) < 0:
+        raise ConfigError("data.path", cfg.path,
+                          f"token ids of 0 or more ({path} has {int(ids.min())})")
     if int(ids.max()) >= cfg.vocab_size:
         raise ConfigError("data.vocab_size", cfg.vocab_size,
                           f"more than the largest token id {int(ids.max())} in {path}")
-    return TokenSplits(*split(ids), cfg.vocab_size, what)
+    return TokenSplits(*split(ids), cfg.vocab_size, str(path), reader)
+
+
+def _npy_tokens(cfg: DataConfig, path: Path) -> tuple[np.ndarray, str]:
+    try:
+        ids = np.load(path, mmap_mode="r")  # no pickled objects: allow_pickle stays False
+    except (ValueError, OSError, EOFError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ConfigError("data.path", cfg.path, f"a .npy file np.load reads ({reason})") from None
+    if ids.ndim != 1 or ids.dtype.kind not in "iu":
+        raise ConfigError("data.path", cfg.path, f"a 1-D integer array of token ids in the "
+                          f".npy (it holds {ids.dtype} of shape {ids.shape})")
+    return ids, f".npy {ids.dtype} tokens"
+
+
+def _bin_tokens(cfg: DataConfig, path: Path) -> tuple[np.ndarray, str]:
+    """Raw ids of the sidecar's dtype, or data.dtype's, or uint16: a length that is no whole
+    number of ids, or uint16 words every second one of which is 0, is an error (the latter is
+    how little-endian uint32 ids below 65536 read as uint16)."""
+    dtype, origin = _bin_dtype(cfg, path)
+    size = path.stat().st_size
+    if size % dtype.itemsize:
+        raise ConfigError("data.path", cfg.path, f"whole {dtype} tokens ({origin}): its {size:,} "
+                          f"bytes are not a multiple of {dtype.itemsize}")
+    ids = np.memmap(path, dtype=dtype, mode="r")
+    if origin == DEFAULT_DTYPE and len(ids) % 2 == 0 and ids.any() and not ids[1::2].any():
+        raise ConfigError("data.dtype", cfg.dtype, f"uint32, or a sidecar {sidecar(path).name}: "
+                          f"read as uint16, every second word of {path} is 0, as in uint32 tokens")
+    return ids, f".bin {dtype} tokens ({origin})"
+
+
+def _bin_dtype(cfg: DataConfig, path: Path) -> tuple[np.dtype, str]:
+    """The .bin's dtype and where it comes from; its sidecar must agree with data.dtype and
+    data.vocab_size."""
+    side = sidecar(path)
+    if not side.is_file():
+        return np.dtype(cfg.dtype or "uint16"), "data.dtype" if cfg.dtype else DEFAULT_DTYPE
+    try:
+        spec = json.loads(side.read_text())
+    except (ValueError, OSError) as error:
+        raise ConfigError("data.path", cfg.path, f"a sidecar {side} of JSON ({error})") from None
+    declared = spec.get("dtype") if isinstance(spec, dict) else None
+    if declared not in ("uint16", "uint32"):
+        raise ConfigError("data.path", cfg.path, f'a sidecar {side} with "dtype": "uint16" or '
+                          f'"uint32" (it has {declared!r})')
+    if cfg.dtype is not None and cfg.dtype != declared:
+        raise ConfigError("data.dtype", cfg.dtype,
+                          f"{declared}, the dtype of {side}, or null to take it from there")
+    vocab = spec.get("vocab_size")
+    if vocab is not None and not cfg.vocab_size >= vocab:
+        raise ConfigError("data.vocab_size", cfg.vocab_size,
+                          f"{vocab} or more, the vocab_size of {side}")
+    return np.dtype(declared), f"dtype from {side.name}"
 
 
 def _read_text(cfg: DataConfig) -> tuple[np.ndarray, str]:
     """The source's text as one byte stream, and what it is (the stdlib, or the path)."""
     if cfg.path is None:
-        root = sysconfig.get_paths()["stdlib"]
-        which = "" if cfg.packages == "all" else f" ({cfg.packages} of its top-level packages)"
         text = _read_files(stdlib_files(cfg.packages), cfg.text_field)
-        what = f"stdlib .py at {root}{which}"
+        what = _stdlib_description(cfg.packages)
     else:
-        path = _source_path(cfg)
-        files = [path] if path.is_file() else sorted(
-            p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-        text, what = _read_files(files, cfg.text_field), str(path)
+        path = source_path(cfg)
+        text, what = _read_files(source_files(path), cfg.text_field), str(path)
     if len(text) == 0:
         raise ConfigError("data.path", cfg.path, f"a source with data ({what} is empty)")
     return text, what
@@ -220,25 +279,46 @@ def _tokenized(cfg: DataConfig, text: np.ndarray, what: str) -> TokenSplits:
     """Tokens of the text from its cache, built first if the cache is missing, stale or
     damaged."""
     bpe = cfg.tokenizer == "bpe"
-    source = what if cfg.path is None else str(Path(cfg.path).expanduser().resolve())
-    tokenizer = "bpe" if bpe else str(Path(cfg.tokenizer).expanduser().resolve())
-    vocab = cfg.source_vocab_size  # reads a user's tokenizer.json: fails if it is missing
-    identity = {"split_rule": SPLIT_RULE, "source": source,
+    label, named = _cache_name(cfg)
+    tokenizer, vocab = named["tokenizer"], named["vocab_size"]
+    identity = {"split_rule": SPLIT_RULE, **named,
                 "source_sha256": hashlib.sha256(text).hexdigest(), "source_bytes": len(text),
-                "tokenizer": tokenizer, "vocab_size": vocab,
                 "dtype": token_cache.token_dtype(vocab).name}
     if not bpe:  # a user's file may change under the same path
         identity["tokenizer_sha256"] = hashlib.sha256(Path(tokenizer).read_bytes()).hexdigest()
-    name = "stdlib" if cfg.path is None else Path(source).stem
-    label = f"{name}-{cfg.packages}" if cfg.packages != "all" else name
-    label += f"-bpe{vocab}" if bpe else f"-{Path(tokenizer).stem}"
     folder = token_cache.folder_for(Path(cfg.cache_dir).expanduser(), label, identity)
     ranges = dict(zip(token_cache.SPLITS, text_split(text), strict=True))
     cache = token_cache.read(folder, identity) or _build(cfg, text, ranges, identity, folder)
-    description = f"{'bpe-' + str(vocab) if bpe else tokenizer} tokens of {what}"
-    return TokenSplits(cache.tokens("train"), cache.tokens("val"), vocab, description,
+    reader = f"bpe-{vocab} tokens" if bpe else f"tokens of {tokenizer}"
+    return TokenSplits(cache.tokens("train"), cache.tokens("val"), vocab, what, reader,
                        text_bytes=len(text), cache=cache,
                        val_text_bytes=sum(b - a for a, b in ranges["val"]))
+
+
+def _stdlib_description(packages: str) -> str:
+    which = "" if packages == "all" else f" ({packages} of its top-level packages)"
+    return f"stdlib .py at {sysconfig.get_paths()['stdlib']}{which}"
+
+
+def _cache_name(cfg: DataConfig) -> tuple[str, dict]:
+    """The label of tokenized text's cache folder and what names it (token_cache.KEY_FIELDS):
+    the source, the tokenizer and the vocabulary, known without reading the text."""
+    bpe = cfg.tokenizer == "bpe"
+    source = (_stdlib_description(cfg.packages) if cfg.path is None
+              else str(Path(cfg.path).expanduser().resolve()))
+    tokenizer = "bpe" if bpe else str(Path(cfg.tokenizer).expanduser().resolve())
+    vocab = cfg.source_vocab_size  # reads a user's tokenizer.json: fails if it is missing
+    name = "stdlib" if cfg.path is None else Path(source).stem
+    label = f"{name}-{cfg.packages}" if cfg.packages != "all" else name
+    label += f"-bpe{vocab}" if bpe else f"-{Path(tokenizer).stem}"
+    return label, {"source": source, "tokenizer": tokenizer, "vocab_size": vocab}
+
+
+def cache_folder(cfg: DataConfig) -> Path:
+    """The token cache folder of tokenized text (and of the BPE trained for it), from the config
+    alone: where a finished run's tokenizer is found."""
+    label, named = _cache_name(cfg)
+    return token_cache.folder_for(Path(cfg.cache_dir).expanduser(), label, named)
 
 
 def _build(cfg: DataConfig, text: np.ndarray, ranges: dict[str, list[tuple[int, int]]],

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -33,7 +35,7 @@ from scaling.sharding import Layout, layout_of, place
 from scaling.spectral import SpectralLog
 from scaling.steps import Step, TrainState, make_step
 from scaling.steps.loss import make_eval
-from scaling.training import data, pretrained
+from scaling.training import data, preflight, pretrained
 from scaling.training.checkpoint import Checkpointer
 from scaling.training.metrics_log import MetricsLog
 from scaling.training.preemption import StopSignals
@@ -151,7 +153,7 @@ def model_on_mesh(cfg: RunConfig, vocab_size: int) -> RunModel:
     creates each where the mesh keeps it, so no host ever holds the whole model."""
     layout = layout_of(cfg.mesh)
     if layout is not None:
-        layout.check_batch(cfg.train.batch_size)
+        layout.check_batch(cfg.train.batch_size, cfg.train.grad_accum)
     parametrization = make_parametrization(cfg.model, cfg.param, vocab_size)
     model = abstract_model(cfg.model, parametrization, vocab_size,
                            None if layout is None else layout.activations)
@@ -168,7 +170,8 @@ def _step_of(cfg: RunConfig, parametrization: Parametrization, graphdef, *,
     t = cfg.train
     return make_step(cfg.optim, parametrization, graphdef, total_steps=t.steps, runs=runs,
                      indicators=cfg.logging.indicators, shardings=shardings,
-                     stack=None if layout is None else layout.stack, seed=t.seed)
+                     stack=None if layout is None else layout.stack, seed=t.seed,
+                     grad_accum=t.grad_accum)
 
 
 def pretrained_params(cfg: RunConfig, vocab_size: int, like):
@@ -194,11 +197,15 @@ def _train_together(members: list[_Member], splits) -> list[dict]:
     shardings = None if layout is None else layout.state(template, run.parametrization.specs)
     step = _step_of(cfg, run.parametrization, run.graphdef, runs=k, shardings=shardings,
                     layout=layout)
+    memory = step.compile(*_abstract_arguments(template, k, t, layout, shardings))
+    preflight.check_fits(memory, jax.local_devices()[0], t)  # before anything is written
     cost = {"params": int(sum(x.size for x in jax.tree.leaves(params))),
             "flops_per_token": run.model.flops_per_token(t.seq_len),
             "data": splits.description, "lrs_trained_together": k,
             "val_tokens_per_byte": splits.val_tokens_per_byte}
-    val_batches = data.val_batches(splits.val, t.eval_batches, t.batch_size, t.seq_len)
+    # the same windows in micro-batches: evaluation fits wherever a training step does
+    val_batches = data.val_batches(splits.val, t.eval_batches * t.grad_accum,
+                                   t.batch_size // t.grad_accum, t.seq_len)
     if layout is not None:
         cost["sharding"] = layout.describe(run.parametrization.specs)
         template = place(template, shardings)  # so a checkpoint restores onto this mesh
@@ -213,6 +220,9 @@ def _train_together(members: list[_Member], splits) -> list[dict]:
         # fresh or restored, the same placement: the step compiles once
         state = (jax.device_put(state, _single_device()) if layout is None
                  else place(state, layout.lead(shardings)))
+        if members[0].primary:
+            _say(splits.summary)
+            _say(_start_line(members, at, layout))
         for m in members:
             m.start_logs(at, ["metrics.jsonl", *([step.log_name] if step.log_name else []),
                               *([SPECTRAL_LOG] if cfg.logging.spectral_every > 0 else [])])
@@ -230,6 +240,22 @@ def _train_together(members: list[_Member], splits) -> list[dict]:
         for m in members:
             m.close()
     return [m.result for m in members]
+
+
+def _abstract_arguments(template: TrainState, runs: int, t, layout: Layout | None, shardings
+                        ) -> tuple:
+    """The step's arguments as shapes and placements: `runs` states stacked like `template`,
+    and a batch's inputs and targets, laid out as the loop will pass them."""
+    stacked = jax.eval_shape(lambda: TrainState.stack([template] * runs))
+    if layout is None:
+        state_at, batch_at = jax.tree.map(lambda _: _single_device(), stacked), _single_device()
+    else:
+        state_at, batch_at = layout.lead(shardings), layout.batch
+    state = jax.tree.map(lambda a, at: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=at,
+                                                            weak_type=a.weak_type),
+                         stacked, state_at)
+    batch = jax.ShapeDtypeStruct((t.batch_size, t.seq_len), np.int32, sharding=batch_at)
+    return state, batch, batch
 
 
 def _single_device() -> jax.sharding.Sharding:
@@ -265,8 +291,7 @@ class _Loop:
         started = time.perf_counter()
         self.window_start = (started, step)  # wall time and step of the last record, for tokens/s
         self.wall = lambda: wall_before + time.perf_counter() - started
-        label = members[0].name + (f" (+{len(members) - 1} LRs)" if len(members) > 1 else "")
-        self.bar = tqdm(total=t.steps, initial=step, desc=label, dynamic_ncols=True,
+        self.bar = tqdm(total=t.steps, initial=step, desc=_label(members), dynamic_ncols=True,
                         disable=not (self.cfg.logging.progress and members[0].primary))
         if step == 0 and self.cfg.init.from_run is not None:
             _log_start(members, self.evaluate(state.params))
@@ -295,6 +320,8 @@ class _Loop:
                     if m.result is None:
                         m.checkpointer.wait()
                 self.bar.close()
+                if members[0].primary:
+                    _say(_stop_line(members, step, stop))
                 stop.forward()
         self.bar.close()
         for m in members:  # resumed after the last checkpoint but before its result was written
@@ -352,6 +379,43 @@ class _Loop:
                 m.checkpointer.save(step, state.run(i).as_dict(), {"wall_seconds": self.wall()})
             if m.result is None and (m.diverged or step == self.t.steps):
                 m.result = _write_result(m, self.cost, self.wall(), self.step.metric_names)
+
+
+def _say(line: str) -> None:
+    """A line about the run itself on stderr, beside the progress bar (stdout keeps results)."""
+    tqdm.write(line, file=sys.stderr)
+
+
+def _label(members: list[_Member]) -> str:
+    return members[0].name + (f" (+{len(members) - 1} LRs)" if len(members) > 1 else "")
+
+
+def _start_line(members: list[_Member], at: int, layout: Layout | None) -> str:
+    """Where the run starts (or resumes) and what it runs on."""
+    t = members[0].cfg.train
+    if at:
+        start = (f"resuming from the checkpoint of step {at} in {members[0].run_dir}/checkpoints, "
+                 f"{t.steps - at} of {t.steps} steps to go")
+    else:
+        start = f"starting, {t.steps} steps"
+    accum = f" in {t.grad_accum} micro-batches" if t.grad_accum > 1 else ""
+    if layout is None:
+        where = f"1 device ({jax.local_devices()[0].platform})"
+    else:
+        shape, processes = dict(layout.mesh.shape), jax.process_count()
+        axes = " ".join(f"{axis}={size}" for axis, size in shape.items() if size > 1) or "1"
+        where = (f"mesh {axes} ({math.prod(shape.values())} {layout.mesh.devices.flat[0].platform}"
+                 f" devices, {processes} process{'es' if processes > 1 else ''})")
+    return (f"{_label(members)}: {start}, batches of {t.batch_size}×{t.seq_len} tokens{accum}, "
+            f"on {where}")
+
+
+def _stop_line(members: list[_Member], step: int, stop: StopSignals) -> str:
+    """What a stop signal left on disk, and how to go on."""
+    received = stop.received
+    why = signal.Signals(received[0]).name if received else "a preemption notice"
+    return (f"{_label(members)}: stopped by {why} after step {step}, checkpointed to "
+            f"{members[0].run_dir}/checkpoints; the same command resumes from step {step}")
 
 
 def _flatten(measured: dict, run: int) -> dict[str, float]:

@@ -1,4 +1,5 @@
-"""Run directories and ids: a deterministic function of the config, so re-running resumes."""
+"""Run directories and ids: a deterministic function of the config and of the data's content, so
+re-running resumes, and re-running on changed data trains a new run."""
 
 from __future__ import annotations
 
@@ -8,16 +9,22 @@ from pathlib import Path
 
 from scaling.config import RunConfig, to_dict
 from scaling.shapes import without_later_defaults
+from scaling.training.source_files import fingerprint
 
 
 def config_hash(cfg: RunConfig, length: int = 8) -> str:
-    """Hash of everything that changes what is trained (not where or how it is logged)."""
+    """Hash of everything that changes what is trained (not where or how it is logged): the
+    config, and the content of the files it reads (source_files.fingerprint)."""
     values = to_dict(cfg)
     values.pop("logging")
     values.pop("sweep")  # a grid member trains exactly what a separate run at its LR trains
     values.pop("mesh")  # the same run on another mesh (or host count) resumes the same directory
     values["train"].pop("out_dir")
+    values["train"].pop("grad_accum")  # the batch's gradient in parts: the same run resumes
     values["data"].pop("cache_dir")  # where tokens are cached, not what they are
+    content = fingerprint(cfg.data)
+    if content is not None:  # the standard library has none: its runs keep their names
+        values["data"]["content_sha256"] = content
     values = without_later_defaults(values)
     if not values["init"]:
         values.pop("init")
