@@ -5,9 +5,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
+from optim.objectives import cross_entropy
 from scaling.steps.state import over_runs
 
 
@@ -18,8 +18,7 @@ def next_token_loss(graphdef, params, inputs_BxT, targets_BxT) -> jax.Array:
 def next_token_loss_and_stats(graphdef, params, inputs_BxT, targets_BxT):
     """(loss, the model's forward stats); unused stats cost nothing under jit."""
     logits_BxTxV, stats = nnx.merge(graphdef, params).forward(inputs_BxT)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV.astype(jnp.float32),
-                                                           targets_BxT).mean()
+    loss = cross_entropy(logits_BxTxV.astype(jnp.float32), targets_BxT)
     return loss, stats
 
 
