@@ -84,6 +84,8 @@ def span_log_y(ax, values: list[float]) -> None:
     wide about them, labelled at each octave or decade. With shared y, call it once with every
     panel's values."""
     positive = [v for v in values if v > 0 and math.isfinite(v)]
+    if not positive:  # every run diverged: nothing to span
+        return
     log_lo, log_hi = _widened(math.log(min(positive)), math.log(max(positive)),
                               math.log(MIN_LOG_SPAN))
     lo, hi = math.exp(log_lo), math.exp(log_hi)
