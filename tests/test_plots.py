@@ -329,3 +329,16 @@ def test_the_table_says_n_a_for_what_too_few_points_cannot_give():
     row = format_table(analyze([run_result("mup", 64, x, 0, 3.0 + 0.1 * (x + 7.2) ** 2)
                                 for x in (-8.0, -7.0)])).splitlines()[2]
     assert re.search(r"\bn/a ± n/a\s+-7\.00\*\s+3\.0040$", row), row
+
+
+def test_a_log_axis_over_no_finite_value_is_left_alone():
+    """Every run diverged: nothing to span, and no error."""
+    from matplotlib.figure import Figure
+
+    from scaling.log_axes import span_log_y
+
+    ax = Figure().subplots()
+    ax.set_yscale("log")
+    before = ax.get_ylim()
+    span_log_y(ax, [math.nan, math.inf, 0.0])
+    assert ax.get_ylim() == before
