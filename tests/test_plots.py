@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from matplotlib.container import ErrorbarContainer
+from matplotlib.figure import Figure
 from synthetic import run_result
 
 import scaling.plots
@@ -20,6 +21,7 @@ from scaling.analysis import analyze, format_table
 from scaling.config import RunConfig, to_dict
 from scaling.coord_check import slope_rows
 from scaling.coord_plots import step_figure
+from scaling.log_axes import span_log_y
 from scaling.tuning_plots import tune_contours
 
 GRID = [-10.0 + i for i in range(7)]  # log2 LR, -10 ... -4 in octaves
@@ -333,10 +335,6 @@ def test_the_table_says_n_a_for_what_too_few_points_cannot_give():
 
 def test_a_log_axis_over_no_finite_value_is_left_alone():
     """Every run diverged: nothing to span, and no error."""
-    from matplotlib.figure import Figure
-
-    from scaling.log_axes import span_log_y
-
     ax = Figure().subplots()
     ax.set_yscale("log")
     before = ax.get_ylim()
