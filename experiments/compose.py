@@ -36,7 +36,6 @@ COMMANDS = {"config": "scaling-train", "finetune": "scaling-finetune",
 COMPOSE_ERRORS = (HydraException, OmegaConfBaseException, ValueError)
 
 
-
 def parse_overrides(overrides: list[str]) -> list[Override]:
     """Hydra's parse of each override; the first that does not parse is a ConfigError naming it
     (Hydra itself would print a traceback)."""
@@ -52,6 +51,7 @@ def parse_overrides(overrides: list[str]) -> list[Override]:
             raise ConfigError(key, value, f"a value in Hydra's override grammar ({reason})"
                               f"{hint}") from None
     return parsed
+
 
 def group_options(group: str) -> list[str] | None:
     """Option names of a config group, or None if `group` is not a group."""

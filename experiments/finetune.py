@@ -126,8 +126,8 @@ def with_pretrain_defaults(pretrain: list[str], parsed: list) -> list[str]:
     others = [o.input_line for o in parsed if o.key_or_group != "pretrain"]
     defaults = compose_or_explain(others, CONFIG_NAME)["pretrain"]
     named = {o.key_or_group for o in parse_overrides(pretrain)}
-    return [*(d for d in defaults if parse_overrides([d])[0].key_or_group not in named),
-            *pretrain]
+    kept = [o.input_line for o in parse_overrides(defaults) if o.key_or_group not in named]
+    return [*kept, *pretrain]
 
 
 def precheck(argv: list[str]) -> list[str]:
